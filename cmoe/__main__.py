@@ -1,0 +1,3 @@
+from cmoe.cli import main
+import sys
+sys.exit(main())

@@ -1,0 +1,181 @@
+"""Token → expert dispatch: ``moe_project`` and its table of interchangeable backends.
+
+Every backend computes the same thing, ``y[t] = Σ_j w[t, j] · Expert_{i[t, j]}(x[t])``, and is
+differentiable with respect to ``x``, the expert weights and the routing weights ``w``:
+
+* ``loop`` — the reference: one expert and one slot at a time, obviously correct, slow;
+* ``sorted`` — (token, slot) pairs sorted by expert once, one contiguous matmul per expert and layer,
+  weighted scatter-add back to token order; the default on CPU;
+* ``dense`` — every expert on every token as one wide GEMM, weighted by the dense ``[T, E]`` mixing matrix:
+  the fast path when routing is dense (soft/task routers) and what the original Uni-Med computes;
+* ``triton`` — fused GPU kernels, registered by ``cmoe.kernels`` when it is imported.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from cmoe.errors import CMoEError, UnknownNameError, expect
+from cmoe.experts import StackedExperts
+from cmoe.registry import Registry
+
+BackendFn = Callable[[torch.Tensor, StackedExperts, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A dispatch implementation and the question of whether it can run on a device."""
+
+    name: str
+    fn: BackendFn
+    is_available: Callable[[torch.device], bool] = lambda device: True
+    description: str = ""
+
+
+BACKENDS: Registry[Backend] = Registry("backend")
+_PROVIDED_ELSEWHERE = {"triton": "import cmoe.kernels (needs the `triton` package and a CUDA GPU, "
+                                 "or TRITON_INTERPRET=1 for the slow CPU interpreter)"}
+
+
+def register_backend(backend: Backend, origin: str = "cmoe") -> Backend:
+    """Make `backend` selectable by name in `moe_project` and `CMoEConfig.backend`."""
+    return BACKENDS.register(backend.name, backend, origin=origin)
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def loop_backend(x: torch.Tensor, experts: StackedExperts, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Reference: for every expert and slot, select its tokens, project them, add them weighted."""
+    out = x.new_zeros(x.shape[0], experts.out_features, dtype=_accumulate_dtype(x.dtype))
+    for expert in range(experts.num_experts):
+        for slot in range(index.shape[1]):
+            rows = torch.nonzero(index[:, slot] == expert).squeeze(1)
+            if rows.numel() == 0:
+                continue
+            y = experts.forward_expert(expert, x.index_select(0, rows))
+            out = out.index_add(0, rows, (y * weight[rows, slot, None]).to(out.dtype))
+    return out.to(x.dtype)
+
+
+def sorted_backend(x: torch.Tensor, experts: StackedExperts, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Sort (token, slot) pairs by expert once; one contiguous matmul per expert per layer; scatter-add back."""
+    num_tokens, top_k = index.shape
+    flat = index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=experts.num_experts).tolist()
+    token_of = order // top_k
+    hidden = x.index_select(0, token_of)
+    layers = experts.layers
+    for depth, (w, b) in enumerate(layers):
+        chunks = hidden.split(counts)
+        hidden = torch.cat([
+            F.linear(chunk, w[e], None if b is None else b[e]) for e, chunk in enumerate(chunks) if counts[e]
+        ])
+        if depth < len(layers) - 1:
+            hidden = experts.activation(hidden)
+    acc = _accumulate_dtype(x.dtype)
+    scaled = hidden.to(acc) * weight.reshape(-1)[order, None].to(acc)
+    out = x.new_zeros(num_tokens, experts.out_features, dtype=acc).index_add(0, token_of, scaled)
+    return out.to(x.dtype)
+
+
+def dense_backend(x: torch.Tensor, experts: StackedExperts, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Every expert on every token: the first layer is one ``[T, in] × [in, E·out]`` GEMM, later layers one bmm."""
+    num_tokens = x.shape[0]
+    num_experts = experts.num_experts
+    mixing = weight.new_zeros(num_tokens, num_experts).scatter_add(1, index, weight)
+    layers = experts.layers
+    w0, b0 = layers[0]
+    hidden = F.linear(x, w0.reshape(-1, w0.shape[-1]), None if b0 is None else b0.reshape(-1))
+    hidden = hidden.view(num_tokens, num_experts, w0.shape[1])
+    for w, b in layers[1:]:
+        hidden = torch.einsum("teh,eoh->teo", experts.activation(hidden), w)
+        if b is not None:
+            hidden = hidden + b
+    acc = _accumulate_dtype(x.dtype)
+    return torch.einsum("teo,te->to", hidden.to(acc), mixing.to(acc)).to(x.dtype)
+
+
+register_backend(Backend("loop", loop_backend, description="reference per-expert loop"))
+register_backend(Backend("sorted", sorted_backend, description="expert-sorted contiguous matmuls"))
+register_backend(Backend("dense", dense_backend, description="every expert on every token, one wide GEMM"))
+
+
+def _check_inputs(x: torch.Tensor, experts: StackedExperts, index: torch.Tensor, weight: torch.Tensor) -> None:
+    expect(isinstance(experts, StackedExperts), "experts", "a cmoe StackedExperts module (stacked [E, out, in] "
+           "weights)", type(experts).__name__)
+    expect(x.is_floating_point(), "x", "a floating-point tensor", x.dtype)
+    expect(x.dim() >= 1 and x.shape[-1] == experts.in_features, "x",
+           f"a [..., {experts.in_features}] tensor (the experts' in_features)", f"shape {list(x.shape)}")
+    expect(not index.is_floating_point() and index.dtype != torch.bool, "expert_index", "an integer tensor",
+           index.dtype)
+    expect(index.dim() == x.dim() and index.shape[:-1] == x.shape[:-1], "expert_index",
+           f"shape [{', '.join(map(str, x.shape[:-1]))}, k] matching x", f"shape {list(index.shape)}")
+    expect(1 <= index.shape[-1] <= experts.num_experts, "expert_index",
+           f"k in 1..num_experts={experts.num_experts} columns", index.shape[-1])
+    expect(weight.shape == index.shape, "expert_weight", f"shape {list(index.shape)} like expert_index",
+           f"shape {list(weight.shape)}")
+    expect(weight.is_floating_point(), "expert_weight", "a floating-point tensor", weight.dtype)
+    expect(index.device == x.device and weight.device == x.device, "expert_index/expert_weight",
+           f"tensors on x's device {x.device}", f"{index.device} and {weight.device}")
+    if x.device.type == "cpu" and index.numel():
+        lo, hi = int(index.min()), int(index.max())
+        expect(lo >= 0 and hi < experts.num_experts, "expert_index",
+               f"values in 0..{experts.num_experts - 1}", f"values in {lo}..{hi}")
+
+
+_warned: set[str] = set()
+
+
+def select_backend(x: torch.Tensor, num_experts: int, top_k: int, backend: str = "auto") -> str:
+    """The backend `moe_project` will use for this input: the named one, or for ``auto`` the fastest available."""
+    if backend != "auto":
+        if backend not in BACKENDS:
+            if backend in _PROVIDED_ELSEWHERE:
+                raise CMoEError(f"backend {backend!r} is not loaded: {_PROVIDED_ELSEWHERE[backend]}")
+            raise UnknownNameError("backend", backend, [*BACKENDS.names(), "auto"])
+        if not BACKENDS.get(backend).is_available(x.device):
+            raise CMoEError(f"backend {backend!r} cannot run on device {x.device}; use backend='auto' or one of "
+                            f"{[n for n in BACKENDS.names() if BACKENDS.get(n).is_available(x.device)]}")
+        return backend
+    if top_k == num_experts:
+        return "dense"
+    if x.device.type == "cuda":
+        if "triton" in BACKENDS and BACKENDS.get("triton").is_available(x.device):
+            return "triton"
+        if "triton" not in _warned:
+            _warned.add("triton")
+            warnings.warn("cmoe: the fused 'triton' backend is not loaded on this CUDA device; using 'sorted'. "
+                          f"To enable it: {_PROVIDED_ELSEWHERE['triton']}", stacklevel=3)
+    return "sorted"
+
+
+def moe_project(
+    x: torch.Tensor,
+    experts: StackedExperts,
+    expert_index: torch.Tensor,
+    expert_weight: torch.Tensor,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Project tokens through their routed experts and mix: ``x [..., in]`` → ``[..., out]``.
+
+    ``expert_index`` / ``expert_weight`` are ``[..., k]`` (the leading dims of ``x``). ``backend`` is a name
+    from `BACKENDS` or ``auto`` (dense routing → ``dense``; CUDA → ``triton`` when loaded; else ``sorted``).
+    """
+    _check_inputs(x, experts, expert_index, expert_weight)
+    lead = x.shape[:-1]
+    k = expert_index.shape[-1]
+    name = select_backend(x, experts.num_experts, k, backend)
+    flat_x = x.reshape(-1, x.shape[-1])
+    if flat_x.shape[0] == 0:
+        return x.new_zeros(*lead, experts.out_features)
+    out = BACKENDS.get(name).fn(flat_x, experts, expert_index.reshape(-1, k).long(),
+                                expert_weight.reshape(-1, k).to(x.dtype))
+    return out.reshape(*lead, experts.out_features)

@@ -1,0 +1,23 @@
+"""Exceptions raised by cmoe: one clear message saying what was wrong and how to fix it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class CMoEError(ValueError):
+    """Bad input or configuration given to a cmoe API."""
+
+
+class UnknownNameError(CMoEError):
+    """A router, expert, backend or plugin name that nothing registered."""
+
+    def __init__(self, kind: str, name: str, known: Iterable[str]):
+        self.kind, self.name, self.known = kind, name, sorted(known)
+        super().__init__(f"unknown {kind} {name!r}; known {kind}s: {', '.join(self.known) or '(none)'}")
+
+
+def expect(condition: bool, argument: str, expected: str, got: object) -> None:
+    """Raise `CMoEError` naming `argument`, what was `expected` and what was given, unless `condition`."""
+    if not condition:
+        raise CMoEError(f"{argument}: expected {expected}, got {got}")

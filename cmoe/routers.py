@@ -1,0 +1,324 @@
+"""Routers: decide, for every token, which experts project it and with what weight.
+
+Every router maps tokens ``x [B, N, D]`` (and task ids ``[B]`` where it needs them) to one `RoutingResult`
+over the ``T = B·N`` flattened tokens. A learned router is three independent choices:
+
+* its **input**: the token (``token``), a learned task embedding (``task``), or both concatenated
+  (``task_token``, Uni-Med's default);
+* its **rule** turning logits into probabilities: ``softmax`` or Uni-Med's ``sigmoid`` (sigmoid, then
+  normalised to sum 1);
+* its **gate**: a linear layer (light, the default) or an MLP (Uni-Med uses hidden = 4 × input);
+
+plus ``top_k`` (``None`` = dense: every expert weighted, as Uni-Med's soft router). With ``renormalize``
+the k chosen weights are rescaled to sum 1 — for ``k > 1`` only: at ``k = 1`` that would fix the weight at 1
+and cut the router off from the gradient, so the weight stays the probability (as in Switch Transformer). The built-in names are
+presets of these choices; ``hard_task`` and ``constant`` are Uni-Med's two fixed (parameter-free) routers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cmoe.errors import CMoEError, expect
+from cmoe.registry import Registry
+
+INPUTS = ("token", "task", "task_token")
+RULES = ("softmax", "sigmoid")
+GATES = ("linear", "mlp")
+
+
+@dataclass
+class RoutingResult:
+    """What a router decided for ``T`` tokens and ``E`` experts.
+
+    ``expert_index`` [T, k] (long) and ``expert_weight`` [T, k] name each token's k experts and their mixing
+    weights; ``router_probs`` [T, E] (rows sum to 1) and ``router_logits`` [T, E] are the full distribution;
+    ``aux_losses`` holds the weighted auxiliary terms (already multiplied by their coefficients) whose sum
+    is added to the training loss.
+    """
+
+    expert_index: torch.Tensor
+    expert_weight: torch.Tensor
+    router_probs: torch.Tensor
+    router_logits: torch.Tensor
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def num_experts(self) -> int:
+        return self.router_probs.shape[-1]
+
+    @property
+    def top_k(self) -> int:
+        return self.expert_index.shape[-1]
+
+    def combine_weights(self) -> torch.Tensor:
+        """Mixing weights as a dense ``[T, E]`` matrix (zero where an expert is not chosen)."""
+        dense = self.expert_weight.new_zeros(self.expert_weight.shape[0], self.num_experts)
+        return dense.scatter_add(1, self.expert_index, self.expert_weight)
+
+    def tokens_per_expert(self) -> torch.Tensor:
+        """How many (token, slot) assignments each expert received, ``[E]`` (long)."""
+        return torch.bincount(self.expert_index.reshape(-1), minlength=self.num_experts)
+
+
+def load_balancing_loss(probs: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer's balance loss ``E · Σ_e f_e · P_e``.
+
+    ``f_e`` is the fraction of the ``T·k`` assignments that went to expert e (not differentiable), ``P_e``
+    the mean router probability of e. Equals 1 under perfectly uniform routing.
+    """
+    num_experts = probs.shape[-1]
+    counts = torch.bincount(expert_index.reshape(-1), minlength=num_experts).to(probs.dtype)
+    fraction = counts / expert_index.numel()
+    return num_experts * torch.sum(fraction * probs.mean(dim=0))
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE's router z-loss ``mean_t (logsumexp_e logits[t, e])²``: keeps logits small and stable."""
+    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean().to(logits.dtype)
+
+
+def _resolve_top_k(top_k: int | None, num_experts: int) -> int:
+    k = num_experts if top_k is None else top_k
+    expect(isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= num_experts, "top_k",
+           f"an int in 1..num_experts={num_experts} (or None for dense routing)", repr(top_k))
+    return k
+
+
+def _check_task_ids(task_ids: torch.Tensor | None, batch: int, num_tasks: int, router: str) -> torch.Tensor:
+    if task_ids is None:
+        raise CMoEError(f"task_ids: router {router!r} needs one task id per sample, shape [{batch}] (long), "
+                        "got None; pass task_ids=... to the connector")
+    if not isinstance(task_ids, torch.Tensor):
+        task_ids = torch.as_tensor(task_ids)
+    expect(task_ids.shape == (batch,) and not task_ids.is_floating_point(), "task_ids",
+           f"an integer tensor of shape [{batch}]", f"{task_ids.dtype} of shape {list(task_ids.shape)}")
+    if task_ids.device.type == "cpu" and task_ids.numel():
+        lo, hi = int(task_ids.min()), int(task_ids.max())
+        expect(lo >= 0 and hi < num_tasks, "task_ids", f"values in 0..{num_tasks - 1} (num_tasks={num_tasks})",
+               f"values in {lo}..{hi}")
+    return task_ids.long()
+
+
+class Router(nn.Module):
+    """A learned router: input (token / task / task_token) → gate → rule → optional top-k.
+
+    Subclasses set the class defaults (`default_input`, `default_rule`, `default_top_k`); every option can be
+    overridden per instance. ``in_features`` is the width of the tokens the router sees.
+    """
+
+    name: ClassVar[str] = "router"
+    default_input: ClassVar[str] = "token"
+    default_rule: ClassVar[str] = "softmax"
+    default_top_k: ClassVar[int | None] = None
+
+    def __init__(
+        self,
+        in_features: int,
+        num_experts: int,
+        *,
+        top_k: int | None = None,
+        num_tasks: int = 0,
+        input: str | None = None,
+        rule: str | None = None,
+        gate: str = "linear",
+        gate_hidden: int | None = None,
+        task_embed_dim: int | None = None,
+        renormalize: bool = True,
+        noise_std: float = 0.0,
+        load_balance_coef: float = 0.0,
+        z_loss_coef: float = 0.0,
+        check_finite: bool = True,
+    ):
+        super().__init__()
+        expect(isinstance(in_features, int) and in_features >= 1, "in_features", "an int >= 1", in_features)
+        expect(isinstance(num_experts, int) and num_experts >= 1, "num_experts", "an int >= 1", num_experts)
+        self.in_features, self.num_experts = in_features, num_experts
+        self.input = self.default_input if input is None else input
+        self.rule = self.default_rule if rule is None else rule
+        expect(self.input in INPUTS, "router_input", f"one of {INPUTS}", repr(self.input))
+        expect(self.rule in RULES, "router_rule", f"one of {RULES}", repr(self.rule))
+        expect(gate in GATES, "router_gate", f"one of {GATES}", repr(gate))
+        default_k = None if self.default_top_k is None else min(self.default_top_k, num_experts)
+        self.top_k = _resolve_top_k(default_k if top_k is None else top_k, num_experts)
+        self.num_tasks = num_tasks
+        self.renormalize = renormalize
+        self.noise_std = float(noise_std)
+        self.load_balance_coef, self.z_loss_coef = float(load_balance_coef), float(z_loss_coef)
+        self.check_finite = check_finite
+
+        gate_in = 0
+        if self.input in ("task", "task_token"):
+            expect(isinstance(num_tasks, int) and num_tasks >= 1, "num_tasks",
+                   f"an int >= 1 for router input {self.input!r}", num_tasks)
+            self.task_embed_dim = in_features if task_embed_dim is None else task_embed_dim
+            self.task_embedding = nn.Embedding(num_tasks, self.task_embed_dim)
+            nn.init.normal_(self.task_embedding.weight, std=0.02)
+            gate_in += self.task_embed_dim
+        if self.input in ("token", "task_token"):
+            gate_in += in_features
+        if gate == "linear":
+            self.gate = nn.Linear(gate_in, num_experts)
+        else:
+            hidden = 4 * gate_in if gate_hidden is None else gate_hidden
+            self.gate = nn.Sequential(nn.Linear(gate_in, hidden), nn.GELU(), nn.Linear(hidden, num_experts))
+        self.gate_kind = gate
+
+    def _validate(self, x: torch.Tensor, task_ids: torch.Tensor | None) -> torch.Tensor | None:
+        expect(x.dim() == 3 and x.shape[-1] == self.in_features, "x",
+               f"a [batch, tokens, {self.in_features}] tensor", f"shape {list(x.shape)}")
+        expect(x.is_floating_point(), "x", "a floating-point tensor", x.dtype)
+        if self.input == "token":
+            return None
+        return _check_task_ids(task_ids, x.shape[0], self.num_tasks, self.name)
+
+    def compute_logits(self, x: torch.Tensor, task_ids: torch.Tensor | None) -> torch.Tensor:
+        """Gate logits ``[B·N, E]`` for tokens ``x [B, N, D]``."""
+        batch, tokens, _ = x.shape
+        if self.input == "token":
+            return self.gate(x.reshape(batch * tokens, -1))
+        task = self.task_embedding(task_ids).to(x.dtype)
+        if self.input == "task":
+            per_sample = self.gate(task)
+            return per_sample[:, None, :].expand(batch, tokens, -1).reshape(batch * tokens, -1)
+        joint = torch.cat([task[:, None, :].expand(batch, tokens, -1), x], dim=-1)
+        return self.gate(joint.reshape(batch * tokens, -1))
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.rule == "softmax":
+            return torch.softmax(logits.float(), dim=-1).to(logits.dtype)
+        gates = torch.sigmoid(logits.float())
+        return (gates / gates.sum(dim=-1, keepdim=True)).to(logits.dtype)
+
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> RoutingResult:
+        task_ids = self._validate(x, task_ids)
+        logits = self.compute_logits(x, task_ids)
+        if self.training and self.noise_std > 0:
+            logits = logits + torch.randn_like(logits) * self.noise_std
+        if self.check_finite and not bool(torch.isfinite(logits).all()):
+            raise CMoEError("router_logits: expected finite values, got NaN or inf; check the input features "
+                            "for NaN/inf, lower the learning rate, or add z_loss_coef to keep logits small")
+        probs = self.probabilities(logits)
+        if self.top_k == self.num_experts:
+            weight = probs
+            index = torch.arange(self.num_experts, device=x.device).expand(probs.shape[0], -1)
+        else:
+            weight, index = torch.topk(probs, self.top_k, dim=-1)
+            if self.renormalize and self.top_k > 1:
+                weight = weight / weight.sum(dim=-1, keepdim=True)
+        aux: dict[str, torch.Tensor] = {}
+        if self.load_balance_coef > 0:
+            aux["load_balance"] = self.load_balance_coef * load_balancing_loss(probs, index)
+        if self.z_loss_coef > 0:
+            aux["z_loss"] = self.z_loss_coef * router_z_loss(logits)
+        return RoutingResult(index, weight, probs, logits, aux)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, num_experts={self.num_experts}, top_k={self.top_k}, "
+                f"input={self.input}, rule={self.rule}, gate={self.gate_kind}")
+
+
+class TokenTopKRouter(Router):
+    """Gate over each token → softmax → top-k (k = 2 unless set), renormalised: the classic sparse MoE router."""
+
+    name = "token_topk"
+    default_input = "token"
+    default_rule = "softmax"
+    default_top_k = 2
+
+
+class SoftRouter(Router):
+    """Uni-Med's soft rule: dense weights ``sigmoid(logits)`` normalised to sum 1, over the token."""
+
+    name = "soft"
+    default_input = "token"
+    default_rule = "sigmoid"
+
+
+class TaskRouter(Router):
+    """Gate over a learned task embedding only: every token of a sample gets the same weights."""
+
+    name = "task"
+    default_input = "task"
+    default_rule = "sigmoid"
+
+
+class TaskTokenRouter(Router):
+    """Gate over ``[task embedding ; token]`` with Uni-Med's sigmoid rule: the original's default router."""
+
+    name = "task_token"
+    default_input = "task_token"
+    default_rule = "sigmoid"
+
+
+class FixedRouter(nn.Module):
+    """A parameter-free router; its logits are ``log(probs)`` (clamped finite) so ``softmax(logits) ≈ probs``."""
+
+    name: ClassVar[str] = "fixed"
+
+    def __init__(self, in_features: int, num_experts: int, *, top_k: int | None = None, num_tasks: int = 0,
+                 gate: str = "linear", **_: object):
+        super().__init__()
+        expect(isinstance(num_experts, int) and num_experts >= 1, "num_experts", "an int >= 1", num_experts)
+        expect(gate == "linear", "router_gate", f"the default for router {self.name!r}, which has no gate",
+               repr(gate))
+        self.in_features, self.num_experts, self.num_tasks = in_features, num_experts, num_tasks
+        self.top_k = _resolve_top_k(top_k, num_experts)
+
+    def _result(self, probs: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> RoutingResult:
+        logits = probs.clamp_min(1e-30).log().clamp_min(-1e4)
+        return RoutingResult(index, weight, probs, logits, {})
+
+
+class HardTaskRouter(FixedRouter):
+    """Uni-Med's hard router: task t always goes to expert ``t mod E`` with weight 1."""
+
+    name = "hard_task"
+
+    def __init__(self, in_features: int, num_experts: int, *, top_k: int | None = None, num_tasks: int = 0,
+                 **options: object):
+        expect(top_k in (None, 1), "top_k", f"None or 1 for router {self.name!r} (one expert per task)", top_k)
+        expect(isinstance(num_tasks, int) and num_tasks >= 1, "num_tasks", "an int >= 1 for router 'hard_task'",
+               num_tasks)
+        super().__init__(in_features, num_experts, top_k=1, num_tasks=num_tasks, **options)
+
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> RoutingResult:
+        expect(x.dim() == 3, "x", "a [batch, tokens, features] tensor", f"shape {list(x.shape)}")
+        batch, tokens, _ = x.shape
+        task_ids = _check_task_ids(task_ids, batch, self.num_tasks, self.name)
+        index = (task_ids % self.num_experts).to(x.device)[:, None].expand(batch, tokens).reshape(-1, 1)
+        probs = F.one_hot(index[:, 0], self.num_experts).to(x.dtype)
+        return self._result(probs, index, torch.ones(index.shape, dtype=x.dtype, device=x.device))
+
+
+class ConstantRouter(FixedRouter):
+    """Uni-Med's constant router: every expert gets weight 1/E for every token."""
+
+    name = "constant"
+
+    def __init__(self, in_features: int, num_experts: int, *, top_k: int | None = None, **options: object):
+        expect(top_k in (None, num_experts), "top_k",
+               f"None or num_experts={num_experts} for router 'constant' (it weights every expert)", top_k)
+        super().__init__(in_features, num_experts, top_k=None, **options)
+
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> RoutingResult:
+        expect(x.dim() == 3, "x", "a [batch, tokens, features] tensor", f"shape {list(x.shape)}")
+        count = x.shape[0] * x.shape[1]
+        probs = x.new_full((count, self.num_experts), 1.0 / self.num_experts)
+        index = torch.arange(self.num_experts, device=x.device).expand(count, -1)
+        return self._result(probs, index, probs)
+
+
+ROUTERS: Registry[type[nn.Module]] = Registry("router")
+for _cls in (TokenTopKRouter, SoftRouter, TaskRouter, TaskTokenRouter, HardTaskRouter, ConstantRouter):
+    ROUTERS.register(_cls.name, _cls)
+
+
+def get_router(name: str) -> type[nn.Module]:
+    """The router class registered under `name` (a built-in or a plugin's)."""
+    return ROUTERS.get(name)
