@@ -18,7 +18,7 @@ from torch import nn
 
 from cmoe.aggregation import aggregate_tokens
 from cmoe.config import CONFIG_NAME, CMoEConfig, ConnectorConfig, MLPConnectorConfig
-from cmoe.dispatch import moe_project
+from cmoe.dispatch import check_backend_name, moe_project
 from cmoe.errors import CMoEError, expect
 from cmoe.experts import ACTIVATIONS, get_expert
 from cmoe.io import load_tensors, save_tensors
@@ -85,6 +85,7 @@ class CMoEConnector(PretrainedConnector):
     def __init__(self, config: CMoEConfig):
         super().__init__(config)
         width = config.token_features
+        check_backend_name(config.backend)
         router_cls = get_router(config.router)
         self.router = router_cls(
             width, config.num_experts, top_k=config.top_k, num_tasks=config.num_tasks,

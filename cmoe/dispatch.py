@@ -134,13 +134,19 @@ def _check_inputs(x: torch.Tensor, experts: StackedExperts, index: torch.Tensor,
 _warned: set[str] = set()
 
 
+def check_backend_name(backend: str) -> None:
+    """Raise a clear error unless `backend` is ``auto`` or a registered backend's name."""
+    if backend == "auto" or backend in BACKENDS:
+        return
+    if backend in _PROVIDED_ELSEWHERE:
+        raise CMoEError(f"backend {backend!r} is not loaded: {_PROVIDED_ELSEWHERE[backend]}")
+    raise UnknownNameError("backend", backend, [*BACKENDS.names(), "auto"])
+
+
 def select_backend(x: torch.Tensor, num_experts: int, top_k: int, backend: str = "auto") -> str:
     """The backend `moe_project` will use for this input: the named one, or for ``auto`` the fastest available."""
+    check_backend_name(backend)
     if backend != "auto":
-        if backend not in BACKENDS:
-            if backend in _PROVIDED_ELSEWHERE:
-                raise CMoEError(f"backend {backend!r} is not loaded: {_PROVIDED_ELSEWHERE[backend]}")
-            raise UnknownNameError("backend", backend, [*BACKENDS.names(), "auto"])
         if not BACKENDS.get(backend).is_available(x.device):
             raise CMoEError(f"backend {backend!r} cannot run on device {x.device}; use backend='auto' or one of "
                             f"{[n for n in BACKENDS.names() if BACKENDS.get(n).is_available(x.device)]}")
