@@ -14,26 +14,38 @@ from cmoe.connector import (
     build_connector,
     load_connector,
 )
-from cmoe.dispatch import BACKENDS, Backend, moe_project, register_backend, select_backend
+from cmoe.dispatch import Backend, moe_project, select_backend
 from cmoe.errors import CMoEError, UnknownNameError
-from cmoe.experts import EXPERTS, LinearExperts, MLPExperts, StackedExperts, get_expert
-from cmoe.routers import (
+from cmoe.experts import LinearExperts, MLPExperts, StackedExperts
+from cmoe.hookspecs import hookimpl
+from cmoe.plugin_manager import get_plugin_manager, list_plugins, register_plugin, unregister_plugin
+from cmoe.registry import (
+    ATTACHERS,
+    BACKENDS,
+    EXPERTS,
+    LLMS,
     ROUTERS,
-    Router,
-    RoutingResult,
+    VISION_ENCODERS,
+    PluginError,
+    get_attacher,
+    get_backend,
+    get_expert,
+    get_llm,
     get_router,
-    load_balancing_loss,
-    router_z_loss,
+    get_vision_encoder,
 )
+from cmoe.routers import Router, RoutingResult, load_balancing_loss, router_z_loss
 from cmoe.stats import RoutingStats, mean_weight_per_task, routing_stats
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "Backend", "CMoEConfig", "CMoEConnector", "CMoEError", "ConnectorConfig", "ConnectorOutput",
-    "EXPERTS", "LinearExperts", "MLPConnector", "MLPConnectorConfig", "MLPExperts", "PretrainedConnector",
-    "ROUTERS", "Router", "RoutingResult", "RoutingStats", "StackedExperts", "UnknownNameError",
-    "aggregate_tokens", "build_connector", "get_expert", "get_router", "load_balancing_loss", "load_connector",
-    "mean_weight_per_task", "moe_project", "register_backend", "router_z_loss", "routing_stats",
-    "select_backend",
+    "ATTACHERS", "BACKENDS", "Backend", "CMoEConfig", "CMoEConnector", "CMoEError", "ConnectorConfig",
+    "ConnectorOutput", "EXPERTS", "LLMS", "LinearExperts", "MLPConnector", "MLPConnectorConfig", "MLPExperts",
+    "PluginError", "PretrainedConnector", "ROUTERS", "Router", "RoutingResult", "RoutingStats",
+    "StackedExperts", "UnknownNameError", "VISION_ENCODERS", "aggregate_tokens", "build_connector",
+    "get_attacher", "get_backend", "get_expert", "get_llm", "get_plugin_manager", "get_router",
+    "get_vision_encoder", "hookimpl", "list_plugins", "load_balancing_loss", "load_connector",
+    "mean_weight_per_task", "moe_project", "register_plugin", "router_z_loss", "routing_stats",
+    "select_backend", "unregister_plugin",
 ]

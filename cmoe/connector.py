@@ -20,9 +20,10 @@ from cmoe.aggregation import aggregate_tokens
 from cmoe.config import CONFIG_NAME, CMoEConfig, ConnectorConfig, MLPConnectorConfig
 from cmoe.dispatch import check_backend_name, moe_project
 from cmoe.errors import CMoEError, expect
-from cmoe.experts import ACTIVATIONS, get_expert
+from cmoe.experts import ACTIVATIONS
 from cmoe.io import load_tensors, save_tensors
-from cmoe.routers import RoutingResult, get_router
+from cmoe.registry import get_expert, get_router
+from cmoe.routers import RoutingResult
 
 WEIGHTS_NAME = "model.safetensors"
 M = TypeVar("M", bound="PretrainedConnector")

@@ -8,7 +8,9 @@ differentiable with respect to ``x``, the expert weights and the routing weights
   weighted scatter-add back to token order; the default on CPU;
 * ``dense`` — every expert on every token as one wide GEMM, weighted by the dense ``[T, E]`` mixing matrix:
   the fast path when routing is dense (soft/task routers) and what the original Uni-Med computes;
-* ``triton`` — fused GPU kernels, registered by ``cmoe.kernels`` when it is imported.
+* ``triton`` — fused GPU kernels, registered by the ``cmoe.kernels`` plugin.
+
+Backends are registered through the ``cmoe_register_backends`` plugin hook (see `cmoe.builtins`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 
 from cmoe.errors import CMoEError, UnknownNameError, expect
 from cmoe.experts import StackedExperts
-from cmoe.registry import Registry
+from cmoe.registry import BACKENDS
 
 BackendFn = Callable[[torch.Tensor, StackedExperts, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -37,14 +39,8 @@ class Backend:
     description: str = ""
 
 
-BACKENDS: Registry[Backend] = Registry("backend")
 _PROVIDED_ELSEWHERE = {"triton": "import cmoe.kernels (needs the `triton` package and a CUDA GPU, "
                                  "or TRITON_INTERPRET=1 for the slow CPU interpreter)"}
-
-
-def register_backend(backend: Backend, origin: str = "cmoe") -> Backend:
-    """Make `backend` selectable by name in `moe_project` and `CMoEConfig.backend`."""
-    return BACKENDS.register(backend.name, backend, origin=origin)
 
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -101,11 +97,6 @@ def dense_backend(x: torch.Tensor, experts: StackedExperts, index: torch.Tensor,
             hidden = hidden + b
     acc = _accumulate_dtype(x.dtype)
     return torch.einsum("teo,te->to", hidden.to(acc), mixing.to(acc)).to(x.dtype)
-
-
-register_backend(Backend("loop", loop_backend, description="reference per-expert loop"))
-register_backend(Backend("sorted", sorted_backend, description="expert-sorted contiguous matmuls"))
-register_backend(Backend("dense", dense_backend, description="every expert on every token, one wide GEMM"))
 
 
 def _check_inputs(x: torch.Tensor, experts: StackedExperts, index: torch.Tensor, weight: torch.Tensor) -> None:

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from cmoe.errors import expect
-from cmoe.registry import Registry
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
@@ -116,13 +115,3 @@ class MLPExperts(StackedExperts):
     ):
         hidden = out_features if hidden_features is None else hidden_features
         super().__init__(num_experts, [in_features, hidden, out_features], bias=bias, activation=activation)
-
-
-EXPERTS: Registry[type[StackedExperts]] = Registry("expert")
-EXPERTS.register("linear", LinearExperts)
-EXPERTS.register("mlp", MLPExperts)
-
-
-def get_expert(name: str) -> type[StackedExperts]:
-    """The experts class registered under `name` (``linear``, ``mlp``, or a plugin's)."""
-    return EXPERTS.get(name)

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from cmoe.errors import CMoEError, expect
-from cmoe.registry import Registry
 
 INPUTS = ("token", "task", "task_token")
 RULES = ("softmax", "sigmoid")
@@ -312,13 +311,3 @@ class ConstantRouter(FixedRouter):
         probs = x.new_full((count, self.num_experts), 1.0 / self.num_experts)
         index = torch.arange(self.num_experts, device=x.device).expand(count, -1)
         return self._result(probs, index, probs)
-
-
-ROUTERS: Registry[type[nn.Module]] = Registry("router")
-for _cls in (TokenTopKRouter, SoftRouter, TaskRouter, TaskTokenRouter, HardTaskRouter, ConstantRouter):
-    ROUTERS.register(_cls.name, _cls)
-
-
-def get_router(name: str) -> type[nn.Module]:
-    """The router class registered under `name` (a built-in or a plugin's)."""
-    return ROUTERS.get(name)

@@ -1,0 +1,165 @@
+"""The one pluggy plugin manager: built-ins, then every installed distribution's ``cmoe`` entry points.
+
+Created lazily on the first registry lookup. Each hook implementation is called with a ``register``
+bound to its own plugin's name, so every registered item knows where it came from (shown by
+``cmoe plugins list`` and in every error). ``CMOE_DISABLE_PLUGINS=a,b`` skips entry points by name.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pluggy
+
+from cmoe import hookspecs
+from cmoe.registry import REGISTRIES, PluginError
+
+ENTRY_POINT_GROUP = hookspecs.PROJECT
+BUILTIN = "cmoe.builtins"
+
+_lock = threading.RLock()
+_manager: pluggy.PluginManager | None = None
+_loading = False
+_origins: dict[str, str] = {}
+
+
+@dataclass(frozen=True)
+class PluginSource:
+    """An entry point in group ``cmoe`` and the distribution that declares it."""
+
+    entry_point: importlib.metadata.EntryPoint
+    distribution: str
+    version: str
+
+    def describe(self) -> str:
+        return (f"entry point {self.entry_point.name!r} = {self.entry_point.value!r} "
+                f"of distribution {self.distribution} {self.version}")
+
+
+def iter_entry_points() -> Iterator[PluginSource]:
+    """Every entry point of group ``cmoe`` in the installed distributions (once per name)."""
+    seen: set[str] = set()
+    for dist in importlib.metadata.distributions():
+        for ep in dist.entry_points:
+            if ep.group == ENTRY_POINT_GROUP and ep.name not in seen:
+                seen.add(ep.name)
+                yield PluginSource(ep, dist.metadata["Name"], dist.version)
+
+
+def _disabled() -> set[str]:
+    return {n.strip() for n in os.environ.get("CMOE_DISABLE_PLUGINS", "").split(",") if n.strip()}
+
+
+def _collect(manager: pluggy.PluginManager, plugin_name: str) -> None:
+    """Call `plugin_name`'s hook implementations, registering into the registries with its origin."""
+    plugin = manager.get_plugin(plugin_name)
+    origin = _origins[plugin_name]
+    for hook_name, registry in REGISTRIES.items():
+        for impl in getattr(manager.hook, hook_name).get_hookimpls():
+            if impl.plugin is plugin:
+                def register(name: str, item: object, _registry=registry) -> object:
+                    return _registry.register(name, item, origin=origin)
+                try:
+                    impl.function(register=register)
+                except PluginError:
+                    raise
+                except Exception as error:
+                    raise PluginError(f"plugin {origin}: {hook_name} failed: {type(error).__name__}: {error}") \
+                        from error
+
+
+def _add(manager: pluggy.PluginManager, plugin: object, name: str, origin: str) -> None:
+    try:
+        manager.register(plugin, name=name)
+        manager.check_pending()
+    except pluggy.PluginValidationError as error:
+        if manager.get_plugin(name) is not None:
+            manager.unregister(name=name)
+        raise PluginError(f"plugin {origin} is not a valid cmoe plugin: {error}") from error
+    _origins[name] = origin
+    _collect(manager, name)
+
+
+def load_plugins() -> pluggy.PluginManager:
+    """Create the plugin manager and fill every registry, once; later calls return the same manager."""
+    global _manager, _loading
+    if _manager is not None or _loading:
+        return _manager  # type: ignore[return-value]
+    with _lock:
+        if _manager is not None or _loading:
+            return _manager  # type: ignore[return-value]
+        _loading = True
+        try:
+            manager = pluggy.PluginManager(hookspecs.PROJECT)
+            manager.add_hookspecs(hookspecs)
+            from cmoe import builtins
+
+            _add(manager, builtins, BUILTIN, "cmoe (built-in)")
+            disabled = _disabled()
+            for source in iter_entry_points():
+                name = source.entry_point.name
+                if name in disabled or manager.has_plugin(name):
+                    continue
+                try:
+                    plugin = source.entry_point.load()
+                except Exception as error:
+                    raise PluginError(f"cmoe plugin failed to import: {source.describe()}: "
+                                      f"{type(error).__name__}: {error}. Fix or uninstall "
+                                      f"{source.distribution}, or set CMOE_DISABLE_PLUGINS={name}") from error
+                _add(manager, plugin, name, f"{name} ({source.distribution} {source.version})")
+            _manager = manager
+        except BaseException:
+            for registry in REGISTRIES.values():
+                registry.clear()
+            _origins.clear()
+            raise
+        finally:
+            _loading = False
+    return _manager
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The loaded plugin manager (loading plugins on first use)."""
+    return load_plugins()
+
+
+def register_plugin(plugin: object, name: str | None = None) -> str:
+    """Register a plugin object at run time (e.g. in a test or a notebook); returns its name."""
+    manager = load_plugins()
+    name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
+    if manager.has_plugin(name):
+        raise PluginError(f"a plugin named {name!r} is already registered; pass another name")
+    _add(manager, plugin, name, name)
+    return name
+
+
+def unregister_plugin(name: str) -> None:
+    """Remove a plugin registered at run time and everything it registered."""
+    manager = load_plugins()
+    if not manager.has_plugin(name):
+        raise PluginError(f"no plugin named {name!r}; registered: {sorted(n for n, _ in manager.list_name_plugin())}")
+    origin = _origins.pop(name)
+    for registry in REGISTRIES.values():
+        registry.remove_origin(origin)
+    manager.unregister(name=name)
+
+
+def reset_plugins() -> None:
+    """Forget every plugin and registered item; the next lookup loads everything again."""
+    global _manager
+    with _lock:
+        _manager = None
+        _origins.clear()
+        for registry in REGISTRIES.values():
+            registry.clear()
+
+
+def list_plugins() -> list[tuple[str, str, str]]:
+    """``(kind, name, origin)`` for every registered item, sorted."""
+    load_plugins()
+    return sorted((registry.kind, name, registry.origin(name)) for registry in REGISTRIES.values()
+                  for name in registry.names())
