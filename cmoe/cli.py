@@ -1,24 +1,40 @@
-"""The ``cmoe`` command line: ``cmoe demo [...]``."""
+"""The ``cmoe`` command line: ``cmoe demo [...]`` and ``cmoe plugins list``."""
 
 from __future__ import annotations
 
+import argparse
 import sys
+
+
+def _plugins_list(_: argparse.Namespace) -> int:
+    from cmoe.plugin_manager import list_plugins
+
+    rows = [("kind", "name", "from")] + list_plugins()
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"demo": "train MLP and CMoE connectors on a synthetic multi-task problem"}
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"cmoe: unknown command {argv[0]!r}; known commands: {', '.join(commands)}", file=sys.stderr)
-        print("usage: cmoe <command> [options]\n\ncommands:")
-        for name, text in commands.items():
-            print(f"  {name:<8} {text}")
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    if argv[0] == "demo":
+    parser = argparse.ArgumentParser(prog="cmoe", description="Connector Mixture-of-Experts tools.")
+    commands = parser.add_subparsers(dest="command", metavar="<command>")
+    commands.add_parser("demo", help="train MLP and CMoE connectors on a synthetic multi-task problem",
+                        add_help=False)
+    plugins = commands.add_parser("plugins", help="inspect installed plugins")
+    plugins_commands = plugins.add_subparsers(dest="plugins_command", metavar="<subcommand>", required=True)
+    plugins_commands.add_parser("list", help="every registered router, expert, backend, encoder, LLM and "
+                                             "attacher, with the plugin and distribution it came from")
+    if argv and argv[0] == "demo":
         from cmoe.demo import main as demo
 
         demo(argv[1:])
+        return 0
+    args = parser.parse_args(argv)
+    if args.command == "plugins":
+        return _plugins_list(args)
+    parser.print_help()
     return 0
 
 
