@@ -7,11 +7,14 @@ STAMP  := $(VENV)/.cmoe-installed
 
 .PHONY: demo test bench install clean
 
-$(STAMP): pyproject.toml
+EXAMPLE_PLUGIN := plugins/examples/cmoe-example-router
+
+$(STAMP): pyproject.toml $(EXAMPLE_PLUGIN)/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet ./$(EXAMPLE_PLUGIN)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -80,12 +80,20 @@ def build_hf_causal_lm(
 
 
 def apply_lora(model: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0.05,
-               target_modules: Any = None, trainable: tuple[str, ...] = ()) -> nn.Module:
+               target_modules: Any = None, only_under: str | None = None,
+               trainable: tuple[str, ...] = ()) -> nn.Module:
     """Wrap `model` with peft LoRA (Uni-Med: r 8, alpha 16, dropout 0.05 on q/k/v/o/gate/up/down) and keep
-    every parameter whose name contains one of `trainable` (e.g. the connector) fully trainable."""
+    every parameter whose name contains one of `trainable` (e.g. the connector) fully trainable.
+
+    `only_under` (e.g. ``"language_model"``) limits LoRA to modules below that name, so a whole MLLM can be
+    wrapped without touching its vision tower (CLIP has ``q_proj`` too).
+    """
     from peft import LoraConfig, get_peft_model
 
     targets = list(LORA_TARGETS) if target_modules is None else target_modules
+    if only_under is not None:
+        names = "|".join(targets) if isinstance(targets, (list, tuple)) else targets
+        targets = rf".*\b{only_under}\b.*\.({names})"
     peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                                                   target_modules=targets, task_type="CAUSAL_LM"))
     for name, parameter in peft_model.named_parameters():
