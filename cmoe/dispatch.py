@@ -60,6 +60,59 @@ def loop_backend(x: torch.Tensor, experts: StackedExperts, index: torch.Tensor, 
     return out.to(x.dtype)
 
 
+class _GroupedLinear(torch.autograd.Function):
+    """``y[rows of e] = x[rows of e] · W[e]ᵀ + b[e]`` for rows already grouped by expert (``counts`` per expert).
+
+    Written by hand so that backward computes each ``dW[e] = dY_eᵀ · X_e`` straight into one ``[E, out, in]``
+    gradient: autograd through ``W[e]`` indexing would allocate a full-size zero tensor per expert.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                counts: list[int]) -> torch.Tensor:
+        out = x.new_empty(x.shape[0], weight.shape[1])
+        start = 0
+        for e, count in enumerate(counts):
+            if count:
+                rows = slice(start, start + count)
+                if bias is None:
+                    torch.mm(x[rows], weight[e].t(), out=out[rows])
+                else:
+                    torch.addmm(bias[e], x[rows], weight[e].t(), out=out[rows])
+                start += count
+        ctx.save_for_backward(x, weight)
+        ctx.counts, ctx.has_bias = counts, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = x.new_empty(x.shape) if need_x else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = weight.new_zeros(weight.shape[:2]) if need_b and ctx.has_bias else None
+        start = 0
+        for e, count in enumerate(ctx.counts):
+            if not count:
+                continue
+            rows = slice(start, start + count)
+            dy = grad_out[rows]
+            if grad_x is not None:
+                torch.mm(dy, weight[e], out=grad_x[rows])
+            if grad_w is not None:
+                torch.mm(dy.t(), x[rows], out=grad_w[e])
+            if grad_b is not None:
+                torch.sum(dy, dim=0, out=grad_b[e])
+            start += count
+        return grad_x, grad_w, grad_b, None
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, counts: list[int]) -> torch.Tensor:
+    """Per-expert affine map of expert-grouped rows: ``x [S, in]``, ``weight [E, out, in]`` → ``[S, out]``."""
+    return _GroupedLinear.apply(x, weight, bias, counts)
+
+
 def sorted_backend(x: torch.Tensor, experts: StackedExperts, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Sort (token, slot) pairs by expert once; one contiguous matmul per expert per layer; scatter-add back."""
     num_tokens, top_k = index.shape
@@ -70,10 +123,7 @@ def sorted_backend(x: torch.Tensor, experts: StackedExperts, index: torch.Tensor
     hidden = x.index_select(0, token_of)
     layers = experts.layers
     for depth, (w, b) in enumerate(layers):
-        chunks = hidden.split(counts)
-        hidden = torch.cat([
-            F.linear(chunk, w[e], None if b is None else b[e]) for e, chunk in enumerate(chunks) if counts[e]
-        ])
+        hidden = grouped_linear(hidden, w, b, counts)
         if depth < len(layers) - 1:
             hidden = experts.activation(hidden)
     acc = _accumulate_dtype(x.dtype)
