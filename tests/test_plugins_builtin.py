@@ -52,10 +52,12 @@ def test_cli_lists_plugins_with_their_distribution() -> None:
 
 
 @pytest.mark.parametrize("model_type,extra", [
-    ("llama", {}),
+    ("llama", {}),                                                  # LLaMA-2 shape
+    ("llama", {"num_key_value_heads": 2, "rope_theta": 500000.0}),  # LLaMA-3 shape: GQA, long rope
     ("qwen2", {}),
     ("mistral", {}),
-    ("phi3", {"pad_token_id": 0}),
+    ("phi3", {}),
+    ("phi", {}),
 ])
 def test_llm_plugin_takes_connector_embeddings(model_type: str, extra: dict) -> None:
     torch.manual_seed(0)
