@@ -1,0 +1,306 @@
+"""Time every implementation in `benchmarks.cases` on every case and print Markdown tables.
+
+``python -m benchmarks.run [--quick] [--repeats N] [--cases SUBSTRING] [--out PATH]``
+
+Per case and implementation: the median forward and forward+backward times (see `measure`), both also as
+multiples of the same-FLOPs dense matmul ("× roofline", 1.0 = as fast as a plain matmul doing the routed
+work), the useful forward GFLOP/s (routed FLOPs / time, so implementations that compute every expert score
+lower), the spread of the timed calls, and on CUDA the peak memory allocated above the case's inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from benchmarks.cases import (
+    MODES,
+    ROOFLINE,
+    Case,
+    build_workload,
+    cpu_cases,
+    default_cases,
+    gpu_cases,
+    is_headline,
+    make_callable,
+    quick_cases,
+)
+
+COLUMNS = ("impl", "fwd ms", "fwd+bwd ms", "fwd × roofline", "fwd+bwd × roofline", "GFLOP/s fwd",
+           "timed calls fwd / fwd+bwd", "spread fwd / fwd+bwd", "peak MiB fwd / fwd+bwd")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command-line options (see the module docstring)."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, 1 repeat (for tests)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed calls per measurement (default 3 on CUDA, 2 on CPU to keep the full CPU run "
+                             "near 10 minutes on 2 cores, 1 with --quick)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before each measurement")
+    parser.add_argument("--min-time", type=float, default=None,
+                        help="keep timing cheap calls until they total this many seconds (default 1; 0 with --quick)")
+    parser.add_argument("--max-repeats", type=int, default=10, help="cap on timed calls per measurement")
+    parser.add_argument("--cases", default="", help="only cases whose name contains this substring")
+    parser.add_argument("--skip-loop", action="store_true", help="leave out the slow reference 'loop' backend")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the Markdown report here")
+    return parser.parse_args(argv)
+
+
+def resolve_defaults(args: argparse.Namespace) -> torch.device:
+    """Pick the device and, unless given, the repeat count and minimum time for it; return the device."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3 if device.type == "cuda" else 2
+    if args.min_time is None:
+        args.min_time = 0.0 if args.quick else 1.0
+    if args.repeats < 1 or args.warmup < 0 or args.min_time < 0:
+        raise SystemExit("--repeats must be >= 1, --warmup >= 0 and --min-time >= 0")
+    return device
+
+
+def device_description(device: torch.device) -> str:
+    """The CUDA device name, or the CPU model from /proc/cpuinfo and torch's thread count."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU: {model}, torch.get_num_threads() = {torch.get_num_threads()}"
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _elapsed_ms(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    begin = time.perf_counter()
+    fn()
+    return (time.perf_counter() - begin) * 1e3
+
+
+def measure(fn: Callable[[], torch.Tensor], device: torch.device, args: argparse.Namespace) -> dict:
+    """Time `fn`: ``--warmup`` untimed calls, then at least ``--repeats`` timed calls, more (up to
+    ``--max-repeats``) while they add up to less than ``--min-time`` seconds, so cheap calls get a steadier
+    median. Returns the median ms, the spread (max − min) / median, the call count and (CUDA) peak MiB."""
+    for _ in range(args.warmup):
+        fn()
+    _synchronize(device)
+    if device.type == "cuda":
+        baseline = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    times: list[float] = []
+    while len(times) < args.repeats or (sum(times) < args.min_time * 1e3 and len(times) < args.max_repeats):
+        times.append(_elapsed_ms(fn, device))
+    median = statistics.median(times)
+    peak = None
+    if device.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
+    return {"ms": median, "spread": (max(times) - min(times)) / median, "calls": len(times), "peak_mib": peak}
+
+
+def measure_case(case: Case, device: torch.device, args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    """One row per implementation that ran on `case`, and notes on those skipped or failed."""
+    workload = build_workload(case, device)
+    notes = [f"`{name}` skipped: {reason}" for name, reason in workload.skipped.items()]
+    rows = []
+    for name in workload.implementations:
+        if args.skip_loop and name == "loop":
+            continue
+        row = {"case": case.name, "impl": name, "flops": case.flops, "headline": is_headline(case), "hf": case.hf,
+               "dense_routing": case.top_k == case.num_experts}
+        try:
+            for mode in MODES:
+                timing = measure(make_callable(workload, name, mode), device, args)
+                row.update({f"{mode}_{key}": value for key, value in timing.items()})
+        except Exception as exc:  # one implementation failing must not lose the rest of the run
+            notes.append(f"`{name}` failed: {type(exc).__name__}: {exc}")
+            continue
+        rows.append(row)
+        print(f"  {name:<22} fwd {row['forward_ms']:10.3f} ms   fwd+bwd {row['forward_backward_ms']:10.3f} ms",
+              file=sys.stderr, flush=True)
+    add_ratios(rows)
+    return rows, notes
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Add ``× roofline`` ratios (time / the roofline row's time) and useful forward GFLOP/s to each row."""
+    roofline = next((row for row in rows if row["impl"] == ROOFLINE), None)
+    for row in rows:
+        row["gflops_forward"] = row["flops"] / (row["forward_ms"] * 1e-3) / 1e9
+        for mode in MODES:
+            row[f"{mode}_x_roofline"] = row[f"{mode}_ms"] / roofline[f"{mode}_ms"] if roofline else None
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if value >= 100:
+        return f"{value:.0f}"
+    return f"{value:.{digits}g}" if value < 1 else f"{value:.{digits - 1}f}"
+
+
+def _memory(row: dict) -> str:
+    if row["forward_peak_mib"] is None:
+        return "n/a"
+    return f"{row['forward_peak_mib']:.0f} / {row['forward_backward_peak_mib']:.0f}"
+
+
+def case_table(case: Case, rows: list[dict], notes: list[str]) -> str:
+    """The Markdown section for one case."""
+    lines = [f"### `{case.name}`", "",
+             f"{case.tokens} tokens, {case.in_features} → {case.out_features}, {case.num_experts} experts, "
+             f"top-{case.top_k}, {case.kind} experts, bias={case.bias}, routed work {case.flops / 1e9:.3g} GFLOP",
+             "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        cells = [f"`{row['impl']}`", _fmt(row["forward_ms"]), _fmt(row["forward_backward_ms"]),
+                 _fmt(row["forward_x_roofline"]), _fmt(row["forward_backward_x_roofline"]),
+                 _fmt(row["gflops_forward"]), f"{row['forward_calls']} / {row['forward_backward_calls']}",
+                 f"{row['forward_spread']:.0%} / {row['forward_backward_spread']:.0%}", _memory(row)]
+        lines.append("| " + " | ".join(cells) + " |")
+    if notes:
+        lines += ["", *(f"- {note}" for note in notes)]
+    return "\n".join(lines) + "\n"
+
+
+def _ratio_line(rows: list[dict], label: str, numerator: str, denominator: str, hf: bool) -> str:
+    found = {row["impl"]: row for row in rows if row["headline"] and row["hf"] == hf}
+    if numerator not in found or denominator not in found:
+        return f"- {label}: not measured in this run"
+    top, bottom = found[numerator], found[denominator]
+    ratios = [top[f"{mode}_ms"] / bottom[f"{mode}_ms"] for mode in MODES]
+    return f"- {label}, `{top['case']}`: forward {ratios[0]:.2f}×, forward+backward {ratios[1]:.2f}×"
+
+
+def _dense_routing_lines(rows: list[dict]) -> list[str]:
+    """``dense`` vs ``sorted`` where every expert is active (k = E): the choice ``auto`` makes there."""
+    lines = []
+    for case in sorted({row["case"] for row in rows if row.get("dense_routing")}):
+        found = {row["impl"]: row for row in rows if row["case"] == case}
+        if "dense" in found and "sorted" in found:
+            ratios = [found["sorted"][f"{mode}_ms"] / found["dense"][f"{mode}_ms"] for mode in MODES]
+            lines.append(f"- `dense` speed-up over `sorted` under dense routing, `{case}`: "
+                         f"forward {ratios[0]:.2f}×, forward+backward {ratios[1]:.2f}×")
+    return lines
+
+
+def _roofline_range(rows: list[dict]) -> str:
+    rates = [row["gflops_forward"] for row in rows if row["impl"] == ROOFLINE]
+    if not rates:
+        return "- Dense-matmul roofline: not measured in this run"
+    return (f"- Dense-matmul roofline forward throughput across cases: {min(rates):.0f}–{max(rates):.0f} GFLOP/s "
+            "(a wide range means the machine's speed changed during the run: compare within a case)")
+
+
+def summary(rows: list[dict]) -> str:
+    """Headline ratios on the E=8, k=2 MLP cases, and how steady the machine was across cases."""
+    lines = ["## Summary (E=8, k=2, MLP experts)", "",
+             "Speed-up = the other implementation's time ÷ `sorted`'s time (> 1: `sorted` is faster).", "",
+             _ratio_line(rows, "`sorted` speed-up over `every_expert` (original Uni-Med)",
+                         "every_expert", "sorted", hf=False),
+             _ratio_line(rows, "`sorted` speed-up over `hf_eager` (HF NemotronHExperts, same weights)",
+                         "hf_eager", "sorted", hf=True),
+             _ratio_line(rows, "`sorted` speed-up over `hf_grouped_mm` (same weights)",
+                         "hf_grouped_mm", "sorted", hf=True),
+             _ratio_line(rows, "`sorted` time ÷ same-FLOPs dense matmul time (1.0 = roofline)",
+                         "sorted", ROOFLINE, hf=False),
+             *_dense_routing_lines(rows),
+             _roofline_range(rows)]
+    return "\n".join(lines) + "\n"
+
+
+def header(argv: list[str], device: torch.device, args: argparse.Namespace) -> str:
+    """Command, device, versions, date and method: what a reader needs to reproduce the tables."""
+    lines = ["# cmoe dispatch benchmarks", "",
+             f"- Command: `python -m benchmarks.run{' ' + shlex.join(argv) if argv else ''}`",
+             f"- Device: {device_description(device)}",
+             f"- torch {torch.__version__}{_transformers_version()}, Python {platform.python_version()}",
+             f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+             f"- Method: {args.warmup} warm-up call(s), then the median of at least {args.repeats} timed call(s), "
+             f"more (up to {args.max_repeats}) while they total under {args.min_time:g} s; forward runs "
+             "under `torch.no_grad()`; forward+backward is forward with grads on x, expert weights and routing "
+             "weights, then `out.sum().backward()`. float32.",
+             "- `× roofline` = time ÷ `dense_matmul_roofline` time (plain dense matmuls doing the same FLOPs as "
+             "the routed work); `GFLOP/s fwd` counts only the routed FLOPs; spread = (max − min) / median of "
+             "the timed calls.",
+             "- Peak memory is measured on CUDA only (n/a on CPU)." if device.type != "cuda" else
+             "- Peak MiB = `torch.cuda.max_memory_allocated` above the memory held before the timed calls."]
+    if device.type != "cuda" and not args.quick:
+        lines.append(f"- {cpu_shapes_note()}")
+    return "\n".join(lines) + "\n"
+
+
+def _shape(case: Case) -> str:
+    return f"{case.tokens} tokens × {case.in_features} → {case.out_features}"
+
+
+def cpu_shapes_note() -> str:
+    """Which full-size shapes the CPU cases stand in for, read off the case lists."""
+    cpu, gpu = cpu_cases(), gpu_cases()
+    cpu_hf = next(case for case in cpu if case.hf)
+    return (f"CPU shapes ({_shape(cpu[0])}; HF-compatible cases {_shape(cpu_hf)}) are stand-ins sized for a "
+            f"2-core CPU for Uni-Med's connector at ~8k visual tokens × 5632 → 4096, which the GPU shapes use "
+            f"({_shape(gpu[0])}).")
+
+
+def _transformers_version() -> str:
+    try:
+        import transformers
+    except ImportError:
+        return ""
+    return f", transformers {transformers.__version__}"
+
+
+def select_cases(args: argparse.Namespace, device: torch.device) -> list[Case]:
+    """The quick or full case list for `device`, filtered by ``--cases``."""
+    cases = quick_cases() if args.quick else default_cases(device)
+    return [case for case in cases if args.cases in case.name]
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run the benchmarks, print the Markdown report (and write it to ``--out``), return the measured rows."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    device = resolve_defaults(args)
+    started = time.perf_counter()
+    sections, rows = [], []
+    for case in select_cases(args, device):
+        print(f"{case.name}:", file=sys.stderr, flush=True)
+        case_rows, notes = measure_case(case, device, args)
+        rows += case_rows
+        sections.append(case_table(case, case_rows, notes))
+    elapsed = time.perf_counter() - started
+    report = "\n".join([header(argv, device, args), summary(rows), "## Cases", "", *sections,
+                        f"Runner wall time: {elapsed:.0f} s.\n"])
+    print(report)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

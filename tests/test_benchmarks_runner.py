@@ -1,0 +1,104 @@
+"""The benchmark runner and cases: every implementation runs, ratios are consistent, and all do identical work."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks import cases, run  # noqa: E402
+
+HF_IMPORTABLE = cases.hf_import_error() is None
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
+    out = tmp_path_factory.mktemp("bench") / "r.md"
+    rows = run.main(["--quick", "--device", "cpu", "--out", str(out)])
+    return rows, out
+
+
+def test_quick_run_times_every_implementation(quick_run: tuple[list[dict], Path]) -> None:
+    rows, _ = quick_run
+    for case in cases.quick_cases():
+        measured = {row["impl"]: row for row in rows if row["case"] == case.name}
+        assert set(measured) == set(case.implementations), case.name
+        for row in measured.values():
+            for mode in cases.MODES:
+                assert math.isfinite(row[f"{mode}_ms"]) and row[f"{mode}_ms"] > 0
+
+
+@pytest.mark.skipif(not HF_IMPORTABLE, reason="transformers' NemotronHExperts not importable")
+def test_quick_run_includes_square_hf_case(quick_run: tuple[list[dict], Path]) -> None:
+    rows, _ = quick_run
+    hf_cases = [case for case in cases.quick_cases() if case.hf]
+    assert hf_cases and all(case.in_features == case.out_features for case in hf_cases)
+    impls = {row["impl"] for row in rows if row["hf"]}
+    assert set(cases.HF_IMPLEMENTATIONS) <= impls
+
+
+def test_ratios_are_relative_to_the_roofline(quick_run: tuple[list[dict], Path]) -> None:
+    rows, _ = quick_run
+    for case in cases.quick_cases():
+        case_rows = [row for row in rows if row["case"] == case.name]
+        roofline = next(row for row in case_rows if row["impl"] == cases.ROOFLINE)
+        for row in case_rows:
+            for mode in cases.MODES:
+                expected = row[f"{mode}_ms"] / roofline[f"{mode}_ms"]
+                assert row[f"{mode}_x_roofline"] == pytest.approx(expected)
+            assert row["gflops_forward"] == pytest.approx(case.flops / row["forward_ms"] / 1e6)
+        assert roofline["forward_x_roofline"] == 1.0 and roofline["forward_backward_x_roofline"] == 1.0
+
+
+def test_report_file_has_header_and_tables(quick_run: tuple[list[dict], Path]) -> None:
+    _, out = quick_run
+    text = out.read_text()
+    assert "- Device: CPU: " in text
+    assert "- Command: `python -m benchmarks.run --quick" in text
+    for case in cases.quick_cases():
+        assert f"### `{case.name}`" in text
+
+
+@pytest.mark.parametrize("case", cases.quick_cases(), ids=lambda case: case.name)
+def test_every_implementation_matches_loop(case: cases.Case) -> None:
+    workload = cases.build_workload(case, "cpu")
+    reference = cases.reference_output(workload)
+    for name in workload.implementations:
+        if name == cases.ROOFLINE:
+            continue
+        for mode in cases.MODES:
+            out = cases.make_callable(workload, name, mode)()
+            assert cases.relative_error(out, reference) <= cases.AGREEMENT_RTOL, (name, mode)
+
+
+def test_forward_backward_fills_grads_of_inputs_weights_and_routing() -> None:
+    case = next(c for c in cases.quick_cases() if c.kind == "mlp" and not c.hf)
+    workload = cases.build_workload(case, "cpu")
+    cases.make_callable(workload, "sorted", "forward_backward")()
+    leaves = [workload.x, workload.weight, *workload.experts.parameters()]
+    assert all(leaf.grad is not None and torch.isfinite(leaf.grad).all() for leaf in leaves)
+
+
+def test_roofline_does_the_routed_flops() -> None:
+    for case in cases.quick_cases():
+        workload = cases.build_workload(case, "cpu")
+        rows, *weights = workload.roofline_tensors
+        flops = 2 * rows.shape[0] * sum(w.shape[0] * w.shape[1] for w in weights)
+        assert flops == case.flops
+
+
+def test_summary_ratios_come_from_the_headline_rows() -> None:
+    def row(impl: str, ms: float) -> dict:
+        return {"impl": impl, "case": "c", "headline": True, "hf": False, "forward_ms": ms,
+                "forward_backward_ms": 3 * ms, "gflops_forward": 10 / ms}
+    text = run.summary([row("sorted", 2.0), row("every_expert", 8.0), row(cases.ROOFLINE, 1.0)])
+    assert "`every_expert` (original Uni-Med), `c`: forward 4.00×, forward+backward 4.00×" in text
+    assert "(1.0 = roofline), `c`: forward 2.00×, forward+backward 2.00×" in text
+    assert "`hf_eager` (HF NemotronHExperts, same weights): not measured" in text
