@@ -128,7 +128,7 @@ def sorted_backend(x: torch.Tensor, experts: StackedExperts, index: torch.Tensor
             hidden = experts.activation(hidden)
     acc = _accumulate_dtype(x.dtype)
     scaled = hidden.to(acc) * weight.reshape(-1)[order, None].to(acc)
-    out = x.new_zeros(num_tokens, experts.out_features, dtype=acc).index_add(0, token_of, scaled)
+    out = x.new_zeros(num_tokens, experts.out_features, dtype=acc).index_add_(0, token_of, scaled)
     return out.to(x.dtype)
 
 
