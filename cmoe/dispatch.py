@@ -4,7 +4,7 @@ Every backend computes the same thing, ``y[t] = Σ_j w[t, j] · Expert_{i[t, j]}
 differentiable with respect to ``x``, the expert weights and the routing weights ``w``:
 
 * ``loop`` — the reference: one expert and one slot at a time, obviously correct, slow;
-* ``sorted`` — (token, slot) pairs sorted by expert once, one contiguous matmul per expert and layer,
+* ``sorted`` — (token, slot) pairs sorted by expert once, then one expert at a time: gather, its layers,
   weighted scatter-add back to token order; the default on CPU;
 * ``dense`` — every expert on every token as one wide GEMM, weighted by the dense ``[T, E]`` mixing matrix:
   the fast path when routing is dense (soft/task routers) and what the original Uni-Med computes;
@@ -60,75 +60,35 @@ def loop_backend(x: torch.Tensor, experts: StackedExperts, index: torch.Tensor, 
     return out.to(x.dtype)
 
 
-class _GroupedLinear(torch.autograd.Function):
-    """``y[rows of e] = x[rows of e] · W[e]ᵀ + b[e]`` for rows already grouped by expert (``counts`` per expert).
-
-    Written by hand so that backward computes each ``dW[e] = dY_eᵀ · X_e`` straight into one ``[E, out, in]``
-    gradient: autograd through ``W[e]`` indexing would allocate a full-size zero tensor per expert.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                counts: list[int]) -> torch.Tensor:
-        out = x.new_empty(x.shape[0], weight.shape[1])
-        start = 0
-        for e, count in enumerate(counts):
-            if count:
-                rows = slice(start, start + count)
-                if bias is None:
-                    torch.mm(x[rows], weight[e].t(), out=out[rows])
-                else:
-                    torch.addmm(bias[e], x[rows], weight[e].t(), out=out[rows])
-                start += count
-        ctx.save_for_backward(x, weight)
-        ctx.counts, ctx.has_bias = counts, bias is not None
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x = x.new_empty(x.shape) if need_x else None
-        grad_w = torch.zeros_like(weight) if need_w else None
-        grad_b = weight.new_zeros(weight.shape[:2]) if need_b and ctx.has_bias else None
-        start = 0
-        for e, count in enumerate(ctx.counts):
-            if not count:
-                continue
-            rows = slice(start, start + count)
-            dy = grad_out[rows]
-            if grad_x is not None:
-                torch.mm(dy, weight[e], out=grad_x[rows])
-            if grad_w is not None:
-                torch.mm(dy.t(), x[rows], out=grad_w[e])
-            if grad_b is not None:
-                torch.sum(dy, dim=0, out=grad_b[e])
-            start += count
-        return grad_x, grad_w, grad_b, None
-
-
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, counts: list[int]) -> torch.Tensor:
-    """Per-expert affine map of expert-grouped rows: ``x [S, in]``, ``weight [E, out, in]`` → ``[S, out]``."""
-    return _GroupedLinear.apply(x, weight, bias, counts)
-
-
 def sorted_backend(x: torch.Tensor, experts: StackedExperts, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Sort (token, slot) pairs by expert once; one contiguous matmul per expert per layer; scatter-add back."""
+    """Sort (token, slot) pairs by expert once, then per expert: gather its rows, run its whole chain of
+    layers, scale by the routing weights and scatter-add into the output.
+
+    Depth-first per expert keeps each expert's intermediates small enough to stay in cache. The stacked
+    weights are unbound once, so backward assembles one ``[E, out, in]`` gradient from the per-expert
+    pieces (indexing ``W[e]`` instead would allocate a full-size zero gradient per expert).
+    """
     num_tokens, top_k = index.shape
     flat = index.reshape(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=experts.num_experts).tolist()
     token_of = order // top_k
-    hidden = x.index_select(0, token_of)
-    layers = experts.layers
-    for depth, (w, b) in enumerate(layers):
-        hidden = grouped_linear(hidden, w, b, counts)
-        if depth < len(layers) - 1:
-            hidden = experts.activation(hidden)
+    slot_weight = weight.reshape(-1)[order]
+    layers = [(w.unbind(0), None if b is None else b.unbind(0)) for w, b in experts.layers]
     acc = _accumulate_dtype(x.dtype)
-    scaled = hidden.to(acc) * weight.reshape(-1)[order, None].to(acc)
-    out = x.new_zeros(num_tokens, experts.out_features, dtype=acc).index_add_(0, token_of, scaled)
+    out = x.new_zeros(num_tokens, experts.out_features, dtype=acc)
+    start = 0
+    for expert, count in enumerate(counts):
+        if not count:
+            continue
+        rows = token_of[start:start + count]
+        hidden = x.index_select(0, rows)
+        for depth, (weights, biases) in enumerate(layers):
+            hidden = F.linear(hidden, weights[expert], None if biases is None else biases[expert])
+            if depth < len(layers) - 1:
+                hidden = experts.activation(hidden)
+        out.index_add_(0, rows, hidden.to(acc) * slot_weight[start:start + count, None].to(acc))
+        start += count
     return out.to(x.dtype)
 
 
