@@ -7,7 +7,8 @@ differentiable with respect to ``x``, the expert weights and the routing weights
 * ``sorted`` — (token, slot) pairs sorted by expert once, then one expert at a time: gather, its layers,
   weighted scatter-add back to token order; the default on CPU;
 * ``dense`` — every expert on every token as one wide GEMM, weighted by the dense ``[T, E]`` mixing matrix:
-  the fast path when routing is dense (soft/task routers) and what the original Uni-Med computes;
+  ``auto``'s choice when routing is dense (soft/task routers), where it needs no E-fold copy of the tokens
+  (on CPU it is as fast as ``sorted`` there, see benchmarks/RESULTS.md); what the original Uni-Med computes;
 * ``triton`` — fused GPU kernels, registered by the ``cmoe.kernels`` plugin.
 
 Backends are registered through the ``cmoe_register_backends`` plugin hook (see `cmoe.builtins`).
