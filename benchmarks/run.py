@@ -102,43 +102,78 @@ def _elapsed_ms(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
     return (time.perf_counter() - begin) * 1e3
 
 
-def measure(fn: Callable[[], torch.Tensor], device: torch.device, args: argparse.Namespace) -> dict:
-    """Time `fn`: ``--warmup`` untimed calls, then at least ``--repeats`` timed calls, more (up to
-    ``--max-repeats``) while they add up to less than ``--min-time`` seconds, so cheap calls get a steadier
-    median. Returns the median ms, the spread (max − min) / median, the call count and (CUDA) peak MiB."""
-    for _ in range(args.warmup):
-        fn()
+def _peak_mib(fn: Callable[[], torch.Tensor], device: torch.device) -> float | None:
+    """Peak extra CUDA memory of one call of `fn` (None on CPU)."""
+    if device.type != "cuda":
+        return None
     _synchronize(device)
-    if device.type == "cuda":
-        baseline = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    times: list[float] = []
-    while len(times) < args.repeats or (sum(times) < args.min_time * 1e3 and len(times) < args.max_repeats):
-        times.append(_elapsed_ms(fn, device))
-    median = statistics.median(times)
-    peak = None
-    if device.type == "cuda":
-        peak = (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
-    return {"ms": median, "spread": (max(times) - min(times)) / median, "calls": len(times), "peak_mib": peak}
+    baseline = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    _synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
+
+
+def measure_interleaved(fns: dict[str, Callable[[], torch.Tensor]], device: torch.device,
+                        args: argparse.Namespace) -> tuple[dict[str, dict], dict[str, str]]:
+    """Time every implementation of one case round-robin, reversing the order each round, so a drift in the
+    machine's speed hits all of them alike (timing them one after another turned ±5% drift into fake gaps).
+
+    Each gets ``--warmup`` untimed calls, then at least ``--repeats`` timed calls, more (up to
+    ``--max-repeats``) while they add up to less than ``--min-time`` seconds. Returns per implementation the
+    median ms, the spread (max − min) / median, the call count and (CUDA) peak MiB; and the failures.
+    """
+    failed: dict[str, str] = {}
+    live: dict[str, Callable[[], torch.Tensor]] = {}
+    for name, fn in fns.items():
+        try:
+            for _ in range(args.warmup):
+                fn()
+            live[name] = fn
+        except Exception as exc:  # one implementation failing must not lose the rest of the run
+            failed[name] = f"{type(exc).__name__}: {exc}"
+    _synchronize(device)
+    times: dict[str, list[float]] = {name: [] for name in live}
+
+    def wants_more(name: str) -> bool:
+        done = times[name]
+        return len(done) < args.repeats or (sum(done) < args.min_time * 1e3 and len(done) < args.max_repeats)
+
+    rounds = 0
+    while any(wants_more(name) for name in live):
+        order = list(live) if rounds % 2 == 0 else list(live)[::-1]
+        for name in order:
+            if wants_more(name):
+                times[name].append(_elapsed_ms(live[name], device))
+        rounds += 1
+    results = {}
+    for name, fn in live.items():
+        median = statistics.median(times[name])
+        results[name] = {"ms": median, "spread": (max(times[name]) - min(times[name])) / median,
+                         "calls": len(times[name]), "peak_mib": _peak_mib(fn, device)}
+    return results, failed
 
 
 def measure_case(case: Case, device: torch.device, args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     """One row per implementation that ran on `case`, and notes on those skipped or failed."""
     workload = build_workload(case, device)
     notes = [f"`{name}` skipped: {reason}" for name, reason in workload.skipped.items()]
+    names = [n for n in workload.implementations if not (args.skip_loop and n == "loop")]
+    timings: dict[str, dict[str, dict]] = {}
+    failures: dict[str, str] = {}
+    for mode in MODES:
+        fns = {name: make_callable(workload, name, mode) for name in names if name not in failures}
+        timings[mode], failed = measure_interleaved(fns, device, args)
+        failures.update(failed)
+    notes += [f"`{name}` failed: {reason}" for name, reason in failures.items()]
     rows = []
-    for name in workload.implementations:
-        if args.skip_loop and name == "loop":
+    for name in names:
+        if name in failures:
             continue
         row = {"case": case.name, "impl": name, "flops": case.flops, "headline": is_headline(case), "hf": case.hf,
                "dense_routing": case.top_k == case.num_experts}
-        try:
-            for mode in MODES:
-                timing = measure(make_callable(workload, name, mode), device, args)
-                row.update({f"{mode}_{key}": value for key, value in timing.items()})
-        except Exception as exc:  # one implementation failing must not lose the rest of the run
-            notes.append(f"`{name}` failed: {type(exc).__name__}: {exc}")
-            continue
+        for mode in MODES:
+            row.update({f"{mode}_{key}": value for key, value in timings[mode][name].items()})
         rows.append(row)
         print(f"  {name:<22} fwd {row['forward_ms']:10.3f} ms   fwd+bwd {row['forward_backward_ms']:10.3f} ms",
               file=sys.stderr, flush=True)
@@ -239,8 +274,10 @@ def header(argv: list[str], device: torch.device, args: argparse.Namespace) -> s
              f"- Device: {device_description(device)}",
              f"- torch {torch.__version__}{_transformers_version()}, Python {platform.python_version()}",
              f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
-             f"- Method: {args.warmup} warm-up call(s), then the median of at least {args.repeats} timed call(s), "
-             f"more (up to {args.max_repeats}) while they total under {args.min_time:g} s; forward runs "
+             f"- Method: within a case, implementations are timed round-robin (order reversed each round, so a "
+             f"drift in machine speed hits all alike); each gets {args.warmup} warm-up call(s), then the median "
+             f"of at least {args.repeats} timed call(s), more (up to {args.max_repeats}) while they total under "
+             f"{args.min_time:g} s; forward runs "
              "under `torch.no_grad()`; forward+backward is forward with grads on x, expert weights and routing "
              "weights, then `out.sum().backward()`. float32.",
              "- `× roofline` = time ÷ `dense_matmul_roofline` time (plain dense matmuls doing the same FLOPs as "
