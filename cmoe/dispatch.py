@@ -7,8 +7,8 @@ differentiable with respect to ``x``, the expert weights and the routing weights
 * ``sorted`` — (token, slot) pairs sorted by expert once, then one expert at a time: gather, its layers,
   weighted scatter-add back to token order; the default on CPU;
 * ``dense`` — every expert on every token as one wide GEMM, weighted by the dense ``[T, E]`` mixing matrix:
-  ``auto``'s choice when routing is dense (soft/task routers), where it needs no E-fold copy of the tokens
-  (on CPU it is as fast as ``sorted`` there, see benchmarks/RESULTS.md); what the original Uni-Med computes;
+  what the original Uni-Med computes; ``auto``'s choice for dense routing on CUDA without ``triton`` (no host
+  sync, no E-fold copy of the tokens); on CPU ``sorted`` measures faster even there (benchmarks/RESULTS.md);
 * ``triton`` — fused GPU kernels, registered by the ``cmoe.kernels`` plugin.
 
 Backends are registered through the ``cmoe_register_backends`` plugin hook (see `cmoe.builtins`).
@@ -153,11 +153,11 @@ def select_backend(x: torch.Tensor, num_experts: int, top_k: int, backend: str =
             raise CMoEError(f"backend {backend!r} cannot run on device {x.device}; use backend='auto' or one of "
                             f"{[n for n in BACKENDS.names() if BACKENDS.get(n).is_available(x.device)]}")
         return backend
-    if top_k == num_experts:
-        return "dense"
     if x.device.type == "cuda":
         if "triton" in BACKENDS and BACKENDS.get("triton").is_available(x.device):
             return "triton"
+        if top_k == num_experts:
+            return "dense"
         if "triton" not in _warned:
             _warned.add("triton")
             warnings.warn("cmoe: the fused 'triton' backend is not loaded on this CUDA device; using 'sorted'. "
@@ -175,7 +175,8 @@ def moe_project(
     """Project tokens through their routed experts and mix: ``x [..., in]`` → ``[..., out]``.
 
     ``expert_index`` / ``expert_weight`` are ``[..., k]`` (the leading dims of ``x``). ``backend`` is a name
-    from `BACKENDS` or ``auto`` (dense routing → ``dense``; CUDA → ``triton`` when loaded; else ``sorted``).
+    from `BACKENDS` or ``auto`` (CUDA: ``triton`` when loaded, else ``dense`` for dense routing; otherwise
+    ``sorted``).
     """
     _check_inputs(x, experts, expert_index, expert_weight)
     lead = x.shape[:-1]

@@ -168,9 +168,9 @@ def test_zero_tokens_give_empty_output() -> None:
     assert out.shape == (0, 3)
 
 
-def test_auto_picks_dense_for_dense_routing_and_sorted_otherwise() -> None:
+def test_auto_picks_sorted_on_cpu_whatever_the_routing() -> None:
     x = torch.randn(4, 8)
-    assert select_backend(x, num_experts=4, top_k=4) == "dense"
+    assert select_backend(x, num_experts=4, top_k=4) == "sorted"  # measured faster than dense on CPU
     assert select_backend(x, num_experts=4, top_k=2) == "sorted"
     assert select_backend(x, num_experts=4, top_k=2, backend="loop") == "loop"
 
