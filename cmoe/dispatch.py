@@ -9,7 +9,8 @@ differentiable with respect to ``x``, the expert weights and the routing weights
 * ``dense`` — every expert on every token as one wide GEMM, weighted by the dense ``[T, E]`` mixing matrix:
   what the original Uni-Med computes; ``auto``'s choice for dense routing on CUDA without ``triton`` (no host
   sync, no E-fold copy of the tokens); on CPU ``sorted`` measures faster even there (benchmarks/RESULTS.md);
-* ``triton`` — fused GPU kernels, registered by the ``cmoe.kernels`` plugin.
+* ``triton`` — fused GPU kernels (`cmoe.kernels`), registered by the ``triton_kernels`` plugin entry point;
+  ``auto``'s choice on CUDA.
 
 Backends are registered through the ``cmoe_register_backends`` plugin hook (see `cmoe.builtins`).
 """
@@ -38,10 +39,11 @@ class Backend:
     fn: BackendFn
     is_available: Callable[[torch.device], bool] = lambda device: True
     description: str = ""
+    unavailable_reason: Callable[[torch.device], str | None] = lambda device: None
 
 
-_PROVIDED_ELSEWHERE = {"triton": "import cmoe.kernels (needs the `triton` package and a CUDA GPU, "
-                                 "or TRITON_INTERPRET=1 for the slow CPU interpreter)"}
+_PROVIDED_ELSEWHERE = {"triton": "reinstall cmoe so its `triton_kernels` entry point (cmoe.kernels.plugin) is "
+                                 "registered, and check CMOE_DISABLE_PLUGINS does not name it"}
 
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -149,8 +151,11 @@ def select_backend(x: torch.Tensor, num_experts: int, top_k: int, backend: str =
     """The backend `moe_project` will use for this input: the named one, or for ``auto`` the fastest available."""
     check_backend_name(backend)
     if backend != "auto":
-        if not BACKENDS.get(backend).is_available(x.device):
-            raise CMoEError(f"backend {backend!r} cannot run on device {x.device}; use backend='auto' or one of "
+        chosen = BACKENDS.get(backend)
+        if not chosen.is_available(x.device):
+            reason = chosen.unavailable_reason(x.device)
+            raise CMoEError(f"backend {backend!r} cannot run on device {x.device}"
+                            + (f": {reason}" if reason else "") + "; use backend='auto' or one of "
                             f"{[n for n in BACKENDS.names() if BACKENDS.get(n).is_available(x.device)]}")
         return backend
     if x.device.type == "cuda":
@@ -160,8 +165,10 @@ def select_backend(x: torch.Tensor, num_experts: int, top_k: int, backend: str =
             return "dense"
         if "triton" not in _warned:
             _warned.add("triton")
-            warnings.warn("cmoe: the fused 'triton' backend is not loaded on this CUDA device; using 'sorted'. "
-                          f"To enable it: {_PROVIDED_ELSEWHERE['triton']}", stacklevel=3)
+            reason = (BACKENDS.get("triton").unavailable_reason(x.device) if "triton" in BACKENDS
+                      else f"it is not registered: {_PROVIDED_ELSEWHERE['triton']}")
+            warnings.warn(f"cmoe: the fused 'triton' backend cannot run on this CUDA device ({reason}); "
+                          "using 'sorted'", stacklevel=3)
     return "sorted"
 
 

@@ -1,5 +1,31 @@
-"""cmoe.kernels — fused Triton kernels for token-level expert dispatch (planned: issue "Fused Triton kernels").
+"""cmoe.kernels — fused Triton kernels for token-level expert dispatch (the ``triton`` backend).
 
-Not implemented yet: importing this package registers no backend. Until it does, ``backend="triton"``
-raises a clear error, and ``backend="auto"`` uses ``sorted`` (on CUDA: ``dense`` for dense routing).
+The plugin entry point ``triton_kernels`` registers backend ``triton``; ``backend="auto"`` picks it on CUDA.
+Importing this package does not import triton: `cmoe.kernels.ops` does, on first use.
+
+* `align` — token-parallel, sync-free sort of the (token, slot) pairs by expert, padded per expert to BLOCK_M;
+* `triton_moe_project` — forward and backward through the fused kernels (an autograd function);
+* `pin_config` / ``CMOE_TRITON_CONFIG`` / ``CMOE_TRITON_AUTOTUNE=0`` — fix the block configuration
+  (see `cmoe.kernels.tuning`).
+
+On CPU the kernels run only in triton's interpreter (``TRITON_INTERPRET=1`` set before first use), which the
+tests use at small shapes.
 """
+
+from __future__ import annotations
+
+from typing import Any
+
+from cmoe.kernels.availability import interpreting, is_available, unavailable_reason
+from cmoe.kernels.tuning import KernelConfig, clear_cache, pin_config
+
+__all__ = ["KernelConfig", "align", "clear_cache", "interpreting", "is_available", "pin_config",
+           "triton_moe_project", "unavailable_reason"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("align", "triton_moe_project"):
+        from cmoe.kernels import ops
+
+        return getattr(ops, name)
+    raise AttributeError(f"module 'cmoe.kernels' has no attribute {name!r}")

@@ -1,0 +1,346 @@
+"""The fused ``triton`` dispatch: alignment, kernel launches and the autograd function that trains through them.
+
+`triton_moe_project` is what the ``triton`` backend calls. Forward runs one `grouped_gemm_kernel` per expert
+layer (gathering the first layer's rows from ``x``, scattering the last layer's into token order); backward
+runs, per layer from the last, one weight-gradient launch and one input-gradient launch (which also yields the
+routing-weight gradient on the last layer and the activation's derivative on the others). No launch depends on
+a value read back to the host, so a warmed-up step can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.testing
+
+from cmoe.errors import CMoEError
+from cmoe.experts import StackedExperts
+
+from cmoe.kernels import tuning
+from cmoe.kernels.triton_kernels import (
+    ACT_IDS,
+    INTERPRETED,
+    DOT_GATHERED,
+    DOT_NONE,
+    DOT_PADDED,
+    OUT_PADDED,
+    OUT_TOKEN_ATOMIC,
+    OUT_TOKEN_STORE,
+    count_kernel,
+    grouped_gemm_kernel,
+    grouped_wgrad_kernel,
+    place_kernel,
+)
+
+ALIGN_BLOCK = 256
+MAX_EXPERTS = 64
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """The expert-sorted, block-padded layout of the T·k (token, slot) pairs.
+
+    ``sorted_pair[p]`` is the pair id ``t·k + j`` at padded row p (``num_pairs`` in padding rows);
+    ``block_expert[b]`` the expert of M-block b (-1 for blocks past the used ones); ``block_offsets[e]`` the
+    first M-block of expert e (``[E + 1]``). Sizes are static upper bounds, so building it needs no host sync.
+    """
+
+    sorted_pair: torch.Tensor
+    block_expert: torch.Tensor
+    block_offsets: torch.Tensor
+    num_pairs: int
+    top_k: int
+    block_m: int
+
+    @property
+    def num_blocks(self) -> int:
+        return self.block_expert.shape[0]
+
+    @property
+    def padded_rows(self) -> int:
+        return self.num_blocks * self.block_m
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(1, (n - 1).bit_length())
+
+
+def align(expert_index: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
+    """Sort the pairs of ``expert_index [T, k]`` by expert (stable) and pad every expert's run to ``block_m``."""
+    num_tokens, top_k = expert_index.shape
+    num_pairs = num_tokens * top_k
+    device = expert_index.device
+    flat = expert_index.reshape(-1).contiguous()
+    chunks = triton.cdiv(num_pairs, ALIGN_BLOCK)
+    e_pow2 = _next_power_of_two(num_experts)
+    chunk_counts = torch.empty(chunks, num_experts, dtype=torch.int32, device=device)
+    count_kernel[(chunks,)](flat, chunk_counts, num_pairs, num_experts, BLOCK=ALIGN_BLOCK, E_POW2=e_pow2)
+    counts = chunk_counts.sum(0, dtype=torch.int64)
+    blocks = (counts + block_m - 1) // block_m
+    block_end = torch.cumsum(blocks, 0)
+    block_start = block_end - blocks
+    chunk_prefix = torch.cumsum(chunk_counts, 0, dtype=torch.int64) - chunk_counts
+    chunk_base = (block_start * block_m).unsqueeze(0) + chunk_prefix
+    num_blocks = num_pairs // block_m + num_experts
+    sorted_pair = torch.full((num_blocks * block_m,), num_pairs, dtype=torch.int32, device=device)
+    place_kernel[(chunks,)](flat, chunk_base, sorted_pair, num_pairs, num_experts, BLOCK=ALIGN_BLOCK,
+                            E_POW2=e_pow2)
+    block_ids = torch.arange(num_blocks, device=device)
+    block_expert = torch.searchsorted(block_end, block_ids, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    block_offsets = torch.cat([block_end.new_zeros(1), block_end]).to(torch.int32)
+    return Alignment(sorted_pair, block_expert, block_offsets, num_pairs, top_k, block_m)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 dots follow torch's matmul setting (TF32 only where torch would use it); others ignore it."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _bench(launch, reset) -> callable:
+    def bench(config: tuning.KernelConfig) -> float:
+        launch(config)
+        ms = triton.testing.do_bench(lambda: launch(config), warmup=5, rep=20)
+        reset()
+        return ms
+    return bench
+
+
+def _shape_key(al: Alignment, dtype: torch.dtype, num_experts: int, n: int, k: int, *flags) -> tuple:
+    return (str(dtype), num_experts, n, k, al.top_k > 1, _next_power_of_two(al.num_pairs), *flags)
+
+
+def gemm(al: Alignment, a: torch.Tensor, weight: torch.Tensor, *, transpose_weight: bool, a_gather: bool,
+         out: torch.Tensor, out_mode: int, bias: torch.Tensor | None = None, activation: int = 0,
+         preact: torch.Tensor | None = None, dot_src: torch.Tensor | None = None, dot_mode: int = DOT_NONE,
+         act_src: torch.Tensor | None = None, act_grad: int = 0, route_weight: torch.Tensor | None = None,
+         role: str = "forward") -> torch.Tensor | None:
+    """One `grouped_gemm_kernel` launch: ``out ← epilogue(A[rows] @ op(W[expert]))``.
+
+    ``op(W)`` is ``W[e]ᵀ`` (``[in, out]``, forward) when `transpose_weight`, else ``W[e]`` (input gradients).
+    Returns the ``[N-tiles, padded rows]`` partial dots when `dot_mode` asks for them.
+    """
+    num_experts = weight.shape[0]
+    if transpose_weight:
+        n, k = weight.shape[1], weight.shape[2]
+        stride_bk, stride_bn = weight.stride(2), weight.stride(1)
+    else:
+        k, n = weight.shape[1], weight.shape[2]
+        stride_bk, stride_bn = weight.stride(1), weight.stride(2)
+    dummy = out
+    dot_out_holder: list[torch.Tensor | None] = [None]
+
+    def launch(config: tuning.KernelConfig) -> None:
+        n_tiles = triton.cdiv(n, config.block_n)
+        dot_out = dummy
+        if dot_mode != DOT_NONE:
+            dot_out = torch.empty(n_tiles, al.padded_rows, dtype=torch.float32, device=a.device)
+            dot_out_holder[0] = dot_out
+        grid = (al.num_blocks * n_tiles,)
+        grouped_gemm_kernel[grid](
+            a, weight, bias if bias is not None else dummy, out, preact if preact is not None else dummy,
+            dot_src if dot_src is not None else dummy, dot_out, act_src if act_src is not None else dummy,
+            route_weight if route_weight is not None else dummy, al.sorted_pair, al.block_expert,
+            al.num_pairs, al.top_k, n, k, al.num_blocks,
+            a.stride(0), weight.stride(0), stride_bk, stride_bn, bias.stride(0) if bias is not None else 0,
+            out.stride(0), preact.stride(0) if preact is not None else 0,
+            dot_src.stride(0) if dot_src is not None else 0, act_src.stride(0) if act_src is not None else 0,
+            A_GATHER=a_gather, HAS_BIAS=bias is not None, ACT=activation, STORE_PREACT=preact is not None,
+            DOT_SRC=dot_mode, ACT_GRAD=act_grad, SCALE_BY_WEIGHT=route_weight is not None, OUT_MODE=out_mode,
+            PRECISION=_precision(a.dtype), BLOCK_M=al.block_m, GROUP_M=config.group_m,
+            **config.launch_options(),
+        )
+
+    def reset() -> None:
+        if out_mode == OUT_TOKEN_ATOMIC:
+            out.zero_()
+
+    key = _shape_key(al, a.dtype, num_experts, n, k, transpose_weight, a_gather, out_mode, activation, act_grad,
+                     dot_mode)
+    config = tuning.choose(role, key, al.block_m, a.element_size(), INTERPRETED, _bench(launch, reset))
+    launch(config)
+    return dot_out_holder[0]
+
+
+def weight_grad(al: Alignment, dy: torch.Tensor, a: torch.Tensor, *, dy_gather: bool, a_gather: bool,
+                num_experts: int, has_bias: bool, route_weight: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``dW [E, N, K]`` and ``db [E, N]`` (fp32) of one layer from its output grad `dy` and input `a`."""
+    n, k = dy.shape[1], a.shape[1]
+    dw = torch.zeros(num_experts, n, k, dtype=torch.float32, device=a.device)
+    db = torch.zeros(num_experts, n, dtype=torch.float32, device=a.device) if has_bias else None
+    sms = (torch.cuda.get_device_properties(a.device).multi_processor_count if a.device.type == "cuda" else 4)
+
+    def launch(config: tuning.KernelConfig) -> None:
+        tiles = triton.cdiv(n, config.block_n) * triton.cdiv(k, config.block_k)
+        splits = max(1, min(al.num_blocks, triton.cdiv(4 * sms, tiles)))
+        per_program = triton.cdiv(al.num_blocks, splits)
+        splits = triton.cdiv(al.num_blocks, per_program)
+        grouped_wgrad_kernel[(tiles, splits)](
+            dy, a, dw, db if db is not None else dw, route_weight if route_weight is not None else dw,
+            al.sorted_pair, al.block_offsets, al.num_pairs, al.top_k, n, k, num_experts, per_program,
+            dy.stride(0), a.stride(0), dw.stride(1), db.stride(0) if db is not None else 0,
+            DY_GATHER=dy_gather, A_GATHER=a_gather, HAS_BIAS=has_bias, PRECISION=_precision(a.dtype),
+            BLOCK_M=al.block_m, **config.launch_options(),
+        )
+
+    def reset() -> None:
+        dw.zero_()
+        if db is not None:
+            db.zero_()
+
+    key = _shape_key(al, a.dtype, num_experts, n, k, dy_gather, a_gather)
+    config = tuning.choose("weight_grad", key, al.block_m, a.element_size(), INTERPRETED, _bench(launch, reset))
+    launch(config)
+    return dw, db
+
+
+class _FusedMoEProject(torch.autograd.Function):
+    """``y = Σ_j w[:, j] · Expert_{i[:, j]}(x)`` through the fused kernels, with a fused backward."""
+
+    @staticmethod
+    def forward(ctx, x, index, weight, activation, block_m, needs_grad, *params):
+        num_tokens, top_k = index.shape
+        num_layers = len(params) // 2
+        layers = [(params[2 * i], params[2 * i + 1]) for i in range(num_layers)]
+        num_experts = layers[0][0].shape[0]
+        al = align(index, num_experts, block_m)
+        route_weight = weight.reshape(-1)
+        act = ACT_IDS[activation]
+        inputs, preacts = [x], []
+        h = x
+        for depth, (w, b) in enumerate(layers):
+            first, last = depth == 0, depth == num_layers - 1
+            if last:
+                if top_k == 1:
+                    out = torch.empty(num_tokens, w.shape[1], dtype=x.dtype, device=x.device)
+                    mode = OUT_TOKEN_STORE
+                else:
+                    out = torch.zeros(num_tokens, w.shape[1], dtype=torch.float32, device=x.device)
+                    mode = OUT_TOKEN_ATOMIC
+                gemm(al, h, w, transpose_weight=True, a_gather=first, out=out, out_mode=mode, bias=b,
+                     route_weight=route_weight)
+                h = out.to(x.dtype)
+            else:
+                out = torch.empty(al.padded_rows, w.shape[1], dtype=x.dtype, device=x.device)
+                preact = torch.empty_like(out) if needs_grad else None
+                gemm(al, h, w, transpose_weight=True, a_gather=first, out=out, out_mode=OUT_PADDED, bias=b,
+                     activation=act, preact=preact)
+                inputs.append(out)
+                preacts.append(preact)
+                h = out
+        ctx.alignment = al
+        ctx.activation = act
+        ctx.num_layers = num_layers
+        ctx.has_bias = [b is not None for _, b in layers]
+        ctx.save_for_backward(index, route_weight, *inputs, *preacts,
+                              *[w for w, _ in layers], *[b for _, b in layers if b is not None])
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        al: Alignment = ctx.alignment
+        num_layers = ctx.num_layers
+        saved = ctx.saved_tensors
+        index, route_weight = saved[0], saved[1]
+        inputs = saved[2:2 + num_layers]
+        preacts = saved[2 + num_layers:1 + 2 * num_layers]
+        weights = saved[1 + 2 * num_layers:1 + 3 * num_layers]
+        bias_iter = iter(saved[1 + 3 * num_layers:])
+        biases = [next(bias_iter) if has else None for has in ctx.has_bias]
+        x = inputs[0]
+        num_tokens, top_k = index.shape
+        num_experts = weights[0].shape[0]
+        g = grad_out.contiguous().to(x.dtype)
+        grads_w: list[torch.Tensor | None] = [None] * num_layers
+        grads_b: list[torch.Tensor | None] = [None] * num_layers
+        grad_route = None
+        grad_x = None
+        dy = g
+        for depth in reversed(range(num_layers)):
+            first, last = depth == 0, depth == num_layers - 1
+            w, b = weights[depth], biases[depth]
+            dw, db = weight_grad(al, dy, inputs[depth], dy_gather=last, a_gather=first, num_experts=num_experts,
+                                 has_bias=b is not None, route_weight=route_weight if last else None)
+            grads_w[depth] = dw.to(w.dtype)
+            grads_b[depth] = db.to(b.dtype) if b is not None else None
+            if first:
+                if not (ctx.needs_input_grad[0] or (last and ctx.needs_input_grad[2])):
+                    continue
+                if top_k == 1:
+                    target = torch.empty(num_tokens, x.shape[1], dtype=x.dtype, device=x.device)
+                    mode = OUT_TOKEN_STORE
+                else:
+                    target = torch.zeros(num_tokens, x.shape[1], dtype=torch.float32, device=x.device)
+                    mode = OUT_TOKEN_ATOMIC
+                partials = gemm(al, dy, w, transpose_weight=False, a_gather=last, out=target, out_mode=mode,
+                                dot_src=x if last else None, dot_mode=DOT_GATHERED if last else DOT_NONE,
+                                route_weight=route_weight if last else None, role="backward_input")
+                grad_x = target.to(x.dtype)
+            else:
+                target = torch.empty(al.padded_rows, w.shape[2], dtype=x.dtype, device=x.device)
+                partials = gemm(al, dy, w, transpose_weight=False, a_gather=last, out=target, out_mode=OUT_PADDED,
+                                dot_src=inputs[depth] if last else None,
+                                dot_mode=DOT_PADDED if last else DOT_NONE, act_src=preacts[depth - 1],
+                                act_grad=ctx.activation, route_weight=route_weight if last else None,
+                                role="backward_input")
+                dy = target
+            if last and partials is not None:
+                grad_route = _route_grad(al, partials, g, biases[-1], index)
+        params_grads = []
+        for gw, gb in zip(grads_w, grads_b):
+            params_grads += [gw, gb]
+        grad_weight = grad_route.to(route_weight.dtype).view(num_tokens, top_k) if grad_route is not None else None
+        return (grad_x, None, grad_weight, None, None, None, *params_grads)
+
+
+def _route_grad(al: Alignment, partials: torch.Tensor, g: torch.Tensor, last_bias: torch.Tensor | None,
+                index: torch.Tensor) -> torch.Tensor:
+    """``d w[t, j] = ⟨dy[t], Expert(x[t]) unweighted⟩``: the kernel's partial dots (without the bias) moved
+    back to pair order, plus ``⟨dy[t], b_e⟩`` from one small ``[T, out] × [out, E]`` matmul."""
+    per_row = partials.sum(0)
+    flat = torch.zeros(al.num_pairs + 1, dtype=torch.float32, device=g.device)
+    flat.scatter_(0, al.sorted_pair.long(), per_row)
+    grad = flat[:al.num_pairs].view(index.shape)
+    if last_bias is not None:
+        grad = grad + (g.float() @ last_bias.float().t()).gather(1, index)
+    return grad.reshape(-1)
+
+
+def _check_supported(x: torch.Tensor, experts: StackedExperts) -> None:
+    if experts.num_experts > MAX_EXPERTS:
+        raise CMoEError(f"triton backend: expected at most {MAX_EXPERTS} experts, got {experts.num_experts}; "
+                        "use backend='sorted' for more")
+    if experts.activation_name not in ACT_IDS:
+        raise CMoEError(f"triton backend: activation {experts.activation_name!r} has no fused kernel; known: "
+                        f"{sorted(set(ACT_IDS) - {'identity'})}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise CMoEError(f"triton backend: expected x in float32, float16 or bfloat16, got {x.dtype}; "
+                        "use backend='sorted' for float64")
+
+
+def triton_moe_project(x: torch.Tensor, experts: StackedExperts, index: torch.Tensor, weight: torch.Tensor,
+                       dense_fast_path: bool = True) -> torch.Tensor:
+    """The ``triton`` backend: ``x [T, in]``, ``index``/``weight [T, k]`` → ``[T, out]``, differentiable.
+
+    With every expert active (k = E) and `dense_fast_path`, the dense backend's one wide GEMM is used instead
+    (no sorting or gathering is needed when every token visits every expert).
+    """
+    _check_supported(x, experts)
+    num_tokens, top_k = index.shape
+    if dense_fast_path and top_k == experts.num_experts:
+        from cmoe.dispatch import dense_backend
+
+        return dense_backend(x, experts, index, weight)
+    block_m = tuning.default_block_m(num_tokens * top_k, experts.num_experts, INTERPRETED)
+    params: list[torch.Tensor | None] = []
+    for w, b in experts.layers:
+        params += [w.to(x.dtype).contiguous(), None if b is None else b.to(x.dtype).contiguous()]
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, *params))
+    return _FusedMoEProject.apply(x.contiguous(), index.contiguous(), weight.contiguous(),
+                                  experts.activation_name, block_m, needs_grad, *params)

@@ -1,0 +1,241 @@
+"""The Triton kernels behind the ``triton`` backend (imports triton; load through `cmoe.kernels.ops`).
+
+Three kernels, all over the *aligned* layout built by `cmoe.kernels.align`: the T·k (token, slot) pairs sorted
+by expert, each expert's run padded to a multiple of ``BLOCK_M`` with a sentinel pair id (= T·k), so every
+M-block of ``BLOCK_M`` sorted rows belongs to exactly one expert (``block_expert``; -1 past the last block).
+
+* `count_kernel` / `place_kernel` — the alignment itself: a per-chunk expert histogram, then each pair's
+  destination = its expert's padded start + the pairs of that expert in earlier chunks + its rank in its chunk.
+  Token-parallel (one program per chunk of pairs), no host sync.
+* `grouped_gemm_kernel` — one M-block × one N-tile per program: rows are *gathered* from token order
+  (``row = pair // k``) or read from the padded layout, multiplied by the block's expert weight, and the
+  epilogue adds the bias, applies (or differentiates) the activation, dots the tile with a saved operand (for
+  the routing-weight gradient), scales by the routing weight, and stores to the padded layout, or scatters to
+  token order (plain store when k = 1, fp32 atomic add when k > 1).
+* `grouped_wgrad_kernel` — ``dW_e = Σ_rows dYᵀ·A`` per expert: each program owns one (N, K) tile of the weight
+  and a slice of the sorted M-blocks (the split over tokens), sums per expert and adds into an fp32 buffer.
+
+All row offsets are 64-bit; every tail (rows, N, K) is masked.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from cmoe.kernels.availability import interpreting
+
+# triton decides at decoration time whether a kernel is compiled or interpreted: remember which it was.
+INTERPRETED = interpreting()
+
+ACT_IDS = {"identity": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}
+
+OUT_PADDED, OUT_TOKEN_STORE, OUT_TOKEN_ATOMIC = 0, 1, 2
+DOT_NONE, DOT_GATHERED, DOT_PADDED = 0, 1, 2
+
+
+@triton.jit
+def _sigmoid(z):
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _activation(z, ACT: tl.constexpr):
+    if ACT == 1:
+        return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    elif ACT == 2:
+        inner = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        return 0.5 * z * (2.0 * _sigmoid(2.0 * inner))
+    elif ACT == 3:
+        return tl.maximum(z, 0.0)
+    elif ACT == 4:
+        return z * _sigmoid(z)
+    else:
+        return z
+
+
+@triton.jit
+def _activation_grad(z, ACT: tl.constexpr):
+    if ACT == 1:
+        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        return cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+    elif ACT == 2:
+        inner = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        t = 2.0 * _sigmoid(2.0 * inner) - 1.0
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
+    elif ACT == 3:
+        return tl.where(z > 0.0, 1.0, 0.0)
+    elif ACT == 4:
+        s = _sigmoid(z)
+        return s * (1.0 + z * (1.0 - s))
+    else:
+        return tl.full(z.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def count_kernel(index_ptr, chunk_counts_ptr, num_pairs, num_experts,
+                 BLOCK: tl.constexpr, E_POW2: tl.constexpr):
+    """``chunk_counts[c, e]`` = how many of chunk c's pairs go to expert e."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    expert = tl.load(index_ptr + offs, mask=offs < num_pairs, other=-1).to(tl.int32)
+    experts = tl.arange(0, E_POW2)
+    onehot = (expert[:, None] == experts[None, :]).to(tl.int32)
+    tl.store(chunk_counts_ptr + pid.to(tl.int64) * num_experts + experts, tl.sum(onehot, axis=0),
+             mask=experts < num_experts)
+
+
+@triton.jit
+def place_kernel(index_ptr, chunk_base_ptr, sorted_pair_ptr, num_pairs, num_experts,
+                 BLOCK: tl.constexpr, E_POW2: tl.constexpr):
+    """``sorted_pair[chunk_base[c, e] + rank of the pair among chunk c's pairs of e] = pair`` (stable order)."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < num_pairs
+    expert = tl.load(index_ptr + offs, mask=mask, other=-1).to(tl.int32)
+    onehot = (expert[:, None] == tl.arange(0, E_POW2)[None, :]).to(tl.int32)
+    rank = tl.sum((tl.cumsum(onehot, axis=0) - onehot) * onehot, axis=1)
+    base = tl.load(chunk_base_ptr + pid.to(tl.int64) * num_experts + expert, mask=mask, other=0)
+    tl.store(sorted_pair_ptr + base + rank, offs.to(tl.int32), mask=mask)
+
+
+@triton.jit
+def grouped_gemm_kernel(
+    a_ptr, b_ptr, bias_ptr, out_ptr, preact_ptr, dot_src_ptr, dot_out_ptr, act_src_ptr, route_w_ptr,
+    sorted_pair_ptr, block_expert_ptr,
+    num_pairs, top_k, N, K, num_blocks,
+    stride_am, stride_be, stride_bk, stride_bn, stride_bias_e, stride_om, stride_pm, stride_dm, stride_zm,
+    A_GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PREACT: tl.constexpr,
+    DOT_SRC: tl.constexpr, ACT_GRAD: tl.constexpr, SCALE_BY_WEIGHT: tl.constexpr, OUT_MODE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """``out[rows] (op)= epilogue(A[rows] @ B[expert])`` for one M-block and one N-tile (see module docstring)."""
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = tl.minimum(num_blocks - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    expert = expert.to(tl.int64)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_pair_ptr + offs_m).to(tl.int64)
+    valid = pair < num_pairs
+    token = pair // top_k
+    if A_GATHER:
+        a_rows = token
+    else:
+        a_rows = offs_m
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + expert * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_bk
+
+    tile_mask = valid[:, None] & n_mask[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + expert * stride_bias_e + offs_n, mask=n_mask, other=0.0)
+        acc += bias[None, :].to(tl.float32)
+    if DOT_SRC != 0:
+        if DOT_SRC == 1:
+            d_rows = token
+        else:
+            d_rows = offs_m
+        d = tl.load(dot_src_ptr + d_rows[:, None] * stride_dm + offs_n[None, :], mask=tile_mask, other=0.0)
+        partial = tl.sum(acc * d.to(tl.float32), axis=1)
+        tl.store(dot_out_ptr + pid_n.to(tl.int64) * num_blocks * BLOCK_M + offs_m, partial)
+    if STORE_PREACT:
+        tl.store(preact_ptr + offs_m[:, None] * stride_pm + offs_n[None, :],
+                 acc.to(preact_ptr.dtype.element_ty), mask=n_mask[None, :])
+    if ACT != 0:
+        acc = _activation(acc, ACT)
+    if ACT_GRAD != 0:
+        z = tl.load(act_src_ptr + offs_m[:, None] * stride_zm + offs_n[None, :], mask=tile_mask, other=0.0)
+        acc = acc * _activation_grad(z.to(tl.float32), ACT_GRAD)
+    if SCALE_BY_WEIGHT:
+        w = tl.load(route_w_ptr + pair, mask=valid, other=0.0).to(tl.float32)
+        acc = acc * w[:, None]
+    acc = tl.where(valid[:, None], acc, 0.0)
+    if OUT_MODE == 0:
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=n_mask[None, :])
+    elif OUT_MODE == 1:
+        tl.store(out_ptr + token[:, None] * stride_om + offs_n[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=tile_mask)
+    else:
+        tl.atomic_add(out_ptr + token[:, None] * stride_om + offs_n[None, :], acc, mask=tile_mask)
+
+
+@triton.jit
+def grouped_wgrad_kernel(
+    dy_ptr, a_ptr, dw_ptr, db_ptr, route_w_ptr, sorted_pair_ptr, block_offsets_ptr,
+    num_pairs, top_k, N, K, num_experts, blocks_per_program,
+    stride_dym, stride_am, stride_dwn, stride_dbe,
+    DY_GATHER: tl.constexpr, A_GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``dW[e] += Σ dY[rows]ᵀ·A[rows]`` (and ``db[e] += Σ dY[rows]``) over this program's slice of M-blocks.
+
+    ``dY`` rows are gathered from token order and scaled by the routing weight (``DY_GATHER``, the last layer)
+    or read from the padded layout; ``A`` rows likewise gathered (the first layer's input x) or padded.
+    """
+    pid_tile = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    num_pid_k = tl.cdiv(K, BLOCK_K)
+    pid_n = pid_tile // num_pid_k
+    pid_k = pid_tile % num_pid_k
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    k_mask = offs_k < K
+    first = pid_split * blocks_per_program
+    last = first + blocks_per_program
+    for e in range(0, num_experts):
+        lo = tl.maximum(tl.load(block_offsets_ptr + e), first)
+        hi = tl.minimum(tl.load(block_offsets_ptr + e + 1), last)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for block in range(lo, hi):
+            offs_m = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+            pair = tl.load(sorted_pair_ptr + offs_m).to(tl.int64)
+            valid = pair < num_pairs
+            token = pair // top_k
+            if DY_GATHER:
+                dy_rows = token
+            else:
+                dy_rows = offs_m
+            if A_GATHER:
+                a_rows = token
+            else:
+                a_rows = offs_m
+            dy = tl.load(dy_ptr + dy_rows[:, None] * stride_dym + offs_n[None, :],
+                         mask=valid[:, None] & n_mask[None, :], other=0.0)
+            if DY_GATHER:
+                w = tl.load(route_w_ptr + pair, mask=valid, other=0.0).to(tl.float32)
+                dy = (dy.to(tl.float32) * w[:, None]).to(dy_ptr.dtype.element_ty)
+            a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :],
+                        mask=valid[:, None] & k_mask[None, :], other=0.0)
+            acc = tl.dot(tl.trans(dy), a, acc, input_precision=PRECISION)
+            if HAS_BIAS:
+                acc_b += tl.sum(dy.to(tl.float32), axis=0)
+        if hi > lo:
+            dw_rows = (e * N + offs_n).to(tl.int64)
+            tl.atomic_add(dw_ptr + dw_rows[:, None] * stride_dwn + offs_k[None, :], acc,
+                          mask=n_mask[:, None] & k_mask[None, :])
+            if HAS_BIAS:
+                if pid_k == 0:
+                    tl.atomic_add(db_ptr + e * stride_dbe + offs_n, acc_b, mask=n_mask)
