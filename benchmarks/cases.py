@@ -7,7 +7,11 @@ scores softmax-normalised into the mixing weights.
 
 The implementations, each timed on the same inputs and expert weights:
 
-* ``sorted`` / ``loop`` / ``dense`` — `cmoe.moe_project` with that backend;
+* ``triton`` / ``sorted`` / ``loop`` / ``dense`` — `cmoe.moe_project` with that backend (``triton``: the fused
+  kernels of `cmoe.kernels`, where they can run; ``sorted`` is the per-expert cuBLAS/MKL matmul loop over
+  expert-sorted rows);
+* ``torch_grouped_mm`` — ``torch._grouped_mm`` (CUDA, bf16, where the build has it) on a permuted copy of the
+  rows, scattered back with ``index_add_``;
 * ``every_expert`` — what the original Uni-Med computes: every expert on all tokens in a Python list
   comprehension, ``torch.stack``, then a weighted sum with the dense ``[T, E]`` mixing matrix;
 * ``hf_eager`` / ``hf_batched_mm`` / ``hf_grouped_mm`` — Hugging Face's non-gated experts
@@ -34,12 +38,13 @@ import cmoe
 from cmoe.experts import StackedExperts
 
 ROOFLINE = "dense_matmul_roofline"
-BACKEND_IMPLEMENTATIONS = ("sorted", "loop", "dense")
+BACKEND_IMPLEMENTATIONS = ("triton", "sorted", "loop", "dense")
+TORCH_GROUPED_MM = "torch_grouped_mm"
 HF_IMPLEMENTATIONS = {"hf_eager": "eager", "hf_batched_mm": "batched_mm", "hf_grouped_mm": "grouped_mm"}
-IMPLEMENTATIONS = (ROOFLINE, *BACKEND_IMPLEMENTATIONS, "every_expert", *HF_IMPLEMENTATIONS)
+IMPLEMENTATIONS = (ROOFLINE, *BACKEND_IMPLEMENTATIONS, TORCH_GROUPED_MM, "every_expert", *HF_IMPLEMENTATIONS)
 MODES = ("forward", "forward_backward")
 
-AGREEMENT_RTOL = 1e-4
+AGREEMENT_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 # hf_batched_mm gathers one copy of its expert's weights per (token, slot): skip it above this many bytes.
 BATCHED_MM_MAX_BYTES = 4 * 2**30
 
@@ -56,11 +61,14 @@ class Case:
     kind: str
     hf: bool = False
     dtype: torch.dtype = torch.float32
+    hidden: int | None = None
 
     @property
     def hidden_features(self) -> int | None:
-        """The MLP experts' hidden width (= out, as Uni-Med's experts); None for linear experts."""
-        return self.out_features if self.kind == "mlp" else None
+        """The MLP experts' hidden width (= out as Uni-Med's experts, unless given); None for linear experts."""
+        if self.kind != "mlp":
+            return None
+        return self.hidden or self.out_features
 
     @property
     def bias(self) -> bool:
@@ -70,7 +78,8 @@ class Case:
     @property
     def name(self) -> str:
         prefix = "hf-" if self.hf else ""
-        return (f"{prefix}{self.kind}-T{self.tokens}-in{self.in_features}-out{self.out_features}"
+        hidden = f"-hid{self.hidden}" if self.hidden else ""
+        return (f"{prefix}{self.kind}-T{self.tokens}-in{self.in_features}{hidden}-out{self.out_features}"
                 f"-E{self.num_experts}-k{self.top_k}")
 
     @property
@@ -78,7 +87,7 @@ class Case:
         """Multiply-add FLOPs of the routed work alone (what every implementation must at least do)."""
         rows = self.tokens * self.top_k
         if self.kind == "mlp":
-            hidden = self.out_features
+            hidden = self.hidden_features
             return 2 * rows * (self.in_features * hidden + hidden * self.out_features)
         return 2 * rows * self.in_features * self.out_features
 
@@ -107,9 +116,21 @@ def cpu_cases() -> list[Case]:
     return _grid(2048, 1408, 2048) + _dense_routing_cases(2048, 1408, 2048) + _hf_cases(2048, 2048)
 
 
+GPU_DTYPE = torch.bfloat16
+
+
 def gpu_cases() -> list[Case]:
-    """Uni-Med's connector at full size: 8192 tokens × 5632 → 4096, plus square HF-compatible MLP cases."""
-    return _grid(8192, 5632, 4096) + _dense_routing_cases(8192, 5632, 4096) + _hf_cases(8192, 4096)
+    """Connector shapes in bf16: E=8, k=2 MLP experts at 4k/16k/64k tokens × (1408 → 2048, 5632 → 4096), the
+    other expert kinds and routings at 16k × 5632 → 4096, dense routing, HF-compatible square cases, and one
+    LLM-FFN-like shape (4096 → 14336 → 4096, E=8, k=2) for comparison with published MoE kernels."""
+    bf16 = GPU_DTYPE
+    cases = [Case(tokens, width_in, width_out, 8, 2, "mlp", dtype=bf16)
+             for width_in, width_out in ((1408, 2048), (5632, 4096)) for tokens in (4096, 16384, 65536)]
+    cases += [Case(16384, 5632, 4096, 4, 1, "mlp", dtype=bf16), Case(16384, 5632, 4096, 8, 2, "linear", dtype=bf16),
+              Case(16384, 5632, 4096, 4, 1, "linear", dtype=bf16), Case(16384, 5632, 4096, 4, 4, "mlp", dtype=bf16),
+              Case(16384, 4096, 4096, 8, 2, "mlp", hf=True, dtype=bf16),
+              Case(16384, 4096, 4096, 8, 2, "mlp", hf=True, dtype=bf16, hidden=14336)]
+    return cases
 
 
 def quick_cases() -> list[Case]:
@@ -123,8 +144,8 @@ def default_cases(device: torch.device) -> list[Case]:
 
 
 def is_headline(case: Case) -> bool:
-    """The E=8, k=2 MLP cases the summary quotes."""
-    return case.kind == "mlp" and case.num_experts == 8 and case.top_k == 2
+    """The E=8, k=2 MLP connector cases (hidden = out) the summary quotes."""
+    return case.kind == "mlp" and case.num_experts == 8 and case.top_k == 2 and case.hidden is None
 
 
 @dataclass
@@ -147,8 +168,10 @@ class Workload:
 
 
 def _make_experts(case: Case) -> StackedExperts:
-    cls = cmoe.MLPExperts if case.kind == "mlp" else cmoe.LinearExperts
-    return cls(case.num_experts, case.in_features, case.out_features, bias=case.bias)
+    if case.kind == "mlp":
+        return cmoe.MLPExperts(case.num_experts, case.in_features, case.out_features,
+                               hidden_features=case.hidden_features, bias=case.bias)
+    return cmoe.LinearExperts(case.num_experts, case.in_features, case.out_features, bias=case.bias)
 
 
 def _make_roofline_tensors(case: Case) -> list[torch.Tensor]:
@@ -183,9 +206,54 @@ def build_workload(case: Case, device: torch.device | str = "cpu", seed: int = 0
         weight=scores.softmax(dim=-1).to(device=device, dtype=case.dtype).requires_grad_(),
         roofline_tensors=[t.to(device=device, dtype=case.dtype).requires_grad_() for t in roofline_tensors],
     )
+    _check_optional_backends(workload)
     if case.hf:
         _add_hf_modules(workload)
     return workload
+
+
+def _check_optional_backends(workload: Workload) -> None:
+    """Record why ``triton`` or ``torch_grouped_mm`` cannot run here; check ``torch_grouped_mm`` against loop."""
+    device = workload.x.device
+    backend = cmoe.BACKENDS.get("triton") if "triton" in cmoe.BACKENDS else None
+    if backend is None or not backend.is_available(device) or device.type != "cuda":
+        reason = backend.unavailable_reason(device) if backend is not None else None
+        workload.skipped["triton"] = reason or "the fused kernels are timed on CUDA only (CPU: interpreter)"
+    if device.type != "cuda" or not hasattr(torch, "_grouped_mm") or workload.case.dtype != torch.bfloat16:
+        workload.skipped[TORCH_GROUPED_MM] = "needs CUDA, bf16 and a torch build with torch._grouped_mm"
+        return
+    try:
+        with torch.no_grad():
+            out = torch_grouped_mm(workload.x, workload.experts, workload.index, workload.weight)
+    except Exception as exc:  # a build or GPU without grouped_mm support is reported, not fatal
+        workload.skipped[TORCH_GROUPED_MM] = f"raised {type(exc).__name__}: {exc}"
+        return
+    error = relative_error(out, reference_output(workload))
+    tolerance = AGREEMENT_RTOL[workload.case.dtype]
+    assert error <= tolerance, f"torch_grouped_mm disagrees with cmoe's loop backend: relative error {error:.2e}"
+
+
+def torch_grouped_mm(x: torch.Tensor, experts: StackedExperts, index: torch.Tensor,
+                     weight: torch.Tensor) -> torch.Tensor:
+    """Sort pairs by expert, copy their rows, ``torch._grouped_mm`` per layer, weighted ``index_add_`` back."""
+    top_k = index.shape[1]
+    flat = index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(experts.num_experts, dtype=torch.int32, device=x.device)
+    counts.scatter_add_(0, flat.to(torch.int64), torch.ones_like(flat, dtype=torch.int32))
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    rows = order // top_k
+    expert_of_row = flat[order]
+    hidden = x.index_select(0, rows)
+    layers = experts.layers
+    for depth, (w, b) in enumerate(layers):
+        hidden = torch._grouped_mm(hidden, w.transpose(1, 2), offs=offsets)
+        if b is not None:
+            hidden = hidden + b.index_select(0, expert_of_row)
+        if depth < len(layers) - 1:
+            hidden = experts.activation(hidden)
+    scaled = hidden * weight.reshape(-1)[order, None]
+    return x.new_zeros(x.shape[0], experts.out_features).index_add_(0, rows, scaled)
 
 
 def hf_import_error() -> str | None:
@@ -251,7 +319,7 @@ def _add_hf_modules(workload: Workload) -> None:
             workload.skipped[name] = f"raised {type(exc).__name__}: {exc}"
             continue
         error = relative_error(out, reference)
-        assert error <= AGREEMENT_RTOL, f"{name} disagrees with cmoe's loop backend: relative error {error:.2e}"
+        assert error <= AGREEMENT_RTOL[workload.case.dtype], f"{name} disagrees with cmoe's loop backend: relative error {error:.2e}"
         workload.hf_modules[name] = module
 
 
@@ -279,6 +347,8 @@ def forward_fn(workload: Workload, name: str) -> Callable[[], torch.Tensor]:
         return lambda: cmoe.moe_project(w.x, w.experts, w.index, w.weight, backend=name)
     if name == "every_expert":
         return lambda: every_expert(w.x, w.experts, w.index, w.weight)
+    if name == TORCH_GROUPED_MM:
+        return lambda: torch_grouped_mm(w.x, w.experts, w.index, w.weight)
     if name in w.hf_modules:
         module = w.hf_modules[name]
         return lambda: module(w.x, w.index, w.weight)

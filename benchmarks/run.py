@@ -25,6 +25,7 @@ import torch
 from benchmarks.cases import (
     MODES,
     ROOFLINE,
+    TORCH_GROUPED_MM,
     Case,
     build_workload,
     cpu_cases,
@@ -250,9 +251,39 @@ def _roofline_range(rows: list[dict]) -> str:
             "(a wide range means the machine's speed changed during the run: compare within a case)")
 
 
-def summary(rows: list[dict]) -> str:
+def _triton_lines(rows: list[dict], cases: dict[str, Case]) -> list[str]:
+    """Per headline case: the fused kernels against the issue's targets, and their peak memory."""
+    lines = []
+    for name in sorted({row["case"] for row in rows if row["headline"]}):
+        found = {row["impl"]: row for row in rows if row["case"] == name}
+        if "triton" not in found:
+            continue
+        tri = found["triton"]
+        parts = []
+        if ROOFLINE in found:
+            parts.append("roofline fraction (roofline time ÷ triton time) forward "
+                         f"{found[ROOFLINE]['forward_ms'] / tri['forward_ms']:.2f}, forward+backward "
+                         f"{found[ROOFLINE]['forward_backward_ms'] / tri['forward_backward_ms']:.2f} (target ≥ 0.85)")
+        for other, target in (("sorted", "≥ 1.2"), ("hf_grouped_mm", "≥ 1.5"), (TORCH_GROUPED_MM, None),
+                              ("hf_eager", None)):
+            if other in found:
+                parts.append(f"speed-up over `{other}` forward {found[other]['forward_ms'] / tri['forward_ms']:.2f}×, "
+                             f"forward+backward {found[other]['forward_backward_ms'] / tri['forward_backward_ms']:.2f}×"
+                             + (f" (target {target}×)" if target else ""))
+        if tri.get("forward_peak_mib") is not None and name in cases:
+            case = cases[name]
+            copy_mib = case.tokens * case.top_k * case.in_features * case.dtype.itemsize / 2**20
+            parts.append(f"peak memory forward {tri['forward_peak_mib']:.0f} MiB, forward+backward "
+                         f"{tri['forward_backward_peak_mib']:.0f} MiB (a [T·k, in] copy of x would be {copy_mib:.0f} MiB)")
+        lines.append(f"- `triton` on `{name}`: " + "; ".join(parts))
+    return lines
+
+
+def summary(rows: list[dict], cases: dict[str, Case] | None = None) -> str:
     """Headline ratios on the E=8, k=2 MLP cases, and how steady the machine was across cases."""
+    cases = cases or {}
     lines = ["## Summary (E=8, k=2, MLP experts)", "",
+             *_triton_lines(rows, cases), "",
              "Speed-up = the other implementation's time ÷ `sorted`'s time (> 1: `sorted` is faster).", "",
              _ratio_line(rows, "`sorted` speed-up over `every_expert` (original Uni-Med)",
                          "every_expert", "sorted", hf=False),
@@ -267,7 +298,7 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def header(argv: list[str], device: torch.device, args: argparse.Namespace) -> str:
+def header(argv: list[str], device: torch.device, args: argparse.Namespace, dtypes: str = "float32") -> str:
     """Command, device, versions, date and method: what a reader needs to reproduce the tables."""
     lines = ["# cmoe dispatch benchmarks", "",
              f"- Command: `python -m benchmarks.run{' ' + shlex.join(argv) if argv else ''}`",
@@ -279,7 +310,7 @@ def header(argv: list[str], device: torch.device, args: argparse.Namespace) -> s
              f"of at least {args.repeats} timed call(s), more (up to {args.max_repeats}) while they total under "
              f"{args.min_time:g} s; forward runs "
              "under `torch.no_grad()`; forward+backward is forward with grads on x, expert weights and routing "
-             "weights, then `out.sum().backward()`. float32.",
+             f"weights, then `out.sum().backward()`. dtype: {dtypes}.",
              "- `× roofline` = time ÷ `dense_matmul_roofline` time (plain dense matmuls doing the same FLOPs as "
              "the routed work); `GFLOP/s fwd` counts only the routed FLOPs; spread = (max − min) / median of "
              "the timed calls.",
@@ -317,6 +348,11 @@ def select_cases(args: argparse.Namespace, device: torch.device) -> list[Case]:
     return [case for case in cases if args.cases in case.name]
 
 
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run the benchmarks, print the Markdown report (and write it to ``--out``), return the measured rows."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -324,18 +360,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = resolve_defaults(args)
     started = time.perf_counter()
     sections, rows = [], []
-    for case in select_cases(args, device):
+    selected = select_cases(args, device)
+    dtypes = ", ".join(sorted({str(case.dtype).removeprefix("torch.") for case in selected})) or "n/a"
+
+    def report(done: bool) -> str:
+        elapsed = time.perf_counter() - started
+        footer = (f"Runner wall time: {elapsed:.0f} s.\n" if done else
+                  f"Partial report: {len(sections)} of {len(selected)} cases after {elapsed:.0f} s.\n")
+        return "\n".join([header(argv, device, args, dtypes), summary(rows, {c.name: c for c in selected}),
+                          "## Cases", "", *sections, footer])
+
+    for case in selected:
         print(f"{case.name}:", file=sys.stderr, flush=True)
         case_rows, notes = measure_case(case, device, args)
         rows += case_rows
         sections.append(case_table(case, case_rows, notes))
-    elapsed = time.perf_counter() - started
-    report = "\n".join([header(argv, device, args), summary(rows), "## Cases", "", *sections,
-                        f"Runner wall time: {elapsed:.0f} s.\n"])
-    print(report)
+        if args.out is not None:  # after every case, so a run cut short still leaves its tables
+            _write(args.out, report(done=False))
+    final = report(done=True)
+    print(final)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
+        _write(args.out, final)
     return rows
 
 

@@ -94,6 +94,15 @@ def align(expert_index: torch.Tensor, num_experts: int, block_m: int) -> Alignme
     return Alignment(sorted_pair, block_expert, block_offsets, num_pairs, top_k, block_m)
 
 
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _upcast_dot(dtype: torch.dtype) -> bool:
+    """The CPU interpreter's dot (numpy) cannot multiply bfloat16: upcast there, never on a GPU."""
+    return INTERPRETED and dtype == torch.bfloat16
+
+
 def _precision(dtype: torch.dtype) -> str:
     """fp32 dots follow torch's matmul setting (TF32 only where torch would use it); others ignore it."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
@@ -138,7 +147,7 @@ def gemm(al: Alignment, a: torch.Tensor, weight: torch.Tensor, *, transpose_weig
         n_tiles = triton.cdiv(n, config.block_n)
         dot_out = dummy
         if dot_mode != DOT_NONE:
-            dot_out = torch.empty(n_tiles, al.padded_rows, dtype=torch.float32, device=a.device)
+            dot_out = torch.empty(n_tiles, al.padded_rows, dtype=_accumulate_dtype(a.dtype), device=a.device)
             dot_out_holder[0] = dot_out
         grid = (al.num_blocks * n_tiles,)
         grouped_gemm_kernel[grid](
@@ -151,7 +160,9 @@ def gemm(al: Alignment, a: torch.Tensor, weight: torch.Tensor, *, transpose_weig
             dot_src.stride(0) if dot_src is not None else 0, act_src.stride(0) if act_src is not None else 0,
             A_GATHER=a_gather, HAS_BIAS=bias is not None, ACT=activation, STORE_PREACT=preact is not None,
             DOT_SRC=dot_mode, ACT_GRAD=act_grad, SCALE_BY_WEIGHT=route_weight is not None, OUT_MODE=out_mode,
-            PRECISION=_precision(a.dtype), BLOCK_M=al.block_m, GROUP_M=config.group_m,
+            PRECISION=_precision(a.dtype), ACC_F64=a.dtype == torch.float64, UPCAST_DOT=_upcast_dot(a.dtype),
+            BLOCK_M=al.block_m,
+            GROUP_M=config.group_m,
             **config.launch_options(),
         )
 
@@ -171,8 +182,9 @@ def weight_grad(al: Alignment, dy: torch.Tensor, a: torch.Tensor, *, dy_gather: 
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``dW [E, N, K]`` and ``db [E, N]`` (fp32) of one layer from its output grad `dy` and input `a`."""
     n, k = dy.shape[1], a.shape[1]
-    dw = torch.zeros(num_experts, n, k, dtype=torch.float32, device=a.device)
-    db = torch.zeros(num_experts, n, dtype=torch.float32, device=a.device) if has_bias else None
+    acc = _accumulate_dtype(a.dtype)
+    dw = torch.zeros(num_experts, n, k, dtype=acc, device=a.device)
+    db = torch.zeros(num_experts, n, dtype=acc, device=a.device) if has_bias else None
     sms = (torch.cuda.get_device_properties(a.device).multi_processor_count if a.device.type == "cuda" else 4)
 
     def launch(config: tuning.KernelConfig) -> None:
@@ -185,6 +197,7 @@ def weight_grad(al: Alignment, dy: torch.Tensor, a: torch.Tensor, *, dy_gather: 
             al.sorted_pair, al.block_offsets, al.num_pairs, al.top_k, n, k, num_experts, per_program,
             dy.stride(0), a.stride(0), dw.stride(1), db.stride(0) if db is not None else 0,
             DY_GATHER=dy_gather, A_GATHER=a_gather, HAS_BIAS=has_bias, PRECISION=_precision(a.dtype),
+            ACC_F64=a.dtype == torch.float64, UPCAST_DOT=_upcast_dot(a.dtype),
             BLOCK_M=al.block_m, **config.launch_options(),
         )
 
@@ -220,7 +233,7 @@ class _FusedMoEProject(torch.autograd.Function):
                     out = torch.empty(num_tokens, w.shape[1], dtype=x.dtype, device=x.device)
                     mode = OUT_TOKEN_STORE
                 else:
-                    out = torch.zeros(num_tokens, w.shape[1], dtype=torch.float32, device=x.device)
+                    out = torch.zeros(num_tokens, w.shape[1], dtype=_accumulate_dtype(x.dtype), device=x.device)
                     mode = OUT_TOKEN_ATOMIC
                 gemm(al, h, w, transpose_weight=True, a_gather=first, out=out, out_mode=mode, bias=b,
                      route_weight=route_weight)
@@ -275,7 +288,7 @@ class _FusedMoEProject(torch.autograd.Function):
                     target = torch.empty(num_tokens, x.shape[1], dtype=x.dtype, device=x.device)
                     mode = OUT_TOKEN_STORE
                 else:
-                    target = torch.zeros(num_tokens, x.shape[1], dtype=torch.float32, device=x.device)
+                    target = torch.zeros(num_tokens, x.shape[1], dtype=_accumulate_dtype(x.dtype), device=x.device)
                     mode = OUT_TOKEN_ATOMIC
                 partials = gemm(al, dy, w, transpose_weight=False, a_gather=last, out=target, out_mode=mode,
                                 dot_src=x if last else None, dot_mode=DOT_GATHERED if last else DOT_NONE,
@@ -303,11 +316,11 @@ def _route_grad(al: Alignment, partials: torch.Tensor, g: torch.Tensor, last_bia
     """``d w[t, j] = ⟨dy[t], Expert(x[t]) unweighted⟩``: the kernel's partial dots (without the bias) moved
     back to pair order, plus ``⟨dy[t], b_e⟩`` from one small ``[T, out] × [out, E]`` matmul."""
     per_row = partials.sum(0)
-    flat = torch.zeros(al.num_pairs + 1, dtype=torch.float32, device=g.device)
+    flat = torch.zeros(al.num_pairs + 1, dtype=per_row.dtype, device=g.device)
     flat.scatter_(0, al.sorted_pair.long(), per_row)
     grad = flat[:al.num_pairs].view(index.shape)
     if last_bias is not None:
-        grad = grad + (g.float() @ last_bias.float().t()).gather(1, index)
+        grad = grad + (g.to(per_row.dtype) @ last_bias.to(per_row.dtype).t()).gather(1, index)
     return grad.reshape(-1)
 
 
@@ -318,9 +331,8 @@ def _check_supported(x: torch.Tensor, experts: StackedExperts) -> None:
     if experts.activation_name not in ACT_IDS:
         raise CMoEError(f"triton backend: activation {experts.activation_name!r} has no fused kernel; known: "
                         f"{sorted(set(ACT_IDS) - {'identity'})}")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise CMoEError(f"triton backend: expected x in float32, float16 or bfloat16, got {x.dtype}; "
-                        "use backend='sorted' for float64")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise CMoEError(f"triton backend: expected x in float32, bfloat16, float16 or float64, got {x.dtype}")
 
 
 def triton_moe_project(x: torch.Tensor, experts: StackedExperts, index: torch.Tensor, weight: torch.Tensor,

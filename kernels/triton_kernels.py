@@ -15,7 +15,11 @@ M-block of ``BLOCK_M`` sorted rows belongs to exactly one expert (``block_expert
 * `grouped_wgrad_kernel` — ``dW_e = Σ_rows dYᵀ·A`` per expert: each program owns one (N, K) tile of the weight
   and a slice of the sorted M-blocks (the split over tokens), sums per expert and adds into an fp32 buffer.
 
-All row offsets are 64-bit; every tail (rows, N, K) is masked.
+``UPCAST_DOT`` is for triton's CPU interpreter only, whose dot is a numpy matmul and has no bfloat16: there
+the operands are upcast to fp32 first; compiled kernels feed bf16 straight to the tensor cores.
+
+All row offsets are 64-bit; every tail (rows, N, K) is masked. Token and block counts are not specialised on
+(``do_not_specialize``), so a new token count reuses the compiled kernels.
 """
 
 from __future__ import annotations
@@ -72,7 +76,7 @@ def _activation_grad(z, ACT: tl.constexpr):
         return tl.full(z.shape, 1.0, tl.float32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def count_kernel(index_ptr, chunk_counts_ptr, num_pairs, num_experts,
                  BLOCK: tl.constexpr, E_POW2: tl.constexpr):
     """``chunk_counts[c, e]`` = how many of chunk c's pairs go to expert e."""
@@ -85,7 +89,7 @@ def count_kernel(index_ptr, chunk_counts_ptr, num_pairs, num_experts,
              mask=experts < num_experts)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def place_kernel(index_ptr, chunk_base_ptr, sorted_pair_ptr, num_pairs, num_experts,
                  BLOCK: tl.constexpr, E_POW2: tl.constexpr):
     """``sorted_pair[chunk_base[c, e] + rank of the pair among chunk c's pairs of e] = pair`` (stable order)."""
@@ -99,7 +103,7 @@ def place_kernel(index_ptr, chunk_base_ptr, sorted_pair_ptr, num_pairs, num_expe
     tl.store(sorted_pair_ptr + base + rank, offs.to(tl.int32), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_blocks"])
 def grouped_gemm_kernel(
     a_ptr, b_ptr, bias_ptr, out_ptr, preact_ptr, dot_src_ptr, dot_out_ptr, act_src_ptr, route_w_ptr,
     sorted_pair_ptr, block_expert_ptr,
@@ -107,7 +111,7 @@ def grouped_gemm_kernel(
     stride_am, stride_be, stride_bk, stride_bn, stride_bias_e, stride_om, stride_pm, stride_dm, stride_zm,
     A_GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PREACT: tl.constexpr,
     DOT_SRC: tl.constexpr, ACT_GRAD: tl.constexpr, SCALE_BY_WEIGHT: tl.constexpr, OUT_MODE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, ACC_F64: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """``out[rows] (op)= epilogue(A[rows] @ B[expert])`` for one M-block and one N-tile (see module docstring)."""
@@ -137,26 +141,33 @@ def grouped_gemm_kernel(
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
     b_ptrs = b_ptr + expert * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if ACC_F64:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_dtype = acc.dtype
     for k0 in range(0, K, BLOCK_K):
         k_mask = offs_k < K - k0
         a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if UPCAST_DOT:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_bk
 
     tile_mask = valid[:, None] & n_mask[None, :]
     if HAS_BIAS:
         bias = tl.load(bias_ptr + expert * stride_bias_e + offs_n, mask=n_mask, other=0.0)
-        acc += bias[None, :].to(tl.float32)
+        acc += bias[None, :].to(acc_dtype)
     if DOT_SRC != 0:
         if DOT_SRC == 1:
             d_rows = token
         else:
             d_rows = offs_m
         d = tl.load(dot_src_ptr + d_rows[:, None] * stride_dm + offs_n[None, :], mask=tile_mask, other=0.0)
-        partial = tl.sum(acc * d.to(tl.float32), axis=1)
+        partial = tl.sum(acc * d.to(acc_dtype), axis=1)
         tl.store(dot_out_ptr + pid_n.to(tl.int64) * num_blocks * BLOCK_M + offs_m, partial)
     if STORE_PREACT:
         tl.store(preact_ptr + offs_m[:, None] * stride_pm + offs_n[None, :],
@@ -165,9 +176,9 @@ def grouped_gemm_kernel(
         acc = _activation(acc, ACT)
     if ACT_GRAD != 0:
         z = tl.load(act_src_ptr + offs_m[:, None] * stride_zm + offs_n[None, :], mask=tile_mask, other=0.0)
-        acc = acc * _activation_grad(z.to(tl.float32), ACT_GRAD)
+        acc = acc * _activation_grad(z.to(acc_dtype), ACT_GRAD)
     if SCALE_BY_WEIGHT:
-        w = tl.load(route_w_ptr + pair, mask=valid, other=0.0).to(tl.float32)
+        w = tl.load(route_w_ptr + pair, mask=valid, other=0.0).to(acc_dtype)
         acc = acc * w[:, None]
     acc = tl.where(valid[:, None], acc, 0.0)
     if OUT_MODE == 0:
@@ -180,13 +191,13 @@ def grouped_gemm_kernel(
         tl.atomic_add(out_ptr + token[:, None] * stride_om + offs_n[None, :], acc, mask=tile_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "blocks_per_program"])
 def grouped_wgrad_kernel(
     dy_ptr, a_ptr, dw_ptr, db_ptr, route_w_ptr, sorted_pair_ptr, block_offsets_ptr,
     num_pairs, top_k, N, K, num_experts, blocks_per_program,
     stride_dym, stride_am, stride_dwn, stride_dbe,
     DY_GATHER: tl.constexpr, A_GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACC_F64: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """``dW[e] += Σ dY[rows]ᵀ·A[rows]`` (and ``db[e] += Σ dY[rows]``) over this program's slice of M-blocks.
 
@@ -207,8 +218,13 @@ def grouped_wgrad_kernel(
     for e in range(0, num_experts):
         lo = tl.maximum(tl.load(block_offsets_ptr + e), first)
         hi = tl.minimum(tl.load(block_offsets_ptr + e + 1), last)
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        acc_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        if ACC_F64:
+            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float64)
+            acc_b = tl.zeros((BLOCK_N,), dtype=tl.float64)
+        else:
+            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            acc_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc_dtype = acc.dtype
         for block in range(lo, hi):
             offs_m = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
             pair = tl.load(sorted_pair_ptr + offs_m).to(tl.int64)
@@ -225,13 +241,16 @@ def grouped_wgrad_kernel(
             dy = tl.load(dy_ptr + dy_rows[:, None] * stride_dym + offs_n[None, :],
                          mask=valid[:, None] & n_mask[None, :], other=0.0)
             if DY_GATHER:
-                w = tl.load(route_w_ptr + pair, mask=valid, other=0.0).to(tl.float32)
-                dy = (dy.to(tl.float32) * w[:, None]).to(dy_ptr.dtype.element_ty)
+                w = tl.load(route_w_ptr + pair, mask=valid, other=0.0).to(acc_dtype)
+                dy = (dy.to(acc_dtype) * w[:, None]).to(dy_ptr.dtype.element_ty)
             a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :],
                         mask=valid[:, None] & k_mask[None, :], other=0.0)
-            acc = tl.dot(tl.trans(dy), a, acc, input_precision=PRECISION)
+            if UPCAST_DOT:
+                acc = tl.dot(tl.trans(dy.to(tl.float32)), a.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(tl.trans(dy), a, acc, input_precision=PRECISION)
             if HAS_BIAS:
-                acc_b += tl.sum(dy.to(tl.float32), axis=0)
+                acc_b += tl.sum(dy.to(acc_dtype), axis=0)
         if hi > lo:
             dw_rows = (e * N + offs_n).to(tl.int64)
             tl.atomic_add(dw_ptr + dw_rows[:, None] * stride_dwn + offs_k[None, :], acc,

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without CUDA the triton kernels can only run in triton's CPU interpreter, which must be chosen before they
+# are first compiled: set it for the whole test session (backend="auto" still never picks triton on CPU).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

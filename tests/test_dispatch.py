@@ -177,18 +177,26 @@ def test_auto_picks_sorted_on_cpu_whatever_the_routing() -> None:
 
 def test_unknown_backend_lists_known_ones() -> None:
     experts = LinearExperts(2, 4, 3)
-    with pytest.raises(UnknownNameError, match=r"unknown backend 'fast'; known backends: auto, dense, loop, sorted"):
+    with pytest.raises(UnknownNameError, match=r"unknown backend 'fast'; known backends: auto, dense, loop, sorted, triton"):
         moe_project(torch.randn(3, 4), experts, torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1),
                     backend="fast")
 
 
-def test_triton_not_loaded_says_how_to_get_it() -> None:
-    if "triton" in cmoe.BACKENDS:
-        pytest.skip("cmoe.kernels registered the triton backend")
-    experts = LinearExperts(2, 4, 3)
-    with pytest.raises(CMoEError, match="import cmoe.kernels"):
-        moe_project(torch.randn(3, 4), experts, torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1),
-                    backend="triton")
+def test_triton_not_registered_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cmoe.plugin_manager import reset_plugins
+
+    monkeypatch.setenv("CMOE_DISABLE_PLUGINS", "triton_kernels")
+    reset_plugins()
+    try:
+        assert "triton" not in cmoe.BACKENDS
+        experts = LinearExperts(2, 4, 3)
+        with pytest.raises(CMoEError, match="backend 'triton' is not loaded: reinstall cmoe so its `triton_kernels`"):
+            moe_project(torch.randn(3, 4), experts, torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1),
+                        backend="triton")
+    finally:
+        monkeypatch.delenv("CMOE_DISABLE_PLUGINS")
+        reset_plugins()
+    assert "triton" in cmoe.BACKENDS
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -1,0 +1,107 @@
+"""Seeded random dispatch cases shared by the interpreter and GPU kernel tests, and the comparison they make."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+import cmoe
+from cmoe.experts import StackedExperts
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+
+
+@dataclass(frozen=True)
+class KernelCase:
+    tokens: int
+    in_features: int
+    out_features: int
+    num_experts: int
+    top_k: int
+    kind: str
+    bias: bool
+    activation: str
+    routing: str  # "random", "one_expert" (all tokens to expert 0), "skewed" (some experts get no token)
+    hidden: int | None = None
+
+    @property
+    def id(self) -> str:
+        return (f"{self.kind}-T{self.tokens}-{self.in_features}x{self.out_features}-E{self.num_experts}"
+                f"k{self.top_k}-{self.routing}-{self.activation}{'' if self.bias else '-nobias'}")
+
+
+def random_cases(count: int, seed: int, max_tokens: int, max_width: int) -> list[KernelCase]:
+    """`count` cases; the first few pin the edge cases (one token, k = E, one expert, empty experts)."""
+    rng = random.Random(seed)
+    fixed = [
+        KernelCase(1, 7, 5, 3, 2, "mlp", True, "gelu", "random"),
+        KernelCase(max_tokens, 19, 23, 4, 4, "mlp", True, "gelu", "random"),
+        KernelCase(max_tokens, 16, 16, 5, 1, "linear", True, "gelu", "one_expert"),
+        KernelCase(max_tokens, 33, 17, 8, 2, "mlp", False, "silu", "skewed"),
+        KernelCase(max_tokens // 2 + 1, 47, 97 if max_width >= 97 else 31, 7, 3, "linear", True, "gelu", "random"),
+        KernelCase(max_tokens, 24, 20, 3, 2, "mlp", True, "gelu", "one_expert", hidden=13),
+    ]
+    cases = list(fixed)
+    while len(cases) < count:
+        experts = rng.choice([1, 2, 3, 4, 7, 8])
+        cases.append(KernelCase(
+            tokens=rng.randint(1, max_tokens), in_features=rng.randint(1, max_width),
+            out_features=rng.randint(1, max_width), num_experts=experts, top_k=rng.randint(1, experts),
+            kind=rng.choice(["linear", "mlp"]), bias=rng.random() < 0.8, activation=rng.choice(ACTIVATIONS),
+            routing=rng.choice(["random", "random", "skewed", "one_expert"]),
+            hidden=rng.choice([None, rng.randint(1, max_width)])))
+    return cases
+
+
+def build(case: KernelCase, device: str, seed: int) -> tuple[StackedExperts, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                            torch.Tensor]:
+    """Experts, x, expert_index, expert_weight and an upstream gradient for `case` (float32, on `device`)."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    if case.kind == "mlp":
+        experts = cmoe.MLPExperts(case.num_experts, case.in_features, case.out_features,
+                                  hidden_features=case.hidden, bias=case.bias, activation=case.activation)
+    else:
+        experts = cmoe.LinearExperts(case.num_experts, case.in_features, case.out_features, bias=case.bias,
+                                     activation=case.activation)
+    x = torch.randn(case.tokens, case.in_features, generator=gen)
+    scores = torch.randn(case.tokens, case.num_experts, generator=gen)
+    if case.routing == "one_expert":
+        scores[:, 0] += 100.0
+    elif case.routing == "skewed":
+        scores[:, case.num_experts // 2:] -= 100.0  # the upper half of the experts only get tokens when k is large
+    top, index = scores.topk(case.top_k, dim=-1)
+    weight = top.softmax(-1)
+    grad = torch.randn(case.tokens, case.out_features, generator=gen)
+    return experts.to(device), x.to(device), index.to(device), weight.to(device), grad.to(device)
+
+
+def run(experts: StackedExperts, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor,
+        backend: str, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Output and every gradient (x, routing weights, each expert parameter) of one backend in `dtype`."""
+    import copy
+
+    experts = copy.deepcopy(experts).to(dtype)
+    x = x.detach().to(dtype).clone().requires_grad_()
+    weight = weight.detach().to(dtype).clone().requires_grad_()
+    if backend == "triton_kernels":  # the kernels themselves, also for k = E (no dense fast path)
+        from cmoe.kernels import triton_moe_project
+
+        out = triton_moe_project(x, experts, index, weight, dense_fast_path=False)
+    else:
+        out = cmoe.moe_project(x, experts, index, weight, backend=backend)
+    out.backward(grad.to(dtype))
+    return [out, x.grad, weight.grad, *[p.grad for p in experts.parameters()]]
+
+
+def max_relative_error(got: list[torch.Tensor], ref: list[torch.Tensor]) -> tuple[float, int]:
+    """The worst ``‖got − ref‖ / (‖ref‖ + tiny)`` over the tensors (float64), and which tensor it was."""
+    errors = []
+    for a, b in zip(got, ref, strict=True):
+        assert a.shape == b.shape
+        a, b = a.detach().double(), b.detach().double()
+        errors.append(float((a - b).norm() / (b.norm() + 1e-12)))
+    worst = max(range(len(errors)), key=errors.__getitem__)
+    return errors[worst], worst

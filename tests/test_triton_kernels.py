@@ -1,0 +1,146 @@
+"""The fused triton kernels against the ``loop`` reference, run in triton's CPU interpreter (conftest sets
+``TRITON_INTERPRET=1`` when there is no CUDA). Small shapes; forward and every gradient."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import cmoe
+from cmoe.errors import CMoEError
+from kernel_cases import build, max_relative_error, random_cases, run
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs TRITON_INTERPRET=1 on CPU (set by tests/conftest.py)", allow_module_level=True)
+
+from cmoe.kernels import align, triton_moe_project  # noqa: E402  (after the interpreter check)
+
+CASES = random_cases(36, seed=1234, max_tokens=40, max_width=40)
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_kernels_match_loop_forward_and_every_gradient(case) -> None:
+    tensors = build(case, DEVICE, seed=hash(case.id) % 10_000)
+    got = run(*tensors, backend="triton_kernels", dtype=torch.float32)
+    ref = run(*tensors, backend="loop", dtype=torch.float32)
+    error, which = max_relative_error(got, ref)
+    assert error < TOLERANCE[torch.float32], f"tensor #{which} (0=out, 1=dx, 2=dw, then params) off by {error:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("case", CASES[:4], ids=[c.id for c in CASES[:4]])
+def test_kernels_in_other_dtypes_match_the_float32_loop(case, dtype: torch.dtype) -> None:
+    tensors = build(case, DEVICE, seed=7)
+    got = run(*tensors, backend="triton_kernels", dtype=dtype)
+    ref = run(*tensors, backend="loop", dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    error, which = max_relative_error(got, ref)
+    assert all(t.dtype == dtype for t in got)
+    assert error < TOLERANCE[dtype], f"tensor #{which} off by {error:.2e} in {dtype}"
+
+
+def test_gradcheck_float64_through_the_kernels() -> None:
+    from cmoe.kernels.ops import _FusedMoEProject
+
+    experts = cmoe.MLPExperts(3, 5, 4).double()
+    params = tuple(p.detach().clone().to(DEVICE).requires_grad_() for layer in experts.layers for p in layer)
+    x = torch.randn(6, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    scores, index = torch.randn(6, 3, device=DEVICE).topk(2)
+    weight = scores.softmax(-1).double().requires_grad_()
+
+    def fused(x, weight, *params):
+        return _FusedMoEProject.apply(x, index, weight, "gelu", 16, True, *params)
+
+    assert torch.autograd.gradcheck(fused, (x, weight, *params))
+
+
+@pytest.mark.parametrize("block_m", [16, 32])
+def test_alignment_sorts_stably_and_pads_each_expert_to_the_block(block_m: int) -> None:
+    index = torch.tensor([[2, 0], [0, 2], [2, 1], [0, 2], [2, 0]] * 7, device=DEVICE)  # expert 3 gets nothing
+    al = align(index, num_experts=4, block_m=block_m)
+    pairs = al.sorted_pair.cpu()
+    flat = index.reshape(-1).cpu()
+    real = pairs[pairs < al.num_pairs]
+    assert sorted(real.tolist()) == list(range(index.numel()))  # every pair exactly once
+    experts_in_order = flat[real.long()]
+    assert torch.equal(experts_in_order, experts_in_order.sort(stable=True).values)
+    for e in range(4):  # stable: pairs of one expert in increasing id order
+        ids = real[experts_in_order == e]
+        assert torch.equal(ids, ids.sort().values)
+    counts = torch.bincount(flat, minlength=4)
+    blocks = (counts + block_m - 1) // block_m
+    assert al.block_offsets.cpu().tolist() == [0, *torch.cumsum(blocks, 0).tolist()]
+    block_expert = al.block_expert.cpu()
+    for b in range(al.num_blocks):  # every block holds one expert's pairs (or padding) only
+        rows = pairs[b * block_m:(b + 1) * block_m]
+        rows = rows[rows < al.num_pairs]
+        if block_expert[b] < 0:
+            assert rows.numel() == 0
+        else:
+            assert set(flat[rows.long()].tolist()) <= {int(block_expert[b])}
+    assert (block_expert >= 0).sum() == blocks.sum()
+
+
+def test_connector_trains_with_backend_triton_like_sorted() -> None:
+    losses = {}
+    for backend in ("triton", "sorted"):
+        torch.manual_seed(0)
+        connector = cmoe.CMoEConnector(cmoe.CMoEConfig(in_features=12, out_features=10, num_experts=4, top_k=2,
+                                                       backend=backend)).to(DEVICE)
+        optimizer = torch.optim.AdamW(connector.parameters(), lr=1e-2)
+        x = torch.randn(4, 6, 12, device=DEVICE)
+        target = torch.randn(4, 6, 10, device=DEVICE)
+        history = []
+        for _ in range(6):
+            out = connector(x)
+            loss = torch.nn.functional.mse_loss(out.hidden_states, target) + out.aux_loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            history.append(loss.item())
+        losses[backend] = history
+    assert losses["triton"][-1] < losses["triton"][0]
+    assert losses["triton"] == pytest.approx(losses["sorted"], rel=1e-4)
+
+
+def test_dense_routing_takes_the_wide_gemm_path_and_matches() -> None:
+    experts = cmoe.MLPExperts(3, 8, 6).to(DEVICE)
+    x = torch.randn(5, 8, device=DEVICE)
+    scores, index = torch.randn(5, 3, device=DEVICE).topk(3)
+    weight = scores.softmax(-1)
+    fast = triton_moe_project(x, experts, index, weight)
+    ref = cmoe.moe_project(x, experts, index, weight, backend="loop")
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_never_picks_triton_on_cpu() -> None:
+    assert "triton" in cmoe.BACKENDS
+    assert cmoe.select_backend(torch.randn(3, 4), num_experts=4, top_k=2) == "sorted"
+
+
+def test_unsupported_inputs_raise_clear_errors() -> None:
+    x = torch.randn(3, 4, device=DEVICE)
+    with pytest.raises(CMoEError, match="at most 64 experts"):
+        triton_moe_project(x, cmoe.LinearExperts(65, 4, 3).to(DEVICE), torch.zeros(3, 1, dtype=torch.long,
+                           device=DEVICE), torch.ones(3, 1, device=DEVICE))
+    with pytest.raises(CMoEError, match="expected x in float32, bfloat16, float16 or float64"):
+        triton_moe_project(x.to(torch.complex64), cmoe.LinearExperts(2, 4, 3).to(DEVICE),
+                           torch.zeros(3, 1, dtype=torch.long, device=DEVICE), torch.ones(3, 1, device=DEVICE))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error message")
+def test_explicit_triton_on_cpu_without_interpreter_says_why() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import torch, cmoe\n"
+            "cmoe.moe_project(torch.randn(3, 4), cmoe.LinearExperts(2, 4, 3), torch.zeros(3, 1, dtype=torch.long),"
+            " torch.ones(3, 1), backend='triton')\n")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "backend 'triton' cannot run on device cpu: the fused kernels need a CUDA GPU" in result.stderr
+    assert "TRITON_INTERPRET=1" in result.stderr
