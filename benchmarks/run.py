@@ -348,6 +348,19 @@ def select_cases(args: argparse.Namespace, device: torch.device) -> list[Case]:
     return [case for case in cases if args.cases in case.name]
 
 
+def tuned_configs() -> str:
+    """The block configurations the triton backend's tuning chose in this run (empty if it did not run)."""
+    tuning = sys.modules.get("cmoe.kernels.tuning")
+    choices = tuning.tuned_choices() if tuning is not None else {}
+    if not choices:
+        return ""
+    lines = ["## Triton block configurations chosen by tuning", "",
+             "| role, BLOCK_M, dtype, E, N, K, k>1, pairs bucket, flags | config |", "|---|---|"]
+    for key, config in sorted(choices.items(), key=str):
+        lines.append(f"| `{', '.join(map(str, key))}` | `{config}` |")
+    return "\n".join(lines) + "\n"
+
+
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -368,7 +381,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         footer = (f"Runner wall time: {elapsed:.0f} s.\n" if done else
                   f"Partial report: {len(sections)} of {len(selected)} cases after {elapsed:.0f} s.\n")
         return "\n".join([header(argv, device, args, dtypes), summary(rows, {c.name: c for c in selected}),
-                          "## Cases", "", *sections, footer])
+                          "## Cases", "", *sections, tuned_configs(), footer])
 
     for case in selected:
         print(f"{case.name}:", file=sys.stderr, flush=True)

@@ -177,10 +177,10 @@ def gemm(al: Alignment, a: torch.Tensor, weight: torch.Tensor, *, transpose_weig
     return dot_out_holder[0]
 
 
-def weight_grad(al: Alignment, dy: torch.Tensor, a: torch.Tensor, *, dy_gather: bool, a_gather: bool,
-                num_experts: int, has_bias: bool, route_weight: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``dW [E, N, K]`` and ``db [E, N]`` (fp32) of one layer from its output grad `dy` and input `a`."""
+def weight_grad(al: Alignment, dy: torch.Tensor, a: torch.Tensor, *, a_gather: bool, num_experts: int,
+                has_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``dW [E, N, K]`` and ``db [E, N]`` (fp32) of one layer from its output grad `dy` (padded layout, zero in
+    padding rows) and its input `a` (x gathered by token when `a_gather`, else padded)."""
     n, k = dy.shape[1], a.shape[1]
     acc = _accumulate_dtype(a.dtype)
     dw = torch.zeros(num_experts, n, k, dtype=acc, device=a.device)
@@ -193,12 +193,12 @@ def weight_grad(al: Alignment, dy: torch.Tensor, a: torch.Tensor, *, dy_gather: 
         per_program = triton.cdiv(al.num_blocks, splits)
         splits = triton.cdiv(al.num_blocks, per_program)
         grouped_wgrad_kernel[(tiles, splits)](
-            dy, a, dw, db if db is not None else dw, route_weight if route_weight is not None else dw,
-            al.sorted_pair, al.block_offsets, al.num_pairs, al.top_k, n, k, num_experts, per_program,
-            dy.stride(0), a.stride(0), dw.stride(1), db.stride(0) if db is not None else 0,
-            DY_GATHER=dy_gather, A_GATHER=a_gather, HAS_BIAS=has_bias, PRECISION=_precision(a.dtype),
-            ACC_F64=a.dtype == torch.float64, UPCAST_DOT=_upcast_dot(a.dtype),
-            BLOCK_M=al.block_m, **config.launch_options(),
+            dy, a, dw, db if db is not None else dw, al.sorted_pair, al.block_offsets, al.num_pairs, al.top_k,
+            n, k, num_experts, per_program, dy.stride(0), a.stride(0), dw.stride(1),
+            db.stride(0) if db is not None else 0,
+            A_GATHER=a_gather, HAS_BIAS=has_bias, PRECISION=_precision(a.dtype),
+            ACC_F64=a.dtype == torch.float64, UPCAST_DOT=_upcast_dot(a.dtype), BLOCK_M=al.block_m,
+            **config.launch_options(),
         )
 
     def reset() -> None:
@@ -206,10 +206,17 @@ def weight_grad(al: Alignment, dy: torch.Tensor, a: torch.Tensor, *, dy_gather: 
         if db is not None:
             db.zero_()
 
-    key = _shape_key(al, a.dtype, num_experts, n, k, dy_gather, a_gather)
+    key = _shape_key(al, a.dtype, num_experts, n, k, a_gather)
     config = tuning.choose("weight_grad", key, al.block_m, a.element_size(), INTERPRETED, _bench(launch, reset))
     launch(config)
     return dw, db
+
+
+def padded_weighted_rows(al: Alignment, rows: torch.Tensor, route_weight: torch.Tensor) -> torch.Tensor:
+    """``out[p] = w[pair_p] · rows[token_p]`` in the padded layout, zero in padding rows (no host sync)."""
+    token = torch.clamp(al.sorted_pair.long() // al.top_k, max=rows.shape[0] - 1)
+    weight = torch.cat([route_weight, route_weight.new_zeros(1)]).index_select(0, al.sorted_pair.long())
+    return (rows.index_select(0, token) * weight.unsqueeze(1)).to(rows.dtype)
 
 
 class _FusedMoEProject(torch.autograd.Function):
@@ -277,8 +284,10 @@ class _FusedMoEProject(torch.autograd.Function):
         for depth in reversed(range(num_layers)):
             first, last = depth == 0, depth == num_layers - 1
             w, b = weights[depth], biases[depth]
-            dw, db = weight_grad(al, dy, inputs[depth], dy_gather=last, a_gather=first, num_experts=num_experts,
-                                 has_bias=b is not None, route_weight=route_weight if last else None)
+            dy_padded = padded_weighted_rows(al, g, route_weight) if last else dy
+            dw, db = weight_grad(al, dy_padded, inputs[depth], a_gather=first, num_experts=num_experts,
+                                 has_bias=b is not None)
+            del dy_padded
             grads_w[depth] = dw.to(w.dtype)
             grads_b[depth] = db.to(b.dtype) if b is not None else None
             if first:

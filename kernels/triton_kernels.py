@@ -14,6 +14,8 @@ M-block of ``BLOCK_M`` sorted rows belongs to exactly one expert (``block_expert
   token order (plain store when k = 1, fp32 atomic add when k > 1).
 * `grouped_wgrad_kernel` — ``dW_e = Σ_rows dYᵀ·A`` per expert: each program owns one (N, K) tile of the weight
   and a slice of the sorted M-blocks (the split over tokens), sums per expert and adds into an fp32 buffer.
+  ``dY`` comes in the padded layout (zero in padding rows), so its tile loads straight into the transposed
+  operand with no gather or scaling inside the reduction loop.
 
 ``UPCAST_DOT`` is for triton's CPU interpreter only, whose dot is a numpy matmul and has no bfloat16: there
 the operands are upcast to fp32 first; compiled kernels feed bf16 straight to the tensor cores.
@@ -193,16 +195,18 @@ def grouped_gemm_kernel(
 
 @triton.jit(do_not_specialize=["num_pairs", "blocks_per_program"])
 def grouped_wgrad_kernel(
-    dy_ptr, a_ptr, dw_ptr, db_ptr, route_w_ptr, sorted_pair_ptr, block_offsets_ptr,
+    dy_ptr, a_ptr, dw_ptr, db_ptr, sorted_pair_ptr, block_offsets_ptr,
     num_pairs, top_k, N, K, num_experts, blocks_per_program,
     stride_dym, stride_am, stride_dwn, stride_dbe,
-    DY_GATHER: tl.constexpr, A_GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-    ACC_F64: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    A_GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    ACC_F64: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """``dW[e] += Σ dY[rows]ᵀ·A[rows]`` (and ``db[e] += Σ dY[rows]``) over this program's slice of M-blocks.
 
-    ``dY`` rows are gathered from token order and scaled by the routing weight (``DY_GATHER``, the last layer)
-    or read from the padded layout; ``A`` rows likewise gathered (the first layer's input x) or padded.
+    ``dY`` is in the padded layout (the last layer's routing-weighted upstream gradient is laid out so by the
+    caller), loaded straight as the transposed ``[BLOCK_N, BLOCK_M]`` tile; ``A`` rows are gathered from token
+    order (the first layer's input x) or read from the padded layout.
     """
     pid_tile = tl.program_id(0)
     pid_split = tl.program_id(1)
@@ -227,30 +231,20 @@ def grouped_wgrad_kernel(
         acc_dtype = acc.dtype
         for block in range(lo, hi):
             offs_m = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-            pair = tl.load(sorted_pair_ptr + offs_m).to(tl.int64)
-            valid = pair < num_pairs
-            token = pair // top_k
-            if DY_GATHER:
-                dy_rows = token
-            else:
-                dy_rows = offs_m
+            dy_t = tl.load(dy_ptr + offs_m[None, :] * stride_dym + offs_n[:, None], mask=n_mask[:, None], other=0.0)
             if A_GATHER:
-                a_rows = token
+                pair = tl.load(sorted_pair_ptr + offs_m).to(tl.int64)
+                valid = pair < num_pairs
+                a = tl.load(a_ptr + (pair // top_k)[:, None] * stride_am + offs_k[None, :],
+                            mask=valid[:, None] & k_mask[None, :], other=0.0)
             else:
-                a_rows = offs_m
-            dy = tl.load(dy_ptr + dy_rows[:, None] * stride_dym + offs_n[None, :],
-                         mask=valid[:, None] & n_mask[None, :], other=0.0)
-            if DY_GATHER:
-                w = tl.load(route_w_ptr + pair, mask=valid, other=0.0).to(acc_dtype)
-                dy = (dy.to(acc_dtype) * w[:, None]).to(dy_ptr.dtype.element_ty)
-            a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :],
-                        mask=valid[:, None] & k_mask[None, :], other=0.0)
+                a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=k_mask[None, :], other=0.0)
             if UPCAST_DOT:
-                acc = tl.dot(tl.trans(dy.to(tl.float32)), a.to(tl.float32), acc, input_precision="ieee")
+                acc = tl.dot(dy_t.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
             else:
-                acc = tl.dot(tl.trans(dy), a, acc, input_precision=PRECISION)
+                acc = tl.dot(dy_t, a, acc, input_precision=PRECISION)
             if HAS_BIAS:
-                acc_b += tl.sum(dy.to(acc_dtype), axis=0)
+                acc_b += tl.sum(dy_t.to(acc_dtype), axis=1)
         if hi > lo:
             dw_rows = (e * N + offs_n).to(tl.int64)
             tl.atomic_add(dw_ptr + dw_rows[:, None] * stride_dwn + offs_k[None, :], acc,

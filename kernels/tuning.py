@@ -105,8 +105,9 @@ def candidates(role: str, block_m: int, element_size: int) -> list[KernelConfig]
         tiles = [(128, 32, 8, 3), (64, 32, 4, 4), (128, 64, 8, 2), (256, 32, 8, 3)]
     else:
         tiles = [(128, 64, 8, 3), (256, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4)]
-    if role == "weight_grad":
-        tiles = [(n, max(k, 64), w, s) for n, k, w, s in tiles]
+    if role == "weight_grad":  # an (N, K) tile of dW; the reduction step is BLOCK_M rows
+        tiles = ([(128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3), (128, 64, 4, 4)] if element_size < 4
+                 else [(128, 64, 8, 3), (64, 64, 4, 4), (128, 128, 8, 2), (64, 128, 4, 3)])
     return [KernelConfig(block_m, n, k, 8, w, s) for n, k, w, s in tiles]
 
 

@@ -35,7 +35,10 @@ def test_kernels_match_loop_on_gpu(case: KernelCase, dtype: torch.dtype) -> None
     got = run(*tensors, backend="triton_kernels", dtype=dtype)
     ref = run(*tensors, backend="loop", dtype=torch.float32)
     error, which = max_relative_error(got, ref)
-    assert error < TOLERANCE[dtype], f"tensor #{which} off by {error:.2e}"
+    allowed = TOLERANCE[dtype]
+    if dtype != torch.float32:  # bf16 rounding of hidden activations alone can exceed it (k = 7, ReLU: 3.9%)
+        allowed = max(allowed, 1.5 * max_relative_error(run(*tensors, backend="sorted", dtype=dtype), ref)[0])
+    assert error < allowed, f"tensor #{which} off by {error:.2e} (allowed {allowed:.2e})"
 
 
 @pytest.mark.parametrize("role", ["forward", "backward_input", "weight_grad"])
