@@ -376,10 +376,14 @@ def make_callable(workload: Workload, name: str, mode: str) -> Callable[[], torc
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     leaves = _grad_leaves(workload, name)
 
-    def run_forward_backward() -> torch.Tensor:
+    def clear_grads() -> None:
         for leaf in leaves:
             leaf.grad = None
+
+    def run_forward_backward() -> torch.Tensor:
+        clear_grads()
         out = forward()
         out.sum().backward()
         return out
+    run_forward_backward.clear_grads = clear_grads  # the runner frees stale grads before a memory baseline
     return run_forward_backward

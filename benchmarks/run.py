@@ -107,6 +107,9 @@ def _peak_mib(fn: Callable[[], torch.Tensor], device: torch.device) -> float | N
     """Peak extra CUDA memory of one call of `fn` (None on CPU)."""
     if device.type != "cuda":
         return None
+    clear = getattr(fn, "clear_grads", None)
+    if clear is not None:  # else the previous call's grads, freed inside fn, would count below the baseline
+        clear()
     _synchronize(device)
     baseline = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)

@@ -5,19 +5,19 @@ differentiable with respect to ``x``, the expert weights and the routing weights
 
 * ``loop`` — the reference: one expert and one slot at a time, obviously correct, slow;
 * ``sorted`` — (token, slot) pairs sorted by expert once, then one expert at a time: gather, its layers,
-  weighted scatter-add back to token order; the default on CPU;
+  weighted scatter-add back to token order (a per-expert cuBLAS/MKL matmul loop); ``auto``'s choice for
+  sparse routing;
 * ``dense`` — every expert on every token as one wide GEMM, weighted by the dense ``[T, E]`` mixing matrix:
-  what the original Uni-Med computes; ``auto``'s choice for dense routing on CUDA without ``triton`` (no host
-  sync, no E-fold copy of the tokens); on CPU ``sorted`` measures faster even there (benchmarks/RESULTS.md);
+  what the original Uni-Med computes; ``auto``'s choice for dense routing on CUDA (measured 1.24× faster than
+  ``sorted`` forward on an H100); on CPU ``sorted`` measures faster even there (benchmarks/RESULTS.md);
 * ``triton`` — fused GPU kernels (`cmoe.kernels`), registered by the ``triton_kernels`` plugin entry point;
-  ``auto``'s choice on CUDA.
+  explicit only (``backend="triton"``) until it measures faster than ``sorted``.
 
 Backends are registered through the ``cmoe_register_backends`` plugin hook (see `cmoe.builtins`).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -135,9 +135,6 @@ def _check_inputs(x: torch.Tensor, experts: StackedExperts, index: torch.Tensor,
                f"values in 0..{experts.num_experts - 1}", f"values in {lo}..{hi}")
 
 
-_warned: set[str] = set()
-
-
 def check_backend_name(backend: str) -> None:
     """Raise a clear error unless `backend` is ``auto`` or a registered backend's name."""
     if backend == "auto" or backend in BACKENDS:
@@ -148,7 +145,12 @@ def check_backend_name(backend: str) -> None:
 
 
 def select_backend(x: torch.Tensor, num_experts: int, top_k: int, backend: str = "auto") -> str:
-    """The backend `moe_project` will use for this input: the named one, or for ``auto`` the fastest available."""
+    """The backend `moe_project` will use for this input: the named one, or for ``auto`` the fastest measured.
+
+    ``auto`` follows benchmarks/RESULTS.md: on CUDA ``dense`` under dense routing (k = E) and ``sorted``
+    otherwise; ``triton`` is not chosen automatically while it measures slower than ``sorted`` in
+    forward+backward on the connector shapes. On CPU, ``sorted``.
+    """
     check_backend_name(backend)
     if backend != "auto":
         chosen = BACKENDS.get(backend)
@@ -158,17 +160,8 @@ def select_backend(x: torch.Tensor, num_experts: int, top_k: int, backend: str =
                             + (f": {reason}" if reason else "") + "; use backend='auto' or one of "
                             f"{[n for n in BACKENDS.names() if BACKENDS.get(n).is_available(x.device)]}")
         return backend
-    if x.device.type == "cuda":
-        if "triton" in BACKENDS and BACKENDS.get("triton").is_available(x.device):
-            return "triton"
-        if top_k == num_experts:
-            return "dense"
-        if "triton" not in _warned:
-            _warned.add("triton")
-            reason = (BACKENDS.get("triton").unavailable_reason(x.device) if "triton" in BACKENDS
-                      else f"it is not registered: {_PROVIDED_ELSEWHERE['triton']}")
-            warnings.warn(f"cmoe: the fused 'triton' backend cannot run on this CUDA device ({reason}); "
-                          "using 'sorted'", stacklevel=3)
+    if x.device.type == "cuda" and top_k == num_experts:
+        return "dense"
     return "sorted"
 
 
@@ -182,8 +175,7 @@ def moe_project(
     """Project tokens through their routed experts and mix: ``x [..., in]`` → ``[..., out]``.
 
     ``expert_index`` / ``expert_weight`` are ``[..., k]`` (the leading dims of ``x``). ``backend`` is a name
-    from `BACKENDS` or ``auto`` (CUDA: ``triton`` when loaded, else ``dense`` for dense routing; otherwise
-    ``sorted``).
+    from `BACKENDS` or ``auto`` (see `select_backend`).
     """
     _check_inputs(x, experts, expert_index, expert_weight)
     lead = x.shape[:-1]

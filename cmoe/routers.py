@@ -62,7 +62,15 @@ class RoutingResult:
 
     def tokens_per_expert(self) -> torch.Tensor:
         """How many (token, slot) assignments each expert received, ``[E]`` (long)."""
-        return torch.bincount(self.expert_index.reshape(-1), minlength=self.num_experts)
+        return expert_counts(self.expert_index, self.num_experts)
+
+
+def expert_counts(expert_index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Assignments per expert, ``[E]`` (long). A scatter-add, not ``torch.bincount``, which syncs with the
+    host on CUDA (to size its output) and so would break CUDA-graph capture of a training step."""
+    flat = expert_index.reshape(-1)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
+    return counts.scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.long))
 
 
 def load_balancing_loss(probs: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
@@ -72,7 +80,7 @@ def load_balancing_loss(probs: torch.Tensor, expert_index: torch.Tensor) -> torc
     the mean router probability of e. Equals 1 under perfectly uniform routing.
     """
     num_experts = probs.shape[-1]
-    counts = torch.bincount(expert_index.reshape(-1), minlength=num_experts).to(probs.dtype)
+    counts = expert_counts(expert_index, num_experts).to(probs.dtype)
     fraction = counts / expert_index.numel()
     return num_experts * torch.sum(fraction * probs.mean(dim=0))
 

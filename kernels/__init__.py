@@ -1,6 +1,7 @@
 """cmoe.kernels — fused Triton kernels for token-level expert dispatch (the ``triton`` backend).
 
-The plugin entry point ``triton_kernels`` registers backend ``triton``; ``backend="auto"`` picks it on CUDA.
+The plugin entry point ``triton_kernels`` registers backend ``triton`` (``backend="triton"``; ``auto`` does not
+pick it while it measures slower than ``sorted`` in forward+backward, see docs/kernels.md).
 Importing this package does not import triton: `cmoe.kernels.ops` does, on first use.
 
 * `align` — token-parallel, sync-free sort of the (token, slot) pairs by expert, padded per expert to BLOCK_M;
