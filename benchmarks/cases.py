@@ -36,6 +36,7 @@ from torch import nn
 
 import cmoe
 from cmoe.experts import StackedExperts
+from cmoe.routers import expert_counts
 
 ROOFLINE = "dense_matmul_roofline"
 BACKEND_IMPLEMENTATIONS = ("triton", "sorted", "loop", "dense")
@@ -239,9 +240,7 @@ def torch_grouped_mm(x: torch.Tensor, experts: StackedExperts, index: torch.Tens
     top_k = index.shape[1]
     flat = index.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.zeros(experts.num_experts, dtype=torch.int32, device=x.device)
-    counts.scatter_add_(0, flat.to(torch.int64), torch.ones_like(flat, dtype=torch.int32))
-    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    offsets = torch.cumsum(expert_counts(index, experts.num_experts), 0, dtype=torch.int32)
     rows = order // top_k
     expert_of_row = flat[order]
     hidden = x.index_select(0, rows)

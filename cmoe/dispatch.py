@@ -46,13 +46,14 @@ _PROVIDED_ELSEWHERE = {"triton": "reinstall cmoe so its `triton_kernels` entry p
                                  "registered, and check CMOE_DISABLE_PLUGINS does not name it"}
 
 
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype partial sums use: float32 for half types, the input's own for float32/float64."""
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def loop_backend(x: torch.Tensor, experts: StackedExperts, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Reference: for every expert and slot, select its tokens, project them, add them weighted."""
-    out = x.new_zeros(x.shape[0], experts.out_features, dtype=_accumulate_dtype(x.dtype))
+    out = x.new_zeros(x.shape[0], experts.out_features, dtype=accumulate_dtype(x.dtype))
     for expert in range(experts.num_experts):
         for slot in range(index.shape[1]):
             rows = torch.nonzero(index[:, slot] == expert).squeeze(1)
@@ -78,7 +79,7 @@ def sorted_backend(x: torch.Tensor, experts: StackedExperts, index: torch.Tensor
     token_of = order // top_k
     slot_weight = weight.reshape(-1)[order]
     layers = [(w.unbind(0), None if b is None else b.unbind(0)) for w, b in experts.layers]
-    acc = _accumulate_dtype(x.dtype)
+    acc = accumulate_dtype(x.dtype)
     out = x.new_zeros(num_tokens, experts.out_features, dtype=acc)
     start = 0
     for expert, count in enumerate(counts):
@@ -108,7 +109,7 @@ def dense_backend(x: torch.Tensor, experts: StackedExperts, index: torch.Tensor,
         hidden = torch.einsum("teh,eoh->teo", experts.activation(hidden), w)
         if b is not None:
             hidden = hidden + b
-    acc = _accumulate_dtype(x.dtype)
+    acc = accumulate_dtype(x.dtype)
     return torch.einsum("teo,te->to", hidden.to(acc), mixing.to(acc)).to(x.dtype)
 
 

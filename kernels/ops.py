@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.testing
 
+from cmoe.dispatch import accumulate_dtype
 from cmoe.errors import CMoEError
 from cmoe.experts import StackedExperts
 
@@ -94,10 +95,6 @@ def align(expert_index: torch.Tensor, num_experts: int, block_m: int) -> Alignme
     return Alignment(sorted_pair, block_expert, block_offsets, num_pairs, top_k, block_m)
 
 
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _upcast_dot(dtype: torch.dtype) -> bool:
     """The CPU interpreter's dot (numpy) cannot multiply bfloat16: upcast there, never on a GPU."""
     return INTERPRETED and dtype == torch.bfloat16
@@ -147,7 +144,7 @@ def gemm(al: Alignment, a: torch.Tensor, weight: torch.Tensor, *, transpose_weig
         n_tiles = triton.cdiv(n, config.block_n)
         dot_out = dummy
         if dot_mode != DOT_NONE:
-            dot_out = torch.empty(n_tiles, al.padded_rows, dtype=_accumulate_dtype(a.dtype), device=a.device)
+            dot_out = torch.empty(n_tiles, al.padded_rows, dtype=accumulate_dtype(a.dtype), device=a.device)
             dot_out_holder[0] = dot_out
         grid = (al.num_blocks * n_tiles,)
         grouped_gemm_kernel[grid](
@@ -182,7 +179,7 @@ def weight_grad(al: Alignment, dy: torch.Tensor, a: torch.Tensor, *, a_gather: b
     """``dW [E, N, K]`` and ``db [E, N]`` (fp32) of one layer from its output grad `dy` (padded layout, zero in
     padding rows) and its input `a` (x gathered by token when `a_gather`, else padded)."""
     n, k = dy.shape[1], a.shape[1]
-    acc = _accumulate_dtype(a.dtype)
+    acc = accumulate_dtype(a.dtype)
     dw = torch.zeros(num_experts, n, k, dtype=acc, device=a.device)
     db = torch.zeros(num_experts, n, dtype=acc, device=a.device) if has_bias else None
     sms = (torch.cuda.get_device_properties(a.device).multi_processor_count if a.device.type == "cuda" else 4)
@@ -219,6 +216,14 @@ def padded_weighted_rows(al: Alignment, rows: torch.Tensor, route_weight: torch.
     return (rows.index_select(0, token) * weight.unsqueeze(1)).to(rows.dtype)
 
 
+def _token_order_output(x: torch.Tensor, width: int, top_k: int) -> tuple[torch.Tensor, int]:
+    """A ``[T, width]`` buffer in token order and how the kernel fills it: every token has exactly one pair
+    when k = 1 (a plain store in x's dtype), else its k pairs add into a zeroed accumulate-dtype buffer."""
+    if top_k == 1:
+        return torch.empty(x.shape[0], width, dtype=x.dtype, device=x.device), OUT_TOKEN_STORE
+    return torch.zeros(x.shape[0], width, dtype=accumulate_dtype(x.dtype), device=x.device), OUT_TOKEN_ATOMIC
+
+
 class _FusedMoEProject(torch.autograd.Function):
     """``y = Σ_j w[:, j] · Expert_{i[:, j]}(x)`` through the fused kernels, with a fused backward."""
 
@@ -236,12 +241,7 @@ class _FusedMoEProject(torch.autograd.Function):
         for depth, (w, b) in enumerate(layers):
             first, last = depth == 0, depth == num_layers - 1
             if last:
-                if top_k == 1:
-                    out = torch.empty(num_tokens, w.shape[1], dtype=x.dtype, device=x.device)
-                    mode = OUT_TOKEN_STORE
-                else:
-                    out = torch.zeros(num_tokens, w.shape[1], dtype=_accumulate_dtype(x.dtype), device=x.device)
-                    mode = OUT_TOKEN_ATOMIC
+                out, mode = _token_order_output(x, w.shape[1], top_k)
                 gemm(al, h, w, transpose_weight=True, a_gather=first, out=out, out_mode=mode, bias=b,
                      route_weight=route_weight)
                 h = out.to(x.dtype)
@@ -293,12 +293,7 @@ class _FusedMoEProject(torch.autograd.Function):
             if first:
                 if not (ctx.needs_input_grad[0] or (last and ctx.needs_input_grad[2])):
                     continue
-                if top_k == 1:
-                    target = torch.empty(num_tokens, x.shape[1], dtype=x.dtype, device=x.device)
-                    mode = OUT_TOKEN_STORE
-                else:
-                    target = torch.zeros(num_tokens, x.shape[1], dtype=_accumulate_dtype(x.dtype), device=x.device)
-                    mode = OUT_TOKEN_ATOMIC
+                target, mode = _token_order_output(x, x.shape[1], top_k)
                 partials = gemm(al, dy, w, transpose_weight=False, a_gather=last, out=target, out_mode=mode,
                                 dot_src=x if last else None, dot_mode=DOT_GATHERED if last else DOT_NONE,
                                 route_weight=route_weight if last else None, role="backward_input")

@@ -14,6 +14,7 @@ Pin a configuration instead of tuning, for every role or one:
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
@@ -47,9 +48,14 @@ _tuned: dict[tuple, KernelConfig] = {}
 
 
 def _parse_env() -> dict[str, int]:
-    text = os.environ.get("CMOE_TRITON_CONFIG", "").strip()
+    return dict(_parse_config_text(os.environ.get("CMOE_TRITON_CONFIG", "").strip()))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_config_text(text: str) -> tuple[tuple[str, int], ...]:
+    """``CMOE_TRITON_CONFIG``'s value as (field, int) pairs; cached, since every kernel launch asks."""
     if not text:
-        return {}
+        return ()
     known = {f.name for f in fields(KernelConfig)}
     parsed: dict[str, int] = {}
     for item in text.split(","):
@@ -59,7 +65,7 @@ def _parse_env() -> dict[str, int]:
             raise CMoEError(f"CMOE_TRITON_CONFIG: expected comma-separated name=int with names in {sorted(known)}, "
                             f"got {item!r}")
         parsed[name] = int(value)
-    return parsed
+    return tuple(parsed.items())
 
 
 def pin_config(role: str | None = None, **values: int) -> None:

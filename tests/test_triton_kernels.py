@@ -109,12 +109,20 @@ def test_connector_trains_with_backend_triton_like_sorted() -> None:
     assert losses["triton"] == pytest.approx(losses["sorted"], rel=1e-4)
 
 
-def test_dense_routing_takes_the_wide_gemm_path_and_matches() -> None:
+def test_dense_routing_takes_the_wide_gemm_path_and_matches(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cmoe.dispatch
+
+    calls = []
+    wide_gemm = cmoe.dispatch.dense_backend
+    monkeypatch.setattr(cmoe.dispatch, "dense_backend", lambda *args: calls.append(1) or wide_gemm(*args))
     experts = cmoe.MLPExperts(3, 8, 6).to(DEVICE)
     x = torch.randn(5, 8, device=DEVICE)
     scores, index = torch.randn(5, 3, device=DEVICE).topk(3)
     weight = scores.softmax(-1)
     fast = triton_moe_project(x, experts, index, weight)
+    assert calls == [1]
+    triton_moe_project(x[:, :8], experts, index[:, :2], weight[:, :2])  # k < E: the fused kernels
+    assert calls == [1]
     ref = cmoe.moe_project(x, experts, index, weight, backend="loop")
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
 
