@@ -4,7 +4,7 @@ A router sends each visual token (or task) to a few small projection experts and
 easing the multi-task "tug-of-war" at the connector (Uni-Med, arXiv 2409.17508).
 """
 
-from cmoe.aggregation import aggregate_tokens
+from cmoe.aggregation import aggregate_tokens, pool_tokens
 from cmoe.attach import attach, detach, using_task_ids
 from cmoe.config import CMoEConfig, ConnectorConfig, MLPConnectorConfig
 from cmoe.connector import (
@@ -47,6 +47,6 @@ __all__ = [
     "StackedExperts", "UnknownNameError", "VISION_ENCODERS", "aggregate_tokens", "attach", "build_connector", "detach",
     "get_attacher", "get_backend", "get_expert", "get_llm", "get_plugin_manager", "get_router",
     "get_vision_encoder", "hookimpl", "list_plugins", "load_balancing_loss", "load_connector",
-    "mean_weight_per_task", "moe_project", "register_plugin", "router_z_loss", "routing_stats",
+    "mean_weight_per_task", "moe_project", "pool_tokens", "register_plugin", "router_z_loss", "routing_stats",
     "select_backend", "unregister_plugin", "using_task_ids",
 ]

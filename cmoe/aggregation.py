@@ -21,3 +21,20 @@ def aggregate_tokens(x: torch.Tensor, n: int) -> torch.Tensor:
     expect(x.shape[1] % n == 0, "x", f"a token count divisible by aggregate_tokens={n} "
            f"(pad or crop the sequence, or choose a divisor of {x.shape[1]})", f"{x.shape[1]} tokens")
     return rearrange(x, "b (m n) d -> b m (n d)", n=n)
+
+
+POOL_MODES = ("avg", "max")
+
+
+def pool_tokens(x: torch.Tensor, window: int, mode: str = "avg") -> torch.Tensor:
+    """``[B, S·S, D] → [B, (S/w)², D]``: average or max pooling over ``window × window`` cells of the square
+    patch grid (Uni-Med's alternatives to the 1×4 reshape; the width stays D)."""
+    expect(mode in POOL_MODES, "mode", f"one of {POOL_MODES}", repr(mode))
+    expect(isinstance(window, int) and window >= 1, "window", "an int >= 1", window)
+    expect(x.dim() == 3, "x", "a [batch, tokens, features] tensor", f"shape {tuple(x.shape)}")
+    side = int(round(x.shape[1] ** 0.5))
+    expect(side * side == x.shape[1] and side % window == 0, "x",
+           f"a square patch grid whose side is divisible by window={window}", f"{x.shape[1]} tokens")
+    grid = rearrange(x, "b (h w) d -> b d h w", h=side)
+    pool = torch.nn.functional.avg_pool2d if mode == "avg" else torch.nn.functional.max_pool2d
+    return rearrange(pool(grid, window), "b d h w -> b (h w) d")

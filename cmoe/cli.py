@@ -1,4 +1,5 @@
-"""The ``cmoe`` command line: ``cmoe demo [...]`` and ``cmoe plugins list``."""
+"""The ``cmoe`` command line: ``cmoe demo [...]``, ``cmoe plugins list``, and every subcommand a plugin registers
+(``cmoe unimed train|eval|analyze|demo`` comes from the Uni-Med recipe this way)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,14 @@ def _plugins_list(_: argparse.Namespace) -> int:
     return 0
 
 
+def _summary(command: object) -> str:
+    doc = (getattr(command, "__doc__", None) or "").strip()
+    return doc.splitlines()[0] if doc else ""
+
+
 def main(argv: list[str] | None = None) -> int:
+    from cmoe.registry import COMMANDS
+
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="cmoe", description="Connector Mixture-of-Experts tools.")
     commands = parser.add_subparsers(dest="command", metavar="<command>")
@@ -24,13 +32,17 @@ def main(argv: list[str] | None = None) -> int:
                         add_help=False)
     plugins = commands.add_parser("plugins", help="inspect installed plugins")
     plugins_commands = plugins.add_subparsers(dest="plugins_command", metavar="<subcommand>", required=True)
-    plugins_commands.add_parser("list", help="every registered router, expert, backend, encoder, LLM and "
-                                             "attacher, with the plugin and distribution it came from")
+    plugins_commands.add_parser("list", help="every registered router, expert, backend, encoder, LLM, "
+                                             "attacher and command, with the plugin and distribution it came from")
+    for name in COMMANDS.names():
+        commands.add_parser(name, help=_summary(COMMANDS.get(name)), add_help=False)
     if argv and argv[0] == "demo":
         from cmoe.demo import main as demo
 
         demo(argv[1:])
         return 0
+    if argv and argv[0] not in ("plugins", "-h", "--help") and argv[0] in COMMANDS:
+        return int(COMMANDS.get(argv[0])(argv[1:]) or 0)
     args = parser.parse_args(argv)
     if args.command == "plugins":
         return _plugins_list(args)

@@ -59,3 +59,10 @@ def cmoe_register_llms(register: Register) -> None:
 def cmoe_register_attachers(register: Register) -> None:
     """Register attachers: ``register("name", attacher)``; an attacher knows where one MLLM family keeps its
     connector (``attacher.matches(model)``, ``attacher.attach(model, connector)``, ``attacher.detach(model)``)."""
+
+
+@hookspec
+def cmoe_register_commands(register: Register) -> None:
+    """Register ``cmoe`` subcommands: ``register("name", command)``; ``command(argv: list[str]) -> int`` parses
+    its own arguments (``cmoe name --help``) and its docstring's first line is the help shown by ``cmoe --help``.
+    Recipes add their command line this way, so the core CLI imports none of them."""

@@ -112,6 +112,7 @@ BACKENDS: Registry = Registry("backend", _is_backend)
 VISION_ENCODERS: Registry = Registry("vision encoder", _is_callable)
 LLMS: Registry = Registry("llm", _is_callable)
 ATTACHERS: Registry = Registry("attacher", _is_attacher)
+COMMANDS: Registry = Registry("command", _is_callable)
 
 REGISTRIES: dict[str, Registry] = {
     "cmoe_register_routers": ROUTERS,
@@ -120,6 +121,7 @@ REGISTRIES: dict[str, Registry] = {
     "cmoe_register_vision_encoders": VISION_ENCODERS,
     "cmoe_register_llms": LLMS,
     "cmoe_register_attachers": ATTACHERS,
+    "cmoe_register_commands": COMMANDS,
 }
 
 
@@ -151,3 +153,8 @@ def get_llm(name: str):
 def get_attacher(name: str):
     """The attacher registered under `name`."""
     return ATTACHERS.get(name)
+
+
+def get_command(name: str):
+    """The ``cmoe`` subcommand registered under `name`."""
+    return COMMANDS.get(name)

@@ -81,12 +81,13 @@ def build_hf_causal_lm(
 
 def apply_lora(model: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0.05,
                target_modules: Any = None, only_under: str | None = None,
-               trainable: tuple[str, ...] = ()) -> nn.Module:
+               trainable: tuple[str, ...] = (), modules_to_save: list[str] | None = None) -> nn.Module:
     """Wrap `model` with peft LoRA (Uni-Med: r 8, alpha 16, dropout 0.05 on q/k/v/o/gate/up/down) and keep
     every parameter whose name contains one of `trainable` (e.g. the connector) fully trainable.
 
     `only_under` (e.g. ``"language_model"``) limits LoRA to modules below that name, so a whole MLLM can be
-    wrapped without touching its vision tower (CLIP has ``q_proj`` too).
+    wrapped without touching its vision tower (CLIP has ``q_proj`` too). `modules_to_save` (peft's option,
+    e.g. ``["embed_tokens", "lm_head"]``) trains full copies of those modules, for a randomly initialised LLM.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -95,7 +96,8 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0
         names = "|".join(targets) if isinstance(targets, (list, tuple)) else targets
         targets = rf".*\b{only_under}\b.*\.({names})"
     peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                                                  target_modules=targets, task_type="CAUSAL_LM"))
+                                                  target_modules=targets, task_type="CAUSAL_LM",
+                                                  modules_to_save=modules_to_save))
     for name, parameter in peft_model.named_parameters():
         if any(part in name for part in trainable):
             parameter.requires_grad_(True)

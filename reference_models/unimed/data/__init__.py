@@ -1,5 +1,6 @@
-"""Data for the Uni-Med recipe: the common `Sample`, loaders for the real public formats, the built-in
-synthetic multi-task set and multi-task mixing."""
+"""Data for the Uni-Med recipe: the common `Sample`, loaders for the real public formats (`loaders`), the
+built-in synthetic multi-task set (`synthetic`), multi-task batch samplers (`mixing`) and IMAX-style
+image-centric merging and statistics (`imax`)."""
 
 from cmoe.reference_models.unimed.data.sample import ImageLike, Sample, image_identity
 

@@ -1,0 +1,199 @@
+"""Checkpoints that lose nothing: trainable weights, optimiser, scheduler, RNG and data position.
+
+A checkpoint is a directory ``step_00001000/`` written under a temporary name and renamed into place, so a
+crash leaves either the whole checkpoint or none; ``latest`` (also written atomically) names the newest.
+Tensors go to safetensors (``trainable.safetensors``, ``optimizer.safetensors``, ``rng.safetensors``); the
+rest (step, scheduler, Python/NumPy RNG, optimiser hyper-parameters, config) to ``state.json``. As in the
+original, only trainable parameters (connector, LoRA) are saved; the frozen weights come from the config, and a
+fingerprint of them is checked on load so a checkpoint is never applied to a different base model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cmoe.errors import CMoEError
+from cmoe.io import atomic_write, load_tensors
+from safetensors.torch import save_file
+
+LATEST = "latest"
+PREFIX = "step_"
+
+
+def frozen_fingerprint(model: nn.Module) -> str:
+    """A short hash of the frozen parameters' names, shapes and first values: cheap even for a 7B model."""
+    digest = hashlib.sha1()
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            continue
+        head = parameter.detach().reshape(-1)[:8].float().cpu().numpy()
+        digest.update(f"{name}{tuple(parameter.shape)}".encode())
+        digest.update(np.round(head, 5).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, plain = {}, {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                plain.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "plain": plain}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    for index, values in meta["plain"].items():
+        state.setdefault(int(index), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every RNG the training loop touches: torch (CPU and each CUDA device), Python, NumPy's global one."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{index}"] = state
+    version, values, gauss = random.getstate()
+    np_state = np.random.get_state()
+    plain = {"python": [version, list(values), gauss],
+             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    return tensors, plain
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[key] for key in sorted(k for k in tensors if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
+    version, values, gauss = plain["python"]
+    random.setstate((version, tuple(values), gauss))
+    name, keys, *rest = plain["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+
+
+def _fsync_dir(path: Path) -> None:
+    for file in path.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def save_checkpoint(output_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, extra: dict[str, Any], keep: int | None = None, tokenizer: Any = None,
+                    rng_states: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None) -> Path:
+    """Write ``output_dir/step_<step>/`` atomically, point ``latest`` at it, and keep the newest `keep`.
+
+    `rng_states` holds one `rng_state()` per rank (default: this process's), so every rank resumes its own."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    final = output_dir / f"{PREFIX}{step:08d}"
+    tmp = output_dir / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(trainable, str(tmp / "trainable.safetensors"))
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    rng_states = rng_states or [rng_state()]
+    save_file({f"rank{rank}.{key}": value for rank, (tensors, _) in enumerate(rng_states)
+               for key, value in tensors.items()}, str(tmp / "rng.safetensors"))
+    state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
+             "rng": [plain for _, plain in rng_states],
+             "frozen_fingerprint": frozen_fingerprint(model), **extra}
+    (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_json_default))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write(output_dir / LATEST, lambda path: Path(path).write_text(final.name + "\n"))
+    if keep is not None:
+        for old in sorted(output_dir.glob(f"{PREFIX}*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def find_latest(output_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint ``latest`` names in `output_dir`, or None when there is none."""
+    pointer = Path(output_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(output_dir) / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The parts of a checkpoint directory: ``trainable``, ``optimizer``, ``rng`` tensors and ``state``."""
+    path = Path(path)
+    missing = [name for name in ("trainable.safetensors", "state.json") if not (path / name).is_file()]
+    if missing:
+        raise CMoEError(f"checkpoint {path}: missing {', '.join(missing)}; expected a directory written by "
+                        "`cmoe unimed train` (step_XXXXXXXX/ with trainable.safetensors and state.json)")
+    parts = {"trainable": load_tensors(path / "trainable.safetensors"),
+             "state": json.loads((path / "state.json").read_text())}
+    for name in ("optimizer", "rng"):
+        file = path / f"{name}.safetensors"
+        parts[name] = load_tensors(file) if file.is_file() else None
+    return parts
+
+
+def load_trainable(model: nn.Module, parts: dict[str, Any], where: str = "checkpoint") -> None:
+    """Copy the saved trainable parameters into `model`, after checking names, shapes and the frozen base."""
+    expected = frozen_fingerprint(model)
+    saved = parts["state"].get("frozen_fingerprint")
+    if saved is not None and saved != expected:
+        raise CMoEError(f"{where}: the frozen weights differ from those the checkpoint was trained with "
+                        f"(fingerprint {saved} vs {expected}); use the same base model paths and seed as its run")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    unknown = sorted(set(parts["trainable"]) - set(params))
+    absent = sorted(set(params) - set(parts["trainable"]))
+    if unknown or absent:
+        raise CMoEError(f"{where}: parameters do not match the model: unexpected {unknown[:5]}, missing "
+                        f"{absent[:5]}; was it written for another connector preset or LoRA setting?")
+    with torch.no_grad():
+        for name, value in parts["trainable"].items():
+            if params[name].shape != value.shape:
+                raise CMoEError(f"{where}: parameter {name}: expected shape {tuple(params[name].shape)}, got "
+                                f"{tuple(value.shape)}")
+            params[name].copy_(value)
+
+
+def load_training_state(parts: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any,
+                        rank: int = 0) -> dict[str, Any]:
+    """Restore optimiser, scheduler and this rank's RNG from a checkpoint's parts; returns its ``state``."""
+    state = parts["state"]
+    optimizer.load_state_dict(_unflatten_optimizer(parts["optimizer"], state["optimizer"]))
+    scheduler.load_state_dict(state["scheduler"])
+    if rank >= len(state["rng"]):
+        raise CMoEError(f"checkpoint: written by {len(state['rng'])} process(es), resumed with rank {rank}; "
+                        "resume with the same number of processes for an exact continuation")
+    prefix = f"rank{rank}."
+    set_rng_state({k[len(prefix):]: v for k, v in parts["rng"].items() if k.startswith(prefix)}, state["rng"][rank])
+    return state
+
+

@@ -1,0 +1,301 @@
+"""The recipe's configuration: YAML files mapped onto dataclasses, checked when loaded.
+
+Sections: ``model`` (vision encoder, token aggregation, connector, LLM, LoRA, tokenizer), ``data`` (synthetic
+set or real datasets under a local root, the sampler and mixing ratios), ``train`` (optimiser, schedule,
+precision, checkpoints) and ``eval`` (decoding and limits). A wrong key or value raises `CMoEError` naming the
+key, what was expected and the known keys. ``--config tiny`` / ``paper`` / ``experiment`` name the files
+shipped in ``configs/``; any other value is a path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cmoe.errors import CMoEError, expect
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+BUILTIN_CONFIGS = {"tiny": "tiny.yaml", "paper": "unimed_paper.yaml", "experiment": "experiment_paper.yaml"}
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+T = TypeVar("T")
+
+
+@dataclass
+class ComponentConfig:
+    """A registered builder by name and the keyword options passed to it (see ``cmoe plugins list``)."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AggregationConfig:
+    """How encoder tokens are merged before the connector: ``reshape`` (the original: ``rate`` consecutive tokens
+    concatenated), ``avg`` or ``max`` (``window × window`` pooling of the patch grid), or ``none``."""
+
+    kind: str = "reshape"
+    rate: int = 4
+    window: int = 2
+
+    def __post_init__(self) -> None:
+        expect(self.kind in ("reshape", "avg", "max", "none"), "model.aggregation.kind",
+               "one of reshape, avg, max, none", repr(self.kind))
+
+
+@dataclass
+class ConnectorSection:
+    """The connector: a preset (see `cmoe.reference_models.unimed.model.CONNECTOR_PRESETS`) and overrides of
+    its `CMoEConfig` / `MLPConnectorConfig` fields."""
+
+    preset: str = "original"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoraSection:
+    """peft LoRA on the LLM (Uni-Med: r 8, alpha 16, dropout 0.05, every linear layer but ``lm_head``).
+    ``modules_to_save`` trains full copies of some modules (the tiny config's random-init embeddings and head)."""
+
+    enabled: bool = True
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] | None = None
+    modules_to_save: list[str] | None = None
+
+
+@dataclass
+class TokenizerSection:
+    """``path``: a local tokenizer directory (the LLM's); or ``kind: word_level``: built from the training data."""
+
+    kind: str = "pretrained"
+    path: str | None = None
+
+    def __post_init__(self) -> None:
+        expect(self.kind in ("pretrained", "word_level"), "model.tokenizer.kind", "pretrained or word_level",
+               repr(self.kind))
+        expect(self.kind == "word_level" or self.path, "model.tokenizer.path",
+               "a local tokenizer directory (or kind: word_level)", self.path)
+
+
+@dataclass
+class ModelSection:
+    vision_encoder: ComponentConfig
+    llm: ComponentConfig
+    tokenizer: TokenizerSection
+    connector: ConnectorSection = field(default_factory=ConnectorSection)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    image_mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
+    image_std: list[float] = field(default_factory=lambda: list(CLIP_STD))
+    max_text_tokens: int = 1024
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        expect(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", "float32, bfloat16 or float16",
+               repr(self.dtype))
+        expect(len(self.image_mean) == 3 and len(self.image_std) == 3, "model.image_mean/image_std",
+               "three numbers each (RGB)", (self.image_mean, self.image_std))
+
+
+@dataclass
+class DatasetEntry:
+    """One real dataset: a loader name (``cmoe.reference_models.unimed.data.loaders.LOADERS``), its local root,
+    the mixing ratio, and loader options (e.g. ``limit``)."""
+
+    name: str
+    root: str
+    ratio: float | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataSection:
+    """Either ``synthetic`` (options of `SyntheticConfig`) or ``datasets`` (real data from local roots)."""
+
+    synthetic: dict[str, Any] | None = None
+    datasets: list[DatasetEntry] = field(default_factory=list)
+    train_split: str = "train"
+    eval_split: str = "test"
+    sampler: str = "task_ratio"
+    sampler_options: dict[str, Any] = field(default_factory=dict)
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        expect((self.synthetic is None) != (not self.datasets), "data",
+               "exactly one of `synthetic` (built-in set) or `datasets` (real data under local roots)",
+               f"synthetic={'set' if self.synthetic is not None else None}, {len(self.datasets)} datasets")
+
+    def ratios(self) -> dict[str, float] | None:
+        """Mixing ratios by source; None means the sampler's defaults."""
+        given = {d.name: d.ratio for d in self.datasets if d.ratio is not None}
+        return given or None
+
+
+@dataclass
+class TrainSection:
+    """The original: batch 4, 50k steps, AdamW (0.9, 0.999), wd 0.05, warm-up 5k steps 1e-6 → 1e-5, cosine to
+    1e-7, fp16 autocast, seed 42."""
+
+    batch_size: int = 4
+    steps: int = 50_000
+    grad_accum: int = 1
+    lr: float = 1e-5
+    warmup_steps: int = 5_000
+    warmup_start_lr: float = 1e-6
+    min_lr: float = 1e-7
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    max_grad_norm: float | None = None
+    precision: str = "fp32"
+    log_every: int = 10
+    save_every: int = 1_000
+    keep_checkpoints: int = 2
+    distributed: str = "ddp"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "steps", "grad_accum", "log_every", "save_every", "keep_checkpoints"):
+            value = getattr(self, name)
+            expect(isinstance(value, int) and value >= 1, f"train.{name}", "an int >= 1", repr(value))
+        expect(isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps, "train.warmup_steps",
+               "an int >= 0", repr(self.warmup_steps))
+        for name in ("lr", "warmup_start_lr", "min_lr", "weight_decay"):
+            value = getattr(self, name)
+            expect(isinstance(value, (int, float)) and value >= 0, f"train.{name}", "a number >= 0", repr(value))
+        expect(self.precision in ("fp32", "bf16", "fp16"), "train.precision", "fp32, bf16 or fp16",
+               repr(self.precision))
+        expect(self.distributed in ("ddp", "fsdp"), "train.distributed", "ddp or fsdp", repr(self.distributed))
+
+
+@dataclass
+class EvalSection:
+    max_new_tokens: int = 100
+    batch_size: int = 8
+    limit_per_task: int | None = None
+
+
+@dataclass
+class RecipeConfig:
+    """The whole recipe. ``output_dir`` holds checkpoints, metrics and evaluation tables."""
+
+    model: ModelSection
+    data: DataSection
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    seed: int = 42
+    output_dir: str = "runs/unimed"
+    name: str = "unimed"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type[T], data: Any, where: str) -> T:
+    """`cls` from a mapping, recursing into nested dataclass fields; unknown or missing keys are errors."""
+    expect(isinstance(data, dict), where or "config", f"a mapping of {cls.__name__} fields", type(data).__name__)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise CMoEError(f"{where or 'config'}: unknown key(s) {unknown}; known keys: {sorted(fields)}")
+    values = {}
+    hints = {name: f.type for name, f in fields.items()}
+    for name, value in data.items():
+        key = f"{where}.{name}" if where else name
+        nested = _NESTED.get((cls, name))
+        if nested is list:
+            expect(isinstance(value, list), key, "a list of dataset entries", type(value).__name__)
+            value = [_build(DatasetEntry, item, f"{key}[{i}]") for i, item in enumerate(value)]
+        elif nested is not None and value is not None:
+            value = _build(nested, value, key)
+        elif "float" in str(hints[name]) and isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise CMoEError(f"{key}: expected a number, got {value!r}") from None
+        values[name] = value
+    missing = [n for n, f in fields.items() if n not in values and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise CMoEError(f"{where or 'config'}: missing required key(s) {missing}")
+    return cls(**values)
+
+
+_NESTED: dict[tuple[type, str], Any] = {
+    (RecipeConfig, "model"): ModelSection, (RecipeConfig, "data"): DataSection,
+    (RecipeConfig, "train"): TrainSection, (RecipeConfig, "eval"): EvalSection,
+    (ModelSection, "vision_encoder"): ComponentConfig, (ModelSection, "llm"): ComponentConfig,
+    (ModelSection, "tokenizer"): TokenizerSection, (ModelSection, "connector"): ConnectorSection,
+    (ModelSection, "aggregation"): AggregationConfig, (ModelSection, "lora"): LoraSection,
+    (DataSection, "datasets"): list,
+}
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged
+
+
+def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
+    """A built-in config name (``tiny``, ``paper``, ``experiment``) or a path to a YAML file."""
+    if str(name_or_path) in BUILTIN_CONFIGS:
+        return CONFIG_DIR / BUILTIN_CONFIGS[str(name_or_path)]
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise CMoEError(f"config: {str(name_or_path)!r} is neither a file nor a built-in config; built-in: "
+                        f"{', '.join(sorted(BUILTIN_CONFIGS))}")
+    return path
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.steps=10", "model.connector.preset=mlp"]`` → a nested dict; values are parsed as YAML."""
+    import yaml
+
+    result: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise CMoEError(f"override: expected key.path=value, got {item!r}")
+        key, value = item.split("=", 1)
+        node = result
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return result
+
+
+def load_config_dict(name_or_path: str | os.PathLike) -> dict[str, Any]:
+    """The raw mapping of a config file; ``base: other.yaml`` (a built-in name or a path relative to the file)
+    is read first and this file's keys merged over it."""
+    import yaml
+
+    path = resolve_config_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise CMoEError(f"config {path}: not valid YAML: {error}") from None
+    expect(isinstance(data, dict), f"config {path}", "a YAML mapping", type(data).__name__)
+    base = data.pop("base", None)
+    if base is not None:
+        data = _merge(load_config_dict(base if base in BUILTIN_CONFIGS else path.parent / base), data)
+    return data
+
+
+def load_config(name_or_path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> RecipeConfig:
+    """Read a YAML config (with its ``base`` chain), apply `overrides` (a nested dict, see `parse_overrides`)
+    and check it."""
+    return config_from_dict(_merge(load_config_dict(name_or_path), overrides or {}))
+
+
+def config_from_dict(data: dict[str, Any]) -> RecipeConfig:
+    """A checked `RecipeConfig` from a nested mapping."""
+    return _build(RecipeConfig, data, "")

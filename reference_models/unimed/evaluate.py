@@ -1,0 +1,115 @@
+"""Evaluation of every task with the original's metrics: greedy answers → `metrics.evaluate_task` → a
+Markdown and a JSON table (plus every prediction, for inspection)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cmoe.errors import CMoEError
+from cmoe.io import atomic_write, write_json
+from cmoe.reference_models.unimed.checkpoint import find_latest, load_trainable, read_checkpoint
+from cmoe.reference_models.unimed.collate import Collator
+from cmoe.reference_models.unimed.config import RecipeConfig
+from cmoe.reference_models.unimed.metrics import Metric, evaluate_task
+from cmoe.reference_models.unimed.model import UniMedModel, build_model
+from cmoe.reference_models.unimed.recipe_data import by_task, load_split
+from cmoe.reference_models.unimed.tasks import TASKS
+from cmoe.reference_models.unimed.tokenizer import load_tokenizer
+
+TASK_ORDER = tuple(TASKS)
+
+
+def load_trained_model(config: RecipeConfig, checkpoint: str | os.PathLike | None,
+                       device: torch.device | str = "cpu") -> UniMedModel:
+    """The model of `config` with a checkpoint's trainable weights (``None``: the run's ``latest``)."""
+    path = Path(checkpoint) if checkpoint is not None else find_latest(config.output_dir)
+    if path is None:
+        raise CMoEError(f"checkpoint: none given and no 'latest' in {config.output_dir}; train first "
+                        "(cmoe unimed train) or pass --checkpoint DIR")
+    parts = read_checkpoint(path)
+    tokenizer_dir = path / "tokenizer"
+    if tokenizer_dir.is_dir():
+        tokenizer = load_tokenizer(tokenizer_dir)
+    elif config.model.tokenizer.kind == "pretrained":
+        tokenizer = load_tokenizer(config.model.tokenizer.path)
+    else:
+        raise CMoEError(f"checkpoint {path}: no tokenizer/ folder, and the config's word-level tokenizer is "
+                        "built at training time; evaluate a checkpoint written by `cmoe unimed train`")
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, tokenizer)
+    load_trainable(model, parts, str(path))
+    return model.to(device).eval()
+
+
+def predict(model: UniMedModel, samples: list, config: RecipeConfig, device: torch.device | str = "cpu") -> list[str]:
+    """Greedy answers for `samples`, in batches of ``eval.batch_size``."""
+    collator = Collator(model.tokenizer, model.vision_encoder.image_size, config.model.image_mean,
+                        config.model.image_std, config.model.max_text_tokens, with_answers=False)
+    answers: list[str] = []
+    size = config.eval.batch_size
+    for start in range(0, len(samples), size):
+        batch = collator(samples[start:start + size]).to(device)
+        answers.extend(model.generate(batch, config.eval.max_new_tokens))
+    return answers
+
+
+def evaluate_model(model: UniMedModel, samples: list, config: RecipeConfig, limit_per_task: int | None = None,
+                   device: torch.device | str = "cpu") -> tuple[dict[str, dict[str, Metric]], list[dict[str, Any]]]:
+    """Per-task metrics and the predictions (task, prompt fields, reference, prediction) of `samples`."""
+    limit = limit_per_task if limit_per_task is not None else config.eval.limit_per_task
+    results: dict[str, dict[str, Metric]] = {}
+    records: list[dict[str, Any]] = []
+    groups = by_task(samples)
+    for task in [t for t in TASK_ORDER if t in groups]:
+        group = groups[task][:limit] if limit is not None else groups[task]
+        predictions = predict(model, group, config, device)
+        results[task] = evaluate_task(task, predictions, [s.answer for s in group], [s.meta for s in group])
+        records.extend({"task": task, "source": s.source, "fields": s.fields, "reference": s.answer,
+                        "prediction": p} for s, p in zip(group, predictions))
+    return results, records
+
+
+def format_results(results: dict[str, dict[str, Metric]]) -> str:
+    """A Markdown table: one row per (task, metric), values in percent, unavailable metrics with their reason."""
+    lines = ["| task | metric | value | n |", "|---|---|---:|---:|"]
+    for task, metrics in results.items():
+        for name, metric in metrics.items():
+            value = f"{100 * metric.value:.2f}" if metric.value is not None else f"n/a ({metric.note})"
+            lines.append(f"| {task} | {name} | {value} | {metric.count} |")
+    return "\n".join(lines)
+
+
+def results_to_dict(results: dict[str, dict[str, Metric]]) -> dict[str, dict[str, Any]]:
+    return {task: {name: {"value": m.value, "count": m.count, "note": m.note} for name, m in metrics.items()}
+            for task, metrics in results.items()}
+
+
+def write_results(out_dir: str | os.PathLike, results: dict[str, dict[str, Metric]],
+                  records: list[dict[str, Any]], header: str = "") -> list[Path]:
+    """``eval.md``, ``eval.json`` and ``predictions.jsonl`` in `out_dir`, each written atomically."""
+    out = Path(out_dir)
+    table = (header + "\n\n" if header else "") + format_results(results) + "\n"
+    lines = "".join(json.dumps(record) + "\n" for record in records)
+    return [atomic_write(out / "eval.md", lambda p: Path(p).write_text(table)),
+            write_json(out / "eval.json", results_to_dict(results)),
+            atomic_write(out / "predictions.jsonl", lambda p: Path(p).write_text(lines))]
+
+
+def run_evaluation(config: RecipeConfig, checkpoint: str | os.PathLike | None = None,
+                   out_dir: str | os.PathLike | None = None, limit_per_task: int | None = None,
+                   device: torch.device | str | None = None) -> dict[str, dict[str, Metric]]:
+    """Evaluate a checkpoint on the config's eval split and write the tables next to it (or to `out_dir`)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_trained_model(config, checkpoint, device)
+    samples = load_split(config.data, config.data.eval_split)
+    if not samples:
+        raise CMoEError(f"data: the {config.data.eval_split!r} split is empty; check the dataset roots")
+    results, records = evaluate_model(model, samples, config, limit_per_task, device)
+    target = Path(out_dir) if out_dir is not None else Path(config.output_dir) / "eval"
+    write_results(target, results, records, header=f"# {config.name}: evaluation on {config.data.eval_split}")
+    return results

@@ -1,0 +1,317 @@
+"""The training loop: multi-task batches → autocast forward → accumulated backward → AdamW step, with
+JSONL metrics (per-task loss, routing weights per task), atomic checkpoints and exact resume.
+
+Multi-process training goes through torchrun (``torchrun --nproc_per_node N -m cmoe unimed train ...``): each
+rank takes every N-th batch of the one deterministic batch stream, and DDP averages the gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cmoe.errors import CMoEError
+from cmoe.io import write_json
+from cmoe.reference_models.unimed.checkpoint import (
+    find_latest,
+    load_trainable,
+    load_training_state,
+    read_checkpoint,
+    rng_state,
+    save_checkpoint,
+)
+from cmoe.reference_models.unimed.collate import Collator
+from cmoe.reference_models.unimed.config import RecipeConfig, TrainSection
+from cmoe.reference_models.unimed.data.mixing import build_sampler
+from cmoe.reference_models.unimed.data.sample import Sample
+from cmoe.reference_models.unimed.model import UniMedModel, build_model
+from cmoe.reference_models.unimed.prompts import build_prompt
+from cmoe.reference_models.unimed.recipe_data import load_split
+from cmoe.reference_models.unimed.tasks import get_task
+from cmoe.reference_models.unimed.tokenizer import build_word_tokenizer, load_tokenizer
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def learning_rate(step: int, train: TrainSection) -> float:
+    """The original's schedule: linear warm-up ``warmup_start_lr → lr`` over ``warmup_steps``, then cosine
+    decay to ``min_lr`` at ``steps``."""
+    if step < train.warmup_steps:
+        return train.warmup_start_lr + (train.lr - train.warmup_start_lr) * step / train.warmup_steps
+    progress = min(1.0, (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps))
+    return train.min_lr + (train.lr - train.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters with weight decay, except biases, norms and other 1-d parameters (the original's
+    no-decay rules)."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        plain = parameter.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
+        (no_decay if plain else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@dataclass
+class DistributedContext:
+    """Rank, world size and device of this process (torchrun's environment, or a single process)."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistributedContext:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1): NCCL on GPUs, gloo on CPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return DistributedContext(rank, world, device)
+
+
+def prompt_texts(samples: list[Sample]) -> list[str]:
+    """Every prompt and answer of `samples` (the text a word-level tokenizer must cover)."""
+    return [f"{build_prompt(get_task(s.task), s.fields).prompt} {s.answer}" for s in samples]
+
+
+def make_tokenizer(config: RecipeConfig, train_samples: list[Sample]):
+    section = config.model.tokenizer
+    if section.kind == "word_level":
+        return build_word_tokenizer(prompt_texts(train_samples))
+    return load_tokenizer(section.path)
+
+
+def autocast(precision: str, device: torch.device):
+    """The autocast context of a precision (``fp32`` → none). fp16 needs a GPU (and gets a grad scaler)."""
+    if precision == "fp32":
+        return nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise CMoEError("train.precision: fp16 autocast needs a CUDA GPU; use bf16 or fp32 on a CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    step: int
+    checkpoint: Path | None
+    history: list[dict[str, Any]]
+
+
+class _Window:
+    """Running sums between two log lines: loss, per-task loss, aux loss and routing weight per task."""
+
+    def __init__(self) -> None:
+        self.loss = self.aux = 0.0
+        self.steps = self.samples = 0
+        self.task_loss: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+        self.routing: dict[str, list[Any]] = {}
+
+    def add(self, tasks: list[str], image_tasks: list[str], out: Any, micro_loss: float) -> None:
+        self.loss += micro_loss
+        self.aux += float(out.aux_loss)
+        self.samples += len(tasks)
+        for task, value in zip(tasks, out.sample_losses.tolist()):
+            self.task_loss[task][0] += value
+            self.task_loss[task][1] += 1
+        if out.routing_weights is not None:
+            per_image = out.routing_weights.detach().float().mean(1).cpu()
+            for task, weights in zip(image_tasks, per_image):
+                total = self.routing.setdefault(task, [torch.zeros_like(weights), 0])
+                total[0] += weights
+                total[1] += 1
+
+    def record(self, step: int, lr: float, micro_batches: int, elapsed: float, grad_norm: float | None) -> dict:
+        record = {"step": step, "lr": lr, "loss": self.loss / max(1, micro_batches),
+                  "aux_loss": self.aux / max(1, micro_batches),
+                  "task_loss": {t: s / max(1, n) for t, (s, n) in sorted(self.task_loss.items())},
+                  "samples_per_s": self.samples / max(elapsed, 1e-9)}
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        if self.routing:
+            record["routing"] = {t: (s / n).tolist() for t, (s, n) in sorted(self.routing.items())}
+        return record
+
+
+class Trainer:
+    """Builds data, tokenizer, model, optimiser and schedule from a `RecipeConfig`, and trains.
+
+    `resume`: ``"auto"`` continues from ``output_dir/latest`` when it exists, a path continues from that
+    checkpoint, None starts fresh (an existing ``latest`` is then an error, so no run is overwritten by accident).
+    """
+
+    def __init__(self, config: RecipeConfig, output_dir: str | os.PathLike | None = None,
+                 resume: str | os.PathLike | None = "auto"):
+        self.config = config
+        self.output_dir = Path(output_dir or config.output_dir)
+        self.resume = resume
+        self.ctx = init_distributed()
+
+    def _checkpoint_to_resume(self) -> Path | None:
+        if self.resume is None:
+            if find_latest(self.output_dir) is not None:
+                raise CMoEError(f"output_dir {self.output_dir} already holds checkpoints; resume from them "
+                                "(--resume auto) or choose another --output-dir")
+            return None
+        if self.resume == "auto":
+            return find_latest(self.output_dir)
+        return Path(self.resume)
+
+    def setup(self) -> None:
+        config, ctx = self.config, self.ctx
+        self.train_samples = load_split(config.data, config.data.train_split)
+        if not self.train_samples:
+            raise CMoEError(f"data: the {config.data.train_split!r} split is empty; check the dataset roots")
+        resume_from = self._checkpoint_to_resume()
+        if resume_from is not None and (resume_from / "tokenizer").is_dir():
+            self.tokenizer = load_tokenizer(resume_from / "tokenizer")
+        else:
+            self.tokenizer = make_tokenizer(config, self.train_samples)
+        torch.manual_seed(config.seed)
+        model = build_model(config.model, self.tokenizer).to(ctx.device)
+        self.model: UniMedModel = model
+        train = config.train
+        self.optimizer = torch.optim.AdamW(parameter_groups(model, train.weight_decay), lr=train.lr,
+                                           betas=tuple(train.betas), fused=False)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: learning_rate(step, train) / train.lr if train.lr > 0 else 0.0)
+        self.step = 0
+        if resume_from is not None:
+            parts = read_checkpoint(resume_from)
+            load_trainable(model, parts, str(resume_from))
+            self.step = load_training_state(parts, self.optimizer, self.scheduler, ctx.rank)["step"]
+        else:
+            torch.manual_seed(config.seed + ctx.rank)
+        self.scaler = torch.amp.GradScaler("cuda") if train.precision == "fp16" else None
+        self.wrapped: nn.Module = model
+        if ctx.world_size > 1:
+            self.wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        self.collator = Collator(self.tokenizer, model.vision_encoder.image_size, config.model.image_mean,
+                                 config.model.image_std, config.model.max_text_tokens)
+        self.sampler = build_sampler(config.data.sampler, self.train_samples, train.batch_size, seed=config.seed,
+                                     **config.data.sampler_options)
+
+    def _batches(self):
+        """This rank's batches from the shared stream, resuming after the ones already consumed."""
+        ctx, accum = self.ctx, self.config.train.grad_accum
+        start = self.step * accum * ctx.world_size + ctx.rank
+        indices = islice(self.sampler.iter_from(0), start, None, ctx.world_size)
+        loader = torch.utils.data.DataLoader(self.train_samples, batch_sampler=indices, collate_fn=self.collator,
+                                             num_workers=self.config.data.num_workers)
+        return iter(loader)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.ctx.is_main:
+            with open(self.output_dir / METRICS_FILE, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def _trim_metrics(self) -> None:
+        """Drop metric lines past the resumed step (written after the checkpoint by an interrupted run)."""
+        path = self.output_dir / METRICS_FILE
+        if self.ctx.is_main and path.is_file():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def save(self) -> Path | None:
+        """A checkpoint of the current step (rank 0 writes; every rank's RNG state is kept)."""
+        ctx = self.ctx
+        states = [rng_state()]
+        if ctx.world_size > 1:
+            gathered: list[Any] = [None] * ctx.world_size
+            dist.all_gather_object(gathered, states[0])
+            states = gathered
+        path = None
+        if ctx.is_main:
+            extra = {"config": self.config.to_dict(), "world_size": ctx.world_size}
+            path = save_checkpoint(self.output_dir, self.step, self.model, self.optimizer, self.scheduler, extra,
+                                   keep=self.config.train.keep_checkpoints, tokenizer=self.tokenizer,
+                                   rng_states=states)
+        if ctx.world_size > 1:
+            dist.barrier()
+        return path
+
+    def train(self, steps: int | None = None) -> TrainResult:
+        """Train until step ``steps`` (default ``train.steps``); returns the last checkpoint and the metrics."""
+        from tqdm.auto import tqdm
+
+        if not hasattr(self, "model"):
+            self.setup()
+        config, ctx, train = self.config, self.ctx, self.config.train
+        total = train.steps if steps is None else steps
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._trim_metrics()
+        if ctx.is_main:
+            write_json(self.output_dir / "config.json", config.to_dict())
+        batches = self._batches()
+        history: list[dict[str, Any]] = []
+        checkpoint = None
+        self.wrapped.train()
+        window, started = _Window(), time.perf_counter()
+        bar = tqdm(total=total, initial=self.step, disable=not (ctx.is_main and train.progress), desc="train")
+        while self.step < total:
+            grad_norm = self._optimizer_step(batches, window)
+            self.step += 1
+            bar.update(1)
+            if self.step % train.log_every == 0 or self.step == total:
+                record = window.record(self.step, self.scheduler.get_last_lr()[0], window.steps,
+                                       time.perf_counter() - started, grad_norm)
+                history.append(record)
+                self._log(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}")
+                window, started = _Window(), time.perf_counter()
+            if self.step % train.save_every == 0 or self.step == total:
+                checkpoint = self.save() or checkpoint
+        bar.close()
+        return TrainResult(self.output_dir, self.step, checkpoint, history)
+
+    def _optimizer_step(self, batches, window: _Window) -> float | None:
+        train, ctx = self.config.train, self.ctx
+        for micro in range(train.grad_accum):
+            batch = next(batches).to(ctx.device)
+            last = micro == train.grad_accum - 1
+            sync = nullcontext() if last or ctx.world_size == 1 else self.wrapped.no_sync()
+            with sync:
+                with autocast(train.precision, ctx.device):
+                    out = self.wrapped(batch)
+                loss = out.loss / train.grad_accum
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            image_tasks = [s.task for s, t in zip(batch.samples, batch.texts) if t.has_image]
+            window.add(batch.tasks, image_tasks, out, float(out.loss.detach()))
+            window.steps += 1
+        grad_norm = None
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if train.max_grad_norm is not None:
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm))
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
