@@ -89,3 +89,8 @@ def test_box_iou_known_values() -> None:
     assert box_iou(a, Box(5, 0, 15, 10)) == pytest.approx(50 / 150)
     assert box_iou(a, Box(20, 20, 30, 30)) == 0.0
     assert box_iou(a, None) == 0.0 and box_iou(Box(1, 1, 1, 1), Box(1, 1, 1, 1)) == 0.0
+
+
+def test_encode_box_does_not_lose_a_unit_to_float_rounding() -> None:
+    # 29 / 100 * 100 == 28.999…; the encoder multiplies first, so exact pixel values stay exact.
+    assert encode_box((29, 57, 29, 1), 100, 100) == "{<29><57><58><58>}"

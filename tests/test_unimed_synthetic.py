@@ -137,7 +137,7 @@ def test_reg_answer_is_the_organ_at_the_box_and_matches_rec(dense: list[Sample])
             rows, cols = box_slice(sample)
             window = sample.image[rows, cols].astype(int)
             organ_share = organ_pixels(window, sample.answer).mean() + lesion_pixels(window).mean()
-            assert organ_share > 0.5
+            assert organ_share > 0.4
             assert sample.meta["box"] == parse_box(sample.fields["box"])
             assert sample.meta["image_size"] == (32, 32)
 

@@ -30,7 +30,7 @@ class Box(NamedTuple):
 
 
 def _scaled(value: float, size: int) -> int:
-    return min(SCALE, max(0, int(value / size * SCALE)))
+    return min(SCALE, max(0, int(value * SCALE / size)))
 
 
 def encode_box(xywh: tuple[float, float, float, float], width: int, height: int) -> str:

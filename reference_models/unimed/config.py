@@ -117,13 +117,16 @@ class DatasetEntry:
 
 @dataclass
 class DataSection:
-    """Either ``synthetic`` (options of `SyntheticConfig`) or ``datasets`` (real data from local roots)."""
+    """Either ``synthetic`` (options of `SyntheticConfig`, plus ``eval_images`` / ``eval_fraction``) or
+    ``datasets`` (real data from local roots). ``sampler``: ``task_ratio`` (the original: one source per batch,
+    drawn by ``ratios``), ``mixed`` or ``image_centric``; ``sampler_options`` go to its constructor."""
 
     synthetic: dict[str, Any] | None = None
     datasets: list[DatasetEntry] = field(default_factory=list)
     train_split: str = "train"
     eval_split: str = "test"
     sampler: str = "task_ratio"
+    ratios: dict[str, float] | None = None
     sampler_options: dict[str, Any] = field(default_factory=dict)
     num_workers: int = 0
 
@@ -132,10 +135,11 @@ class DataSection:
                "exactly one of `synthetic` (built-in set) or `datasets` (real data under local roots)",
                f"synthetic={'set' if self.synthetic is not None else None}, {len(self.datasets)} datasets")
 
-    def ratios(self) -> dict[str, float] | None:
-        """Mixing ratios by source; None means the sampler's defaults."""
+    def mixing_ratios(self) -> dict[str, float] | None:
+        """Mixing ratios by source for the ``task_ratio`` sampler: ``ratios``, else each dataset entry's
+        ``ratio``; None means the original's (`UNIMED_RATIOS`)."""
         given = {d.name: d.ratio for d in self.datasets if d.ratio is not None}
-        return given or None
+        return self.ratios or given or None
 
 
 @dataclass
@@ -296,6 +300,17 @@ def load_config(name_or_path: str | os.PathLike, overrides: dict[str, Any] | Non
     return config_from_dict(_merge(load_config_dict(name_or_path), overrides or {}))
 
 
+def _expand(value: Any) -> Any:
+    if isinstance(value, str):
+        return os.path.expandvars(value)
+    if isinstance(value, dict):
+        return {key: _expand(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_expand(item) for item in value]
+    return value
+
+
 def config_from_dict(data: dict[str, Any]) -> RecipeConfig:
-    """A checked `RecipeConfig` from a nested mapping."""
-    return _build(RecipeConfig, data, "")
+    """A checked `RecipeConfig` from a nested mapping; ``$VAR`` / ``${VAR}`` in strings are expanded from the
+    environment (paths to local weights and data)."""
+    return _build(RecipeConfig, _expand(data), "")

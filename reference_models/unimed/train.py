@@ -211,16 +211,22 @@ class Trainer:
             self.wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         self.collator = Collator(self.tokenizer, model.vision_encoder.image_size, config.model.image_mean,
                                  config.model.image_std, config.model.max_text_tokens)
+        options = dict(config.data.sampler_options)
+        if config.data.sampler == "task_ratio":
+            options.setdefault("ratios", config.data.mixing_ratios())
         self.sampler = build_sampler(config.data.sampler, self.train_samples, train.batch_size, seed=config.seed,
-                                     **config.data.sampler_options)
+                                     **options)
 
     def _batches(self):
         """This rank's batches from the shared stream, resuming after the ones already consumed."""
         ctx, accum = self.ctx, self.config.train.grad_accum
         start = self.step * accum * ctx.world_size + ctx.rank
         indices = islice(self.sampler.iter_from(0), start, None, ctx.world_size)
+        # Its own generator: creating the iterator must not draw from the global RNG (dropout's), or a resumed
+        # run would see shifted dropout masks.
+        generator = torch.Generator().manual_seed(self.config.seed)
         loader = torch.utils.data.DataLoader(self.train_samples, batch_sampler=indices, collate_fn=self.collator,
-                                             num_workers=self.config.data.num_workers)
+                                             num_workers=self.config.data.num_workers, generator=generator)
         return iter(loader)
 
     def _log(self, record: dict[str, Any]) -> None:

@@ -243,6 +243,8 @@ def vocabulary(samples: Iterable[Sample] | None = None) -> list[str]:
 
 def make_scene(config: SyntheticConfig, index: int, stream: str = "dense") -> Scene:
     """Image `index` of a stream (``dense``, ``sparse`` or ``test``), rendered with its ground truth."""
+    expect(stream in _ID_PREFIX, "stream", f"one of {list(_ID_PREFIX)}", repr(stream))
+    expect(_is_int(index) and index >= 0, "index", "an int >= 0", index)
     return _render(_image_rng(config.seed, stream, index), config)
 
 
@@ -455,7 +457,6 @@ def _image_entries(scene: Scene, tasks: Sequence[str], image_id: str, rng: np.ra
         samples += [Sample(task=task, fields=fields, answer=answer, image=scene.image, image_id=image_id,
                            source=f"synthetic_{task}", meta=meta) for fields, answer, meta in pairs]
     return samples
-
 
 
 def _cls(scene: Scene, rng: np.random.Generator, config: SyntheticConfig) -> list[Entry]:
