@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml $(EXAMPLE_PLUGIN)/pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/cmoe demo
+	$(BIN)/cmoe unimed demo --fresh
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

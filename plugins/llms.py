@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -95,9 +96,12 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0
     if only_under is not None:
         names = "|".join(targets) if isinstance(targets, (list, tuple)) else targets
         targets = rf".*\b{only_under}\b.*\.({names})"
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                                                  target_modules=targets, task_type="CAUSAL_LM",
-                                                  modules_to_save=modules_to_save))
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing`; the warning is theirs, not the user's.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                                      target_modules=targets, task_type="CAUSAL_LM",
+                                                      modules_to_save=modules_to_save))
     for name, parameter in peft_model.named_parameters():
         if any(part in name for part in trainable):
             parameter.requires_grad_(True)

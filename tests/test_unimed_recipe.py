@@ -176,3 +176,26 @@ def test_checkpoint_refuses_another_base_model(tmp_path: Path) -> None:
         run_evaluation(other, result.checkpoint)
     assert not list(tmp_path.glob(".step_*"))
     assert parameter_groups(torch.nn.Linear(2, 2), 0.1)[1]["params"][0].ndim == 1
+
+
+@pytest.mark.slow
+def test_command_line_demo_train_and_eval(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    small = ["--set", "data.synthetic.num_images=80", "--set", "data.synthetic.eval_images=10",
+             "--set", "train.steps=3", "--set", "train.progress=false", "--set", "eval.limit_per_task=3",
+             "--set", "eval.max_new_tokens=6"]
+    run = lambda *args: subprocess.run([sys.executable, "-m", "cmoe", "unimed", *args], capture_output=True,
+                                       text=True, timeout=300)
+    demo = run("demo", "--output-dir", str(tmp_path / "demo"), *small)
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    for task in TASKS:
+        assert f"| {task} |" in demo.stdout
+    assert (tmp_path / "demo" / "eval" / "eval.json").is_file()
+    trained = run("train", "--output-dir", str(tmp_path / "cli"), *small)
+    assert trained.returncode == 0 and "trained to step 3" in trained.stdout, trained.stderr[-2000:]
+    evaluated = run("eval", "--output-dir", str(tmp_path / "cli"), *small)
+    assert evaluated.returncode == 0 and "| rec | miou |" in evaluated.stdout
+    bad = run("train", "--output-dir", str(tmp_path / "bad"), "--set", "train.precision=fp8")
+    assert bad.returncode == 2 and "train.precision: expected fp32, bf16 or fp16" in bad.stderr

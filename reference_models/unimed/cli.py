@@ -48,7 +48,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from cmoe.reference_models.unimed.evaluate import format_results, run_evaluation
+    from cmoe.reference_models.unimed.evaluate import run_evaluation, summary_table
     from cmoe.reference_models.unimed.train import Trainer
 
     config = _load(args)
@@ -58,8 +58,9 @@ def _demo(args: argparse.Namespace) -> int:
           f"steps on the built-in synthetic set (random-init tiny CLIP + tiny LLaMA, nothing downloaded)")
     Trainer(config, resume="auto").train()
     results = run_evaluation(config)
-    print(format_results(results))
-    print(f"\ncheckpoints, metrics.jsonl and eval/ (eval.md, eval.json, predictions.jsonl) in {config.output_dir}")
+    print(summary_table(results))
+    print(f"\nEvery metric: {Path(config.output_dir) / 'eval' / 'eval.md'}; checkpoints, metrics.jsonl (per-task "
+          f"loss, routing weights per task) and predictions in {config.output_dir}")
     return 0
 
 

@@ -84,6 +84,31 @@ def format_results(results: dict[str, dict[str, Metric]]) -> str:
     return "\n".join(lines)
 
 
+HEADLINE = {
+    "qa": [("accuracy", "all/accuracy")],
+    "vqa": [("closed acc", "closed/accuracy"), ("open F1", "open/f1"), ("BLEU-1", "all/bleu1")],
+    "report": [("BLEU-4", "bleu4"), ("ROUGE-L", "rougeL"), ("METEOR", "meteor")],
+    "rec": [("mIoU", "miou"), ("Acc@0.5", "acc@0.5")],
+    "reg": [("accuracy", "accuracy"), ("F1", "f1")],
+    "cls": [("accuracy", "accuracy")],
+}
+"""The metrics a one-line-per-task summary shows (the full table has them all)."""
+
+
+def summary_table(results: dict[str, dict[str, Metric]]) -> str:
+    """One Markdown row per task with its headline metrics in percent (n/a where unavailable)."""
+    lines = ["| task | n | headline metrics (%) |", "|---|---:|---|"]
+    for task, metrics in results.items():
+        shown = []
+        for label, key in HEADLINE.get(task, []):
+            metric = metrics.get(key)
+            if metric is not None:
+                shown.append(f"{label} {100 * metric.value:.1f}" if metric.value is not None else f"{label} n/a")
+        count = max((m.count for m in metrics.values()), default=0)
+        lines.append(f"| {task} | {count} | {', '.join(shown)} |")
+    return "\n".join(lines)
+
+
 def results_to_dict(results: dict[str, dict[str, Metric]]) -> dict[str, dict[str, Any]]:
     return {task: {name: {"value": m.value, "count": m.count, "note": m.note} for name, m in metrics.items()}
             for task, metrics in results.items()}

@@ -1,0 +1,32 @@
+"""Two processes through torchrun (gloo on CPU): DDP keeps both ranks' weights identical while each rank reads
+its own batches, and rank 0 writes the checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_ranks_agree(tmp_path: Path) -> None:
+    worker = Path(__file__).parent / "unimed_ddp_worker.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CMOE_DISABLE_PLUGINS": os.environ.get("CMOE_DISABLE_PLUGINS", "")}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(worker), str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert [(tmp_path / f"world_rank{r}.txt").read_text() for r in (0, 1)] == ["2", "2"]
+    a, b = (load_file(str(tmp_path / f"weights_rank{r}.safetensors")) for r in (0, 1))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    first = [json.loads((tmp_path / f"batch_rank{r}.json").read_text()) for r in (0, 1)]
+    assert first[0] != first[1]
+    checkpoint = tmp_path / "run" / "step_00000004"
+    saved = load_file(str(checkpoint / "trainable.safetensors"))
+    assert all(torch.equal(saved[k], a[k]) for k in a)
+    assert json.loads((checkpoint / "state.json").read_text())["world_size"] == 2
