@@ -47,6 +47,21 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    from cmoe.reference_models.unimed.analyze import analyze_checkpoint
+
+    config = _load(args)
+    report, paths = analyze_checkpoint(config, args.checkpoint, args.out, args.batches_per_task)
+    step = report.steps[-1]
+    for group in ("all", "router", "projector"):
+        if group in step.gradients:
+            g = step.gradients[group]
+            print(f"{group}: conflict index {g.direction.conflict:.4f} (mean cosine {g.direction.mean_cosine:.4f}), "
+                  f"magnitude CV {g.magnitude.cv:.4f} (max/min {g.magnitude.max_min_ratio:.2f})")
+    print(f"wrote {len(paths)} files to {paths[0].parent}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from cmoe.reference_models.unimed.evaluate import run_evaluation, summary_table
     from cmoe.reference_models.unimed.train import Trainer
@@ -79,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="folder for eval.md, eval.json, predictions.jsonl (default: output_dir/eval)")
     evaluate.add_argument("--limit-per-task", type=int, help="evaluate at most this many entries per task")
     evaluate.set_defaults(run=_eval)
+    analyze = commands.add_parser("analyze", help="tug-of-war analysis of a checkpoint: gradient conflict and "
+                                                  "magnitude indexes, routing, parameter statistics, plots")
+    _common(analyze)
+    analyze.add_argument("--checkpoint", help="checkpoint directory (default: output_dir/latest)")
+    analyze.add_argument("--out", help="folder for tug_of_war.json and the PNGs (default: output_dir/tug_of_war_<step>)")
+    analyze.add_argument("--batches-per-task", type=int, default=2, help="probe batches per task (default 2)")
+    analyze.set_defaults(run=_analyze)
     demo = commands.add_parser("demo", help="tiny train + eval on the synthetic set, prints the per-task table")
     _common(demo)
     demo.add_argument("--fresh", action="store_true", help="delete the output directory first")

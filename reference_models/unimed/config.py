@@ -145,7 +145,8 @@ class DataSection:
 @dataclass
 class TrainSection:
     """The original: batch 4, 50k steps, AdamW (0.9, 0.999), wd 0.05, warm-up 5k steps 1e-6 → 1e-5, cosine to
-    1e-7, fp16 autocast, seed 42."""
+    1e-7, fp16 autocast, seed 42. ``analyze_every`` runs the tug-of-war analysis every N steps (and at step 0)
+    on ``analyze_batches_per_task`` fixed batches per image task, into ``output_dir/tug_of_war/``."""
 
     batch_size: int = 4
     steps: int = 50_000
@@ -163,6 +164,8 @@ class TrainSection:
     keep_checkpoints: int = 2
     distributed: str = "ddp"
     progress: bool = True
+    analyze_every: int | None = None
+    analyze_batches_per_task: int = 2
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "steps", "grad_accum", "log_every", "save_every", "keep_checkpoints"):
@@ -176,6 +179,8 @@ class TrainSection:
         expect(self.precision in ("fp32", "bf16", "fp16"), "train.precision", "fp32, bf16 or fp16",
                repr(self.precision))
         expect(self.distributed in ("ddp", "fsdp"), "train.distributed", "ddp or fsdp", repr(self.distributed))
+        expect(self.analyze_every is None or (isinstance(self.analyze_every, int) and self.analyze_every >= 1),
+               "train.analyze_every", "None or an int >= 1", repr(self.analyze_every))
 
 
 @dataclass

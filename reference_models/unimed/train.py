@@ -24,6 +24,7 @@ from torch import nn
 
 from cmoe.errors import CMoEError
 from cmoe.io import write_json
+from cmoe.reference_models.unimed.analyze import REPORT_DIR, TugOfWarProbe, report_meta
 from cmoe.reference_models.unimed.checkpoint import (
     find_latest,
     load_trainable,
@@ -41,6 +42,7 @@ from cmoe.reference_models.unimed.prompts import build_prompt
 from cmoe.reference_models.unimed.recipe_data import load_split
 from cmoe.reference_models.unimed.tasks import get_task
 from cmoe.reference_models.unimed.tokenizer import build_word_tokenizer, load_tokenizer
+from cmoe.reference_models.unimed.tug_of_war import TugOfWarReport, write_report
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -216,6 +218,14 @@ class Trainer:
             options.setdefault("ratios", config.data.mixing_ratios())
         self.sampler = build_sampler(config.data.sampler, self.train_samples, train.batch_size, seed=config.seed,
                                      **options)
+        self.probe, self.report = None, None
+        if train.analyze_every:
+            self.probe = TugOfWarProbe(self.train_samples, self.collator, train.analyze_batches_per_task,
+                                       train.batch_size, seed=config.seed)
+            saved = self.output_dir / REPORT_DIR / "tug_of_war.json"
+            self.report = TugOfWarReport.load_json(saved) if saved.is_file() and self.step > 0 else \
+                TugOfWarReport(meta=report_meta(model, config))
+            self.report.steps = [entry for entry in self.report.steps if entry.step <= self.step]
 
     def _batches(self):
         """This rank's batches from the shared stream, resuming after the ones already consumed."""
@@ -259,6 +269,13 @@ class Trainer:
             dist.barrier()
         return path
 
+    def _analyze(self) -> None:
+        """One tug-of-war measurement at the current step (every rank measures; rank 0 writes)."""
+        self.probe.measure(self.model, self.step, self.report, self.ctx.device,
+                           autocast(self.config.train.precision, self.ctx.device))
+        if self.ctx.is_main:
+            write_report(self.report, self.output_dir / REPORT_DIR)
+
     def train(self, steps: int | None = None) -> TrainResult:
         """Train until step ``steps`` (default ``train.steps``); returns the last checkpoint and the metrics."""
         from tqdm.auto import tqdm
@@ -277,6 +294,8 @@ class Trainer:
         self.wrapped.train()
         window, started = _Window(), time.perf_counter()
         bar = tqdm(total=total, initial=self.step, disable=not (ctx.is_main and train.progress), desc="train")
+        if self.probe is not None and self.step == 0:
+            self._analyze()
         while self.step < total:
             grad_norm = self._optimizer_step(batches, window)
             self.step += 1
@@ -288,6 +307,8 @@ class Trainer:
                 self._log(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}")
                 window, started = _Window(), time.perf_counter()
+            if self.probe is not None and (self.step % train.analyze_every == 0 or self.step == total):
+                self._analyze()
             if self.step % train.save_every == 0 or self.step == total:
                 checkpoint = self.save() or checkpoint
         bar.close()

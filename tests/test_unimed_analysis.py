@@ -1,0 +1,48 @@
+"""The tug-of-war analysis on a tiny trained model: live during training and on a checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cmoe.reference_models.unimed.analyze import analyze_checkpoint
+from cmoe.reference_models.unimed.train import Trainer
+
+from unimed_tiny import test_config as tiny_config
+
+PLOTS = {"index_curves.png", "routing.png", "parameter_histograms.png", "cosine_all.png", "cosine_router.png",
+         *(f"cosine_expert_{e}.png" for e in range(5))}
+
+
+@pytest.mark.slow
+def test_live_analysis_and_checkpoint_analysis_write_every_plot_and_the_json(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, train__steps=4, train__save_every=4, train__analyze_every=2,
+                         train__analyze_batches_per_task=1)
+    Trainer(config).train()
+    live = json.loads((tmp_path / "tug_of_war" / "tug_of_war.json").read_text())
+    assert [s["step"] for s in live["steps"]] == [0, 2, 4]
+    assert PLOTS <= {p.name for p in (tmp_path / "tug_of_war").iterdir()}
+    last = live["steps"][-1]
+    assert set(last["routing"]) == {"vqa", "report", "rec", "reg", "cls"}
+    assert last["parameters"]["expert_0"]["update_norm"] > 0
+    cosine = last["gradients"]["all"]["cosine"]
+    assert len(cosine) == 5 and all(abs(cosine[i][i] - 1) < 1e-9 for i in range(5))
+
+    report, paths = analyze_checkpoint(config, out_dir=tmp_path / "analysis", batches_per_task=1)
+    assert {p.name for p in paths} == PLOTS | {"tug_of_war.json"}
+    assert all(p.stat().st_size > 1000 for p in paths if p.suffix == ".png")
+    step = report.steps[0]
+    assert step.step == 4 and step.parameters["router"].relative_update > 0
+    assert 0 <= step.gradients["all"].direction.conflict <= 1
+
+
+@pytest.mark.slow
+def test_mlp_connector_analysis_has_projector_group_and_no_routing(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, train__steps=1, train__save_every=1)
+    config.model.connector.preset, config.model.connector.options = "mlp", {"hidden_features": 64}
+    Trainer(config).train()
+    report, paths = analyze_checkpoint(config, out_dir=tmp_path / "analysis", batches_per_task=1)
+    assert set(report.steps[0].gradients) == {"projector", "all"} and not report.steps[0].routing
+    assert {p.name for p in paths} >= {"cosine_projector.png", "index_curves.png", "tug_of_war.json"}
