@@ -44,7 +44,7 @@ def test_bad_config_values_give_clear_errors(tmp_path: Path) -> None:
         load_config("tiny", {"train": {"precision": "fp8"}})
     with pytest.raises(CMoEError, match="train.batch_size: expected an int >= 1"):
         load_config("tiny", {"train": {"batch_size": 0}})
-    with pytest.raises(CMoEError, match="neither a file nor a built-in config; built-in: experiment, paper, tiny"):
+    with pytest.raises(CMoEError, match="neither a file nor a built-in config; built-in: paper, tiny"):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(CMoEError, match="model: missing required key"):
         config_from_dict({"model": {}, "data": {"synthetic": {}}})

@@ -12,7 +12,7 @@ from cmoe.errors import CMoEError
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="tiny",
-                        help="a YAML file, or a built-in config: tiny, paper, experiment (default: tiny)")
+                        help="a YAML file, or a built-in config: tiny, paper (default: tiny)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.steps=100 (repeatable)")
     parser.add_argument("--output-dir", help="where checkpoints, metrics and tables go (default: the config's)")
@@ -62,6 +62,27 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment(args: argparse.Namespace) -> int:
+    from cmoe.reference_models.unimed.config import parse_overrides
+    from cmoe.reference_models.unimed.experiment import format_experiment, load_experiment, run_experiment
+
+    spec = load_experiment(args.experiment)
+    if args.seeds:
+        spec.seeds = [int(seed) for seed in args.seeds.split(",")]
+    out = Path(args.output_dir or f"runs/experiments/{spec.name}")
+    variants = args.variants.split(",") if args.variants else None
+    summary = run_experiment(spec, out, parse_overrides(args.overrides), variants)
+    print(format_experiment(summary))
+    if args.report_dir:
+        report = Path(args.report_dir)
+        report.mkdir(parents=True, exist_ok=True)
+        for name in ("results.md", "results.json", "scores.png", "conflict.png"):
+            if (out / name).is_file():
+                shutil.copy2(out / name, report / name)
+        print(f"results copied to {report}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from cmoe.reference_models.unimed.evaluate import run_evaluation, summary_table
     from cmoe.reference_models.unimed.train import Trainer
@@ -101,6 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--out", help="folder for tug_of_war.json and the PNGs (default: output_dir/tug_of_war_<step>)")
     analyze.add_argument("--batches-per-task", type=int, default=2, help="probe batches per task (default 2)")
     analyze.set_defaults(run=_analyze)
+    experiment = commands.add_parser("experiment", help="train, evaluate and analyse variants over seeds "
+                                                        "(CMoE vs MLP, IMAX vs DMAX); prints the comparison table")
+    experiment.add_argument("--experiment", default="cmoe_vs_mlp",
+                            help="an experiment YAML or a built-in one: cmoe_vs_mlp, imax, paper")
+    experiment.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                            help="override a config value in every run, e.g. --set train.steps=100")
+    experiment.add_argument("--seeds", help="comma-separated seeds (default: the experiment's)")
+    experiment.add_argument("--variants", help="comma-separated subset of the variants")
+    experiment.add_argument("--output-dir", help="where the runs go (default: runs/experiments/<name>)")
+    experiment.add_argument("--report-dir", help="also copy results.md/json and the plots here")
+    experiment.set_defaults(run=_experiment)
     demo = commands.add_parser("demo", help="tiny train + eval on the synthetic set, prints the per-task table")
     _common(demo)
     demo.add_argument("--fresh", action="store_true", help="delete the output directory first")

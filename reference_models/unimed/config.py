@@ -3,8 +3,8 @@
 Sections: ``model`` (vision encoder, token aggregation, connector, LLM, LoRA, tokenizer), ``data`` (synthetic
 set or real datasets under a local root, the sampler and mixing ratios), ``train`` (optimiser, schedule,
 precision, checkpoints) and ``eval`` (decoding and limits). A wrong key or value raises `CMoEError` naming the
-key, what was expected and the known keys. ``--config tiny`` / ``paper`` / ``experiment`` name the files
-shipped in ``configs/``; any other value is a path.
+key, what was expected and the known keys. ``--config tiny`` / ``paper`` name the files shipped in
+``configs/``; any other value is a path.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from cmoe.errors import CMoEError, expect
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-BUILTIN_CONFIGS = {"tiny": "tiny.yaml", "paper": "unimed_paper.yaml", "experiment": "experiment_paper.yaml"}
+BUILTIN_CONFIGS = {"tiny": "tiny.yaml", "paper": "unimed_paper.yaml"}
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -247,15 +247,20 @@ _NESTED: dict[tuple[type, str], Any] = {
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`overrides` merged into `base` key by key; a mapping with ``_replace: true`` replaces instead."""
     merged = dict(base)
     for key, value in overrides.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
-            else value
+        if isinstance(value, dict) and value.get("_replace"):
+            merged[key] = {k: v for k, v in value.items() if k != "_replace"}
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
     return merged
 
 
 def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
-    """A built-in config name (``tiny``, ``paper``, ``experiment``) or a path to a YAML file."""
+    """A built-in config name (``tiny``, ``paper``) or a path to a YAML file."""
     if str(name_or_path) in BUILTIN_CONFIGS:
         return CONFIG_DIR / BUILTIN_CONFIGS[str(name_or_path)]
     path = Path(name_or_path)

@@ -167,6 +167,7 @@ class SyntheticConfig:
     vqa_per_image: int = 2
     max_organs: int = 3
     lesion_probability: float = 0.5
+    texture_amplitude: int = TEXTURE_AMPLITUDE
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tasks", tuple(self.tasks) if not isinstance(self.tasks, str) else self.tasks)
@@ -175,6 +176,8 @@ class SyntheticConfig:
                self.image_size)
         expect(_is_int(self.seed) and self.seed >= 0, "seed", "an int >= 0", self.seed)
         expect(self.annotation in ("dense", "sparse"), "annotation", "'dense' or 'sparse'", repr(self.annotation))
+        expect(_is_int(self.texture_amplitude) and 0 <= self.texture_amplitude <= 60, "texture_amplitude",
+               "an int in 0..60", self.texture_amplitude)
         expect(isinstance(self.tasks, tuple) and len(self.tasks) > 0 and set(self.tasks) <= set(TASKS)
                and len(set(self.tasks)) == len(self.tasks), "tasks",
                f"a non-empty sequence of distinct task names from {list(TASKS)}", self.tasks)
@@ -313,7 +316,7 @@ def _render(rng: np.random.Generator, config: SyntheticConfig) -> Scene:
     modality, region, names = _plan(rng, config)
     size = config.image_size
     ellipses = _place_ellipses(rng, len(names), size)
-    texture = _texture(rng, modality, size)
+    texture = _texture(rng, modality, size, config.texture_amplitude)
     pixels = BACKGROUND_LEVEL + texture
     organs, masks = [], []
     for name, (cx, cy, a, b) in zip(names, ellipses):
@@ -354,8 +357,9 @@ def _tight_box(mask: np.ndarray) -> tuple[int, int, int, int]:
     return int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)
 
 
-def _texture(rng: np.random.Generator, modality: str, size: int) -> np.ndarray:
-    """The modality's global texture in ``[-TEXTURE_AMPLITUDE, TEXTURE_AMPLITUDE]``: the only cue for ``cls``."""
+def _texture(rng: np.random.Generator, modality: str, size: int, amplitude: int = TEXTURE_AMPLITUDE) -> np.ndarray:
+    """The modality's global texture in ``[-amplitude, amplitude]``: the only cue for ``cls``. The default keeps
+    organ grey-level ranges apart; a larger one makes the modality easier to see for weak (random) encoders."""
     xs, ys = _grid(size)
     period, phase = size * rng.uniform(0.12, 0.18), rng.uniform(0, 2 * math.pi)
     if modality == "x-ray":
@@ -367,7 +371,7 @@ def _texture(rng: np.random.Generator, modality: str, size: int) -> np.ndarray:
         wave = np.sin(2 * math.pi * np.hypot(xs - cx, ys - cy) / period + phase)
     else:
         wave = rng.uniform(-1.0, 1.0, (size, size))
-    return (TEXTURE_AMPLITUDE * wave).astype(np.float32)
+    return (amplitude * wave).astype(np.float32)
 
 
 def _add_lesion(rng: np.random.Generator, pixels: np.ndarray, names: list[str],

@@ -1,0 +1,86 @@
+"""FSDP2 (``train.distributed: fsdp``) on two CPU processes (gloo): the sharded tiny model trains exactly like an
+unsharded one fed both ranks' batches, both ranks gather the same full state, and that state, saved in the DDP
+checkpoint format, resumes into a fresh sharded model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cmoe.errors import CMoEError
+
+
+def _run_worker(out: Path, *args: str) -> None:
+    worker = Path(__file__).parent / "unimed_fsdp_worker.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CMOE_DISABLE_PLUGINS": os.environ.get("CMOE_DISABLE_PLUGINS", "")}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(worker), str(out), *args], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], exact: bool = True) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if exact:
+            assert torch.equal(a[key], b[key]), key
+        else:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def _load(out: Path, name: str) -> tuple[dict[str, torch.Tensor], dict]:
+    return load_file(str(out / f"{name}.safetensors")), json.loads((out / f"{name}.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["plain", "checkpointing"])
+def test_fsdp_matches_unsharded_training_and_resumes(tmp_path: Path, mode: str) -> None:
+    _run_worker(tmp_path, mode)
+    reports = [json.loads((tmp_path / f"report_rank{r}.json").read_text()) for r in (0, 1)]
+    assert reports[0]["world"] == 2 and reports[0]["kinds"] == ["DTensor", "Parameter"]
+    assert reports[0]["generated"] == reports[0]["reference_generated"] == reports[1]["generated"]
+
+    full = [load_file(str(tmp_path / f"full_rank{r}.safetensors")) for r in (0, 1)]
+    reference = load_file(str(tmp_path / "reference.safetensors"))
+    assert list(full[0]) == list(reference)
+    assert any(name.startswith("connector.") for name in reference) and any("lora_" in name for name in reference)
+    _assert_same(full[0], full[1])
+    _assert_same(full[0], reference, exact=False)
+    assert reports[0]["norms"] == reports[1]["norms"]
+    torch.testing.assert_close(reports[0]["norms"], reports[0]["reference_norms"], rtol=1e-5, atol=0)
+
+    optimizer, meta = _load(tmp_path, "optimizer_rank0")
+    reference_optimizer, reference_meta = _load(tmp_path, "reference_optimizer")
+    assert meta == reference_meta
+    _assert_same(optimizer, reference_optimizer, exact=False)
+    other, other_meta = _load(tmp_path, "optimizer_rank1")
+    assert other_meta == meta
+    _assert_same(optimizer, other)
+
+    for r in (0, 1):
+        assert reports[r]["rank0_only_matches"] is (r == 0) and reports[r]["rank0_only_empty"] is (r == 1)
+        assert reports[r]["overflow_skipped"] and reports[r]["scale"] == [32.0, 64.0]
+    saved = load_file(str(tmp_path / "step1" / "trainable.safetensors"))
+    step1_optimizer, _ = _load(tmp_path / "step1", "optimizer")
+    with_state = {key.split(".")[0] for key in step1_optimizer}
+    lora = sum(not name.startswith("connector.") for name in saved)
+    assert len(with_state) == lora < len(saved)
+    assert reports[0]["resumed_state_params"] == lora
+    for r in (0, 1):
+        _assert_same(load_file(str(tmp_path / f"restored_rank{r}.safetensors")), full[0])
+        restored_optimizer, restored_meta = _load(tmp_path, f"restored_optimizer_rank{r}")
+        assert restored_meta == meta
+        _assert_same(restored_optimizer, optimizer)
+
+
+def test_shard_model_needs_a_process_group() -> None:
+    from cmoe.reference_models.unimed.distributed import shard_model
+
+    with pytest.raises(CMoEError, match="torchrun"):
+        shard_model(torch.nn.Linear(2, 2), torch.device("cpu"))  # type: ignore[arg-type]
