@@ -46,3 +46,40 @@ def test_mlp_connector_analysis_has_projector_group_and_no_routing(tmp_path: Pat
     report, paths = analyze_checkpoint(config, out_dir=tmp_path / "analysis", batches_per_task=1)
     assert set(report.steps[0].gradients) == {"projector", "all"} and not report.steps[0].routing
     assert {p.name for p in paths} >= {"cosine_projector.png", "index_curves.png", "tug_of_war.json"}
+
+
+@pytest.mark.slow
+def test_experiment_runs_variants_over_seeds_and_writes_the_table_and_plots(tmp_path: Path) -> None:
+    from cmoe.reference_models.unimed.experiment import format_experiment, load_experiment, run_experiment
+
+    spec = load_experiment("cmoe_vs_mlp")
+    assert set(spec.variants) == {"mlp", "cmoe_original", "cmoe_token_topk", "cmoe_task"} and len(spec.seeds) >= 3
+    spec.seeds = [0, 1]
+    small = {"data": {"synthetic": {"num_images": 60, "qa_questions": 20, "eval_images": 10}},
+             "train": {"steps": 2, "analyze_every": 2, "analyze_batches_per_task": 1, "batch_size": 4},
+             "eval": {"limit_per_task": 2, "max_new_tokens": 4}}
+    summary = run_experiment(spec, tmp_path, small, variants=["mlp", "cmoe_original"])
+    assert set(summary["runs"]) == {"mlp", "cmoe_original"}
+    assert [r["seed"] for r in summary["runs"]["mlp"]] == [0, 1]
+    agg = summary["aggregate"]
+    assert agg["cmoe_original"]["connector_params"] > agg["mlp"]["connector_params"]
+    assert set(agg["mlp"]["tasks"]) == {"qa", "vqa", "report", "rec", "reg", "cls"}
+    assert "routing_entropy" in agg["cmoe_original"]["tug_of_war"] and "routing_entropy" not in agg["mlp"]["tug_of_war"]
+    table = format_experiment(summary)
+    assert "| mlp |" in table and "| cmoe_original |" in table and "conflict index" in table
+    assert {"results.md", "results.json", "scores.png", "conflict.png"} <= {p.name for p in tmp_path.iterdir()}
+    with pytest.raises(Exception, match="not in experiment"):
+        run_experiment(spec, tmp_path, small, variants=["nope"])
+
+
+def test_data_stats_command_prints_imax_statistics(capsys) -> None:
+    from cmoe.reference_models.unimed.cli import main
+
+    small = ["--set", "data.synthetic.num_images=40", "--set", "data.synthetic.eval_images=5",
+             "--set", "data.synthetic.qa_questions=5"]
+    assert main(["data-stats", *small]) == 0
+    dense = capsys.readouterr().out
+    assert "| tasks per image (mean / median / max) | 5.00 / 5 / 5 |" in dense
+    assert main(["data-stats", *small, "--set", "data.synthetic.annotation=sparse"]) == 0
+    sparse = capsys.readouterr().out
+    assert "| entries | " in sparse and "5.00 / 5 / 5" not in sparse

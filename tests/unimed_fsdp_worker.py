@@ -183,6 +183,7 @@ for step in STEPS[1:]:
     sharded_step(restored, restored_optimizer, restored_scheduler, step[rank], scalers[1])
 before = full_trainable_state(model, rank0_only=False)
 sharded_step(model, optimizer, scheduler, OVERFLOW[rank], scalers[0], overflow=True)
+sharded_step(restored, restored_optimizer, restored_scheduler, OVERFLOW[rank], scalers[1], overflow=True)
 after = full_trainable_state(model, rank0_only=False)
 report["overflow_skipped"] = all(torch.equal(before[k], after[k]) for k in before)
 report["scale"] = [scaler.get_scale() for scaler in scalers]
@@ -195,6 +196,7 @@ if reference is not None:
     reference_optimizer, reference_scheduler = optimizer_for(reference)
     report["reference_norms"] = [reference_step(reference, reference_optimizer, reference_scheduler, step)
                                  for step in STEPS]
+    reference_scheduler.step()  # the skipped overflow step still advances the schedule, as in the trainer
     save_file({n: p.detach().contiguous() for n, p in reference.named_parameters() if p.requires_grad},
               str(out / "reference.safetensors"))
     save_optimizer(reference_optimizer.state_dict(), "reference_optimizer")

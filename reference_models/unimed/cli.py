@@ -83,6 +83,17 @@ def _experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_stats(args: argparse.Namespace) -> int:
+    from cmoe.reference_models.unimed.data.imax import annotation_stats, format_stats
+    from cmoe.reference_models.unimed.recipe_data import load_split
+
+    config = _load(args)
+    split = args.split or config.data.train_split
+    samples = load_split(config.data, split)
+    print(format_stats(annotation_stats(samples, identity=args.identity), title=f"{config.name}: {split} split"))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from cmoe.reference_models.unimed.evaluate import run_evaluation, summary_table
     from cmoe.reference_models.unimed.train import Trainer
@@ -133,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--output-dir", help="where the runs go (default: runs/experiments/<name>)")
     experiment.add_argument("--report-dir", help="also copy results.md/json and the plots here")
     experiment.set_defaults(run=_experiment)
+    stats = commands.add_parser("data-stats", help="IMAX statistics of a config's data: tasks and entries per "
+                                                   "image, entries per task (image-centric vs decentralised)")
+    _common(stats)
+    stats.add_argument("--split", help="which split (default: the training split)")
+    stats.add_argument("--identity", default="image_id", choices=["image_id", "hash"],
+                       help="how images are matched across datasets: their ids, or a hash of their pixels/bytes")
+    stats.set_defaults(run=_data_stats)
     demo = commands.add_parser("demo", help="tiny train + eval on the synthetic set, prints the per-task table")
     _common(demo)
     demo.add_argument("--fresh", action="store_true", help="delete the output directory first")
