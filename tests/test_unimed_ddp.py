@@ -1,5 +1,5 @@
-"""Two processes through torchrun (gloo on CPU): DDP keeps both ranks' weights identical while each rank reads
-its own batches, and rank 0 writes the checkpoint."""
+"""Two processes through torchrun (gloo on CPU), DDP and FSDP: both ranks end with identical (full) weights while
+each rank reads its own batches, and rank 0 writes the checkpoint in the one format."""
 
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ from safetensors.torch import load_file
 
 
 @pytest.mark.slow
-def test_two_process_torchrun_ranks_agree(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_process_torchrun_ranks_agree(tmp_path: Path, mode: str) -> None:
     worker = Path(__file__).parent / "unimed_ddp_worker.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CMOE_DISABLE_PLUGINS": os.environ.get("CMOE_DISABLE_PLUGINS", "")}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(worker), str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+                             str(worker), str(tmp_path), mode], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert [(tmp_path / f"world_rank{r}.txt").read_text() for r in (0, 1)] == ["2", "2"]
     a, b = (load_file(str(tmp_path / f"weights_rank{r}.safetensors")) for r in (0, 1))

@@ -1,6 +1,6 @@
-"""FSDP2 (``train.distributed: fsdp``) on two CPU processes (gloo): the sharded tiny model trains exactly like an
-unsharded one fed both ranks' batches, both ranks gather the same full state, and that state, saved in the DDP
-checkpoint format, resumes into a fresh sharded model."""
+"""FSDP2 (``train.distributed: fsdp``) on two CPU processes (gloo): the sharded tiny model trains like an unsharded
+one fed both ranks' batches (allclose in fp32), both ranks gather the same full state, and that state, in the DDP
+checkpoint format, resumes into a fresh sharded model that then trains identically."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Run by `test_unimed_ddp.py` under torchrun: train the test config, then write this rank's trainable weights
-and the sources of its first batch, so the test can check that ranks agree and saw different data."""
+"""Run by `test_unimed_ddp.py` under torchrun (``worker.py OUT ddp|fsdp``): train the test config, then write
+this rank's (full) trainable weights and the sources of its first batch, so the test can check that ranks agree
+and saw different data."""
 
 from __future__ import annotations
 
@@ -12,16 +13,20 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from safetensors.torch import save_file  # noqa: E402
 
+from cmoe.reference_models.unimed.distributed import full_trainable_state  # noqa: E402
 from cmoe.reference_models.unimed.train import Trainer  # noqa: E402
 from unimed_tiny import test_config  # noqa: E402
 
-out = Path(sys.argv[1])
-trainer = Trainer(test_config(out / "run", train__steps=4, train__save_every=4))
+out, mode = Path(sys.argv[1]), sys.argv[2]
+trainer = Trainer(test_config(out / "run", train__steps=4, train__save_every=4, train__distributed=mode))
 trainer.setup()
 rank = trainer.ctx.rank
 first = next(trainer._batches())
 (out / f"batch_rank{rank}.json").write_text(json.dumps([s.image_id or s.fields["question"] for s in first.samples]))
 trainer.train()
-weights = {n: p.detach().contiguous() for n, p in trainer.model.named_parameters() if p.requires_grad}
+if mode == "fsdp":
+    weights = full_trainable_state(trainer.model, rank0_only=False)
+else:
+    weights = {n: p.detach().contiguous() for n, p in trainer.model.named_parameters() if p.requires_grad}
 save_file(weights, str(out / f"weights_rank{rank}.safetensors"))
 (out / f"world_rank{rank}.txt").write_text(os.environ["WORLD_SIZE"])

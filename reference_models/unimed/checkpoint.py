@@ -15,6 +15,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,26 +97,32 @@ def _fsync_dir(path: Path) -> None:
 
 def save_checkpoint(output_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, extra: dict[str, Any], keep: int | None = None, tokenizer: Any = None,
-                    rng_states: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None) -> Path:
+                    rng_states: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None,
+                    trainable: dict[str, torch.Tensor] | None = None, optimizer_state: dict[str, Any] | None = None,
+                    fingerprint: str | None = None) -> Path:
     """Write ``output_dir/step_<step>/`` atomically, point ``latest`` at it, and keep the newest `keep`.
 
-    `rng_states` holds one `rng_state()` per rank (default: this process's), so every rank resumes its own."""
+    `rng_states` holds one `rng_state()` per rank (default: this process's), so every rank resumes its own.
+    A sharded (FSDP) run passes the gathered `trainable` weights, `optimizer_state` and the `fingerprint`
+    taken before sharding; otherwise they are read from `model` and `optimizer`."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"{PREFIX}{step:08d}"
     tmp = output_dir / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(trainable, str(tmp / "trainable.safetensors"))
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    if trainable is None:
+        trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file({n: t.detach().cpu().contiguous() for n, t in trainable.items()}, str(tmp / "trainable.safetensors"))
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer_state if optimizer_state is not None
+                                               else optimizer.state_dict())
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     rng_states = rng_states or [rng_state()]
     save_file({f"rank{rank}.{key}": value for rank, (tensors, _) in enumerate(rng_states)
                for key, value in tensors.items()}, str(tmp / "rng.safetensors"))
     state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
              "rng": [plain for _, plain in rng_states],
-             "frozen_fingerprint": frozen_fingerprint(model), **extra}
+             "frozen_fingerprint": fingerprint or frozen_fingerprint(model), **extra}
     (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_json_default))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
@@ -184,10 +191,11 @@ def load_trainable(model: nn.Module, parts: dict[str, Any], where: str = "checkp
 
 
 def load_training_state(parts: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any,
-                        rank: int = 0) -> dict[str, Any]:
-    """Restore optimiser, scheduler and this rank's RNG from a checkpoint's parts; returns its ``state``."""
+                        rank: int = 0, load_optimizer: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any]:
+    """Restore optimiser (through `load_optimizer` for a sharded model), scheduler and this rank's RNG from a
+    checkpoint's parts; returns its ``state``."""
     state = parts["state"]
-    optimizer.load_state_dict(_unflatten_optimizer(parts["optimizer"], state["optimizer"]))
+    (load_optimizer or optimizer.load_state_dict)(_unflatten_optimizer(parts["optimizer"], state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
     if rank >= len(state["rng"]):
         raise CMoEError(f"checkpoint: written by {len(state['rng'])} process(es), resumed with rank {rank}; "

@@ -14,6 +14,7 @@ import time
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,10 @@ from torch import nn
 from cmoe.errors import CMoEError
 from cmoe.io import write_json
 from cmoe.reference_models.unimed.analyze import REPORT_DIR, TugOfWarProbe, report_meta
+from cmoe.reference_models.unimed import distributed
 from cmoe.reference_models.unimed.checkpoint import (
     find_latest,
+    frozen_fingerprint,
     load_trainable,
     load_training_state,
     read_checkpoint,
@@ -192,24 +195,37 @@ class Trainer:
             self.tokenizer = load_tokenizer(resume_from / "tokenizer")
         else:
             self.tokenizer = make_tokenizer(config, self.train_samples)
-        torch.manual_seed(config.seed)
-        model = build_model(config.model, self.tokenizer).to(ctx.device)
-        self.model: UniMedModel = model
         train = config.train
+        torch.manual_seed(config.seed)
+        model = build_model(config.model, self.tokenizer)
+        self.fsdp = train.distributed == "fsdp" and ctx.world_size > 1
+        if not self.fsdp:
+            model = model.to(ctx.device)
+        self.fingerprint = frozen_fingerprint(model)
+        parts = None
+        if resume_from is not None:
+            parts = read_checkpoint(resume_from)
+            load_trainable(model, parts, str(resume_from))
+        if self.fsdp:
+            distributed.shard_model(model, ctx.device)
+        self.model: UniMedModel = model
         self.optimizer = torch.optim.AdamW(parameter_groups(model, train.weight_decay), lr=train.lr,
                                            betas=tuple(train.betas), fused=False)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: learning_rate(step, train) / train.lr if train.lr > 0 else 0.0)
         self.step = 0
-        if resume_from is not None:
-            parts = read_checkpoint(resume_from)
-            load_trainable(model, parts, str(resume_from))
-            self.step = load_training_state(parts, self.optimizer, self.scheduler, ctx.rank)["step"]
+        if parts is not None:
+            load_optimizer = None
+            if self.fsdp:
+                load_optimizer = partial(distributed.load_full_optimizer_state, model, self.optimizer)
+            self.step = load_training_state(parts, self.optimizer, self.scheduler, ctx.rank, load_optimizer)["step"]
         else:
             torch.manual_seed(config.seed + ctx.rank)
-        self.scaler = torch.amp.GradScaler("cuda") if train.precision == "fp16" else None
+        self.scaler = None
+        if train.precision == "fp16":
+            self.scaler = distributed.FSDPGradScaler("cuda") if self.fsdp else torch.amp.GradScaler("cuda")
         self.wrapped: nn.Module = model
-        if ctx.world_size > 1:
+        if ctx.world_size > 1 and not self.fsdp:
             self.wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         self.collator = Collator(self.tokenizer, model.vision_encoder.image_size, config.model.image_mean,
                                  config.model.image_std, config.model.max_text_tokens)
@@ -259,12 +275,17 @@ class Trainer:
             gathered: list[Any] = [None] * ctx.world_size
             dist.all_gather_object(gathered, states[0])
             states = gathered
+        trainable = optimizer_state = None
+        if self.fsdp:
+            trainable = distributed.full_trainable_state(self.model)
+            optimizer_state = distributed.full_optimizer_state(self.model, self.optimizer)
         path = None
         if ctx.is_main:
             extra = {"config": self.config.to_dict(), "world_size": ctx.world_size}
             path = save_checkpoint(self.output_dir, self.step, self.model, self.optimizer, self.scheduler, extra,
                                    keep=self.config.train.keep_checkpoints, tokenizer=self.tokenizer,
-                                   rng_states=states)
+                                   rng_states=states, trainable=trainable, optimizer_state=optimizer_state,
+                                   fingerprint=self.fingerprint)
         if ctx.world_size > 1:
             dist.barrier()
         return path
@@ -319,7 +340,10 @@ class Trainer:
         for micro in range(train.grad_accum):
             batch = next(batches).to(ctx.device)
             last = micro == train.grad_accum - 1
-            sync = nullcontext() if last or ctx.world_size == 1 else self.wrapped.no_sync()
+            if last or ctx.world_size == 1:
+                sync = nullcontext()
+            else:
+                sync = distributed.no_sync(self.model) if self.fsdp else self.wrapped.no_sync()
             with sync:
                 with autocast(train.precision, ctx.device):
                     out = self.wrapped(batch)
@@ -329,11 +353,14 @@ class Trainer:
             window.add(batch.tasks, image_tasks, out, float(out.loss.detach()))
             window.steps += 1
         grad_norm = None
+        if self.fsdp:
+            distributed.sync_replicated_grads(self.model)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if train.max_grad_norm is not None:
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm))
+            clip = distributed.clip_grad_norm_ if self.fsdp else torch.nn.utils.clip_grad_norm_
+            grad_norm = float(clip(params, train.max_grad_norm))
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
