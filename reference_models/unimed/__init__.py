@@ -1,8 +1,10 @@
-"""The Uni-Med recipe (arXiv 2409.17508) on cmoe: task identifiers, prompt template and box text format.
+"""The Uni-Med recipe (arXiv 2409.17508) on cmoe: data, model, training, evaluation and analysis.
 
-Built so far: `tasks` (the six tasks, their identifiers and instructions), `prompts` (the ``[INST] ...
-[/INST]`` template with the image placeholder, answer clean-up) and `boxes` (``{<x1><y1><x2><y2>}`` in 0–100,
-encode and a tolerant parser, IoU). Model assembly, data, training and evaluation are planned (issue 5).
+`tasks`, `prompts`, `boxes` (the task identifiers, the ``[INST] ... [/INST]`` template, box text); `data`
+(the common `Sample`, real-format loaders, the synthetic set, samplers, IMAX tools); `config` (YAML);
+`model` (assembly and connector presets); `train` / `checkpoint` (the loop, exact resume, DDP/FSDP);
+`metrics` / `evaluate`; `tug_of_war` / `analyze`; `experiment`. The command line is ``cmoe unimed``;
+see docs/unimed.md.
 """
 
 from cmoe.reference_models.unimed.boxes import Box, box_iou, encode_box, parse_box
