@@ -32,6 +32,13 @@ def test_live_analysis_and_checkpoint_analysis_write_every_plot_and_the_json(tmp
 
     report, paths = analyze_checkpoint(config, out_dir=tmp_path / "analysis", batches_per_task=1)
     assert {p.name for p in paths} == PLOTS | {"tug_of_war.json"}
+    from cmoe.reference_models.unimed.cli import main
+
+    small = ["--output-dir", str(tmp_path), "--set", "data.synthetic.num_images=120",
+             "--set", "data.synthetic.qa_questions=40", "--set", "data.synthetic.eval_images=20",
+             "--set", "train.batch_size=4"]
+    assert main(["analyze", *small, "--out", str(tmp_path / "cli"), "--batches-per-task", "1"]) == 0
+    assert PLOTS | {"tug_of_war.json"} <= {p.name for p in (tmp_path / "cli").iterdir()}
     assert all(p.stat().st_size > 1000 for p in paths if p.suffix == ".png")
     step = report.steps[0]
     assert step.step == 4 and step.parameters["router"].relative_update > 0

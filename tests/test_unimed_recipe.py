@@ -199,3 +199,18 @@ def test_command_line_demo_train_and_eval(tmp_path: Path) -> None:
     assert evaluated.returncode == 0 and "| rec | miou |" in evaluated.stdout
     bad = run("train", "--output-dir", str(tmp_path / "bad"), "--set", "train.precision=fp8")
     assert bad.returncode == 2 and "train.precision: expected fp32, bf16 or fp16" in bad.stderr
+
+
+def test_accumulation_bf16_autocast_checkpointing_and_grid_pooling_train(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, train__steps=2, train__save_every=2, train__grad_accum=2,
+                         train__precision="bf16")
+    config.model.gradient_checkpointing = True
+    config.model.aggregation.kind = "avg"
+    config.model.connector.options = {"expert_hidden": 32, "router_hidden": 32}
+    trainer = Trainer(config)
+    result = trainer.train()
+    assert trainer.model.connector.config.token_features == 32 and trainer.model.connector.config.aggregate_tokens == 1
+    assert any(getattr(m, "gradient_checkpointing", False) is True for m in trainer.model.llm.modules())
+    assert all(math.isfinite(r["loss"]) for r in result.history) and result.checkpoint.is_dir()
+    weights = read_checkpoint(result.checkpoint)["trainable"]
+    assert all(torch.isfinite(w).all() for w in weights.values())
