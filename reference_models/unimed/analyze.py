@@ -94,16 +94,16 @@ def analyze_checkpoint(config: RecipeConfig, checkpoint: str | os.PathLike | Non
                        out_dir: str | os.PathLike | None = None, batches_per_task: int = 2,
                        device: torch.device | str | None = None) -> tuple[TugOfWarReport, list[Path]]:
     """Measure a checkpoint on probe batches from the training split; the parameter updates are relative to
-    the connector's initialisation (rebuilt from the seed). Writes the JSON and plots to `out_dir`
+    the connector's initialisation, recovered by rebuilding the model from the seed (the init draws from the
+    same RNG stream as the frozen weights, so the whole model is rebuilt once more). Writes the JSON and plots to `out_dir`
     (default ``output_dir/tug_of_war_<step>``)."""
     from cmoe.reference_models.unimed.evaluate import load_trained_model
     from cmoe.reference_models.unimed.recipe_data import load_split
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_trained_model(config, checkpoint, device)
+    model, step = load_trained_model(config, checkpoint, device)
     torch.manual_seed(config.seed)
     initial = build_model(config.model, model.tokenizer).connector
-    step = read_checkpoint_step(config, checkpoint)
     samples = load_split(config.data, config.data.train_split)
     collator = Collator(model.tokenizer, model.vision_encoder.image_size, config.model.image_mean,
                         config.model.image_std, config.model.max_text_tokens)
@@ -114,14 +114,3 @@ def analyze_checkpoint(config: RecipeConfig, checkpoint: str | os.PathLike | Non
     target = Path(out_dir) if out_dir is not None else Path(config.output_dir) / f"{REPORT_DIR}_{step}"
     return report, write_report(report, target)
 
-
-def read_checkpoint_step(config: RecipeConfig, checkpoint: str | os.PathLike | None) -> int:
-    """The training step a checkpoint was written at (``latest`` of the run when None)."""
-    import json
-
-    from cmoe.reference_models.unimed.checkpoint import find_latest
-
-    path = Path(checkpoint) if checkpoint is not None else find_latest(config.output_dir)
-    if path is None:
-        raise CMoEError(f"checkpoint: none given and no 'latest' in {config.output_dir}; train first")
-    return int(json.loads((path / "state.json").read_text())["step"])

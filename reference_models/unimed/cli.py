@@ -1,4 +1,5 @@
-"""``cmoe unimed train | eval | demo``: the recipe's command line (registered as a ``cmoe`` subcommand)."""
+"""``cmoe unimed train | eval | analyze | experiment | data-stats | demo``: the recipe's command line
+(registered as a ``cmoe`` subcommand)."""
 
 from __future__ import annotations
 
@@ -159,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The Uni-Med recipe: train, eval, demo (``cmoe unimed --help``)."""
+    """The Uni-Med recipe: train, eval, analyze, experiment, data-stats, demo (``cmoe unimed --help``)."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return args.run(args)

@@ -24,13 +24,20 @@ from cmoe.reference_models.unimed.tokenizer import load_tokenizer
 TASK_ORDER = tuple(TASKS)
 
 
-def load_trained_model(config: RecipeConfig, checkpoint: str | os.PathLike | None,
-                       device: torch.device | str = "cpu") -> UniMedModel:
-    """The model of `config` with a checkpoint's trainable weights (``None``: the run's ``latest``)."""
+def resolve_checkpoint(config: RecipeConfig, checkpoint: str | os.PathLike | None) -> Path:
+    """`checkpoint`, or the run's ``latest`` when None."""
     path = Path(checkpoint) if checkpoint is not None else find_latest(config.output_dir)
     if path is None:
         raise CMoEError(f"checkpoint: none given and no 'latest' in {config.output_dir}; train first "
                         "(cmoe unimed train) or pass --checkpoint DIR")
+    return path
+
+
+def load_trained_model(config: RecipeConfig, checkpoint: str | os.PathLike | None,
+                       device: torch.device | str = "cpu") -> tuple[UniMedModel, int]:
+    """The model of `config` with a checkpoint's trainable weights (``None``: the run's ``latest``), and the
+    step the checkpoint was written at."""
+    path = resolve_checkpoint(config, checkpoint)
     parts = read_checkpoint(path)
     tokenizer_dir = path / "tokenizer"
     if tokenizer_dir.is_dir():
@@ -43,7 +50,7 @@ def load_trained_model(config: RecipeConfig, checkpoint: str | os.PathLike | Non
     torch.manual_seed(config.seed)
     model = build_model(config.model, tokenizer)
     load_trainable(model, parts, str(path))
-    return model.to(device).eval()
+    return model.to(device).eval(), int(parts["state"]["step"])
 
 
 def predict(model: UniMedModel, samples: list, config: RecipeConfig, device: torch.device | str = "cpu") -> list[str]:
@@ -130,7 +137,7 @@ def run_evaluation(config: RecipeConfig, checkpoint: str | os.PathLike | None = 
                    device: torch.device | str | None = None) -> dict[str, dict[str, Metric]]:
     """Evaluate a checkpoint on the config's eval split and write the tables next to it (or to `out_dir`)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_trained_model(config, checkpoint, device)
+    model, _ = load_trained_model(config, checkpoint, device)
     samples = load_split(config.data, config.data.eval_split)
     if not samples:
         raise CMoEError(f"data: the {config.data.eval_split!r} split is empty; check the dataset roots")

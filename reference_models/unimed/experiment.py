@@ -9,6 +9,7 @@ and averaged), a JSON file and comparison plots. Runs resume, so an interrupted 
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 from dataclasses import dataclass, field
@@ -132,14 +133,7 @@ def _trainable_connector_params(run_dir: Path) -> int | None:
     if latest is None:
         return None
     with safe_open(str(latest / "trainable.safetensors"), "pt") as handle:
-        return sum(_numel(handle.get_slice(k).get_shape()) for k in handle.keys() if k.startswith("connector."))
-
-
-def _numel(shape: list[int]) -> int:
-    total = 1
-    for size in shape:
-        total *= size
-    return total
+        return sum(math.prod(handle.get_slice(k).get_shape()) for k in handle.keys() if k.startswith("connector."))
 
 
 def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:

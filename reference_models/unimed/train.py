@@ -138,6 +138,7 @@ class _Window:
     def add(self, tasks: list[str], image_tasks: list[str], out: Any, micro_loss: float) -> None:
         self.loss += micro_loss
         self.aux += float(out.aux_loss)
+        self.steps += 1
         self.samples += len(tasks)
         for task, value in zip(tasks, out.sample_losses.tolist()):
             self.task_loss[task][0] += value
@@ -149,9 +150,9 @@ class _Window:
                 total[0] += weights
                 total[1] += 1
 
-    def record(self, step: int, lr: float, micro_batches: int, elapsed: float, grad_norm: float | None) -> dict:
-        record = {"step": step, "lr": lr, "loss": self.loss / max(1, micro_batches),
-                  "aux_loss": self.aux / max(1, micro_batches),
+    def record(self, step: int, lr: float, elapsed: float, grad_norm: float | None) -> dict:
+        record = {"step": step, "lr": lr, "loss": self.loss / max(1, self.steps),
+                  "aux_loss": self.aux / max(1, self.steps),
                   "task_loss": {t: s / max(1, n) for t, (s, n) in sorted(self.task_loss.items())},
                   "samples_per_s": self.samples / max(elapsed, 1e-9)}
         if grad_norm is not None:
@@ -247,7 +248,7 @@ class Trainer:
         """This rank's batches from the shared stream, resuming after the ones already consumed."""
         ctx, accum = self.ctx, self.config.train.grad_accum
         start = self.step * accum * ctx.world_size + ctx.rank
-        indices = islice(self.sampler.iter_from(0), start, None, ctx.world_size)
+        indices = islice(self.sampler.iter_from(start), 0, None, ctx.world_size)
         # Its own generator: creating the iterator must not draw from the global RNG (dropout's), or a resumed
         # run would see shifted dropout masks.
         generator = torch.Generator().manual_seed(self.config.seed)
@@ -322,8 +323,8 @@ class Trainer:
             self.step += 1
             bar.update(1)
             if self.step % train.log_every == 0 or self.step == total:
-                record = window.record(self.step, self.scheduler.get_last_lr()[0], window.steps,
-                                       time.perf_counter() - started, grad_norm)
+                record = window.record(self.step, self.scheduler.get_last_lr()[0], time.perf_counter() - started,
+                                       grad_norm)
                 history.append(record)
                 self._log(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}")
@@ -351,7 +352,6 @@ class Trainer:
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             image_tasks = [s.task for s, t in zip(batch.samples, batch.texts) if t.has_image]
             window.add(batch.tasks, image_tasks, out, float(out.loss.detach()))
-            window.steps += 1
         grad_norm = None
         if self.fsdp:
             distributed.sync_replicated_grads(self.model)
