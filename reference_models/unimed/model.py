@@ -88,16 +88,17 @@ class UniMedModel(nn.Module):
     def _sequences(self, batch: Batch, with_answers: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], Any]:
         """Per-sample input embeddings and labels: [before | image | after | answer]."""
         device = batch.task_ids.device
-        embed = self.llm.embed
+        embed = self.llm.embed  # one lookup for the whole batch, split per sample
         images, out = None, None
         if batch.pixel_values is not None:
             image_rows = [i for i, text in enumerate(batch.texts) if text.has_image]
             images, out = self.visual_embeddings(batch.pixel_values, batch.task_ids[image_rows])
+        rows = [text.before + text.after + (text.answer if with_answers else []) for text in batch.texts]
+        all_embeds = embed(torch.tensor([i for row in rows for i in row], dtype=torch.long, device=device))
+        per_sample = all_embeds.split([len(row) for row in rows])
         sequences, labels, image_index = [], [], 0
-        for text in batch.texts:
+        for text, token_embeds in zip(batch.texts, per_sample):
             answer = text.answer if with_answers else []
-            ids = torch.tensor(text.before + text.after + answer, dtype=torch.long, device=device)
-            token_embeds = embed(ids)
             split = len(text.before)
             parts = [token_embeds[:split]]
             label_parts = [torch.full((len(text.before) + len(text.after),), IGNORE_INDEX, device=device)]
