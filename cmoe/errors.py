@@ -21,3 +21,15 @@ def expect(condition: bool, argument: str, expected: str, got: object) -> None:
     """Raise `CMoEError` naming `argument`, what was `expected` and what was given, unless `condition`."""
     if not condition:
         raise CMoEError(f"{argument}: expected {expected}, got {got}")
+
+
+def expect_ids_below(ids, count: int, argument: str, expected: str) -> None:
+    """Raise `CMoEError` unless every value of the integer tensor `ids` is in ``0..count-1``.
+
+    Reads the range back to the host, so callers run it on CPU tensors only: there an out-of-range id would
+    crash deep inside indexing, and the read costs nothing; on a GPU it would stall the stream every step.
+    """
+    if not ids.numel():
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    expect(lo >= 0 and hi < count, argument, expected, f"values in {lo}..{hi}")
