@@ -46,6 +46,29 @@ def test_live_analysis_and_checkpoint_analysis_write_every_plot_and_the_json(tmp
 
 
 @pytest.mark.slow
+def test_checkpoint_analysis_reads_the_saved_initialisation_instead_of_rebuilding(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cmoe.reference_models.unimed import analyze
+    from cmoe.reference_models.unimed.checkpoint import CONNECTOR_INIT
+
+    config = tiny_config(tmp_path, train__steps=2, train__save_every=2)
+    Trainer(config).train()
+    assert (tmp_path / CONNECTOR_INIT).is_file()
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("analysis rebuilt the model although the run saved its initialisation")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(analyze, "build_model", no_rebuild)
+        saved, _ = analyze_checkpoint(config, out_dir=tmp_path / "saved", batches_per_task=1)
+    (tmp_path / CONNECTOR_INIT).unlink()
+    rebuilt, _ = analyze_checkpoint(config, out_dir=tmp_path / "rebuilt", batches_per_task=1)
+    for group, stats in rebuilt.steps[0].parameters.items():
+        assert stats.update_norm > 0
+        assert saved.steps[0].parameters[group].update_norm == pytest.approx(stats.update_norm, rel=1e-6), group
+
+
+@pytest.mark.slow
 def test_mlp_connector_analysis_has_projector_group_and_no_routing(tmp_path: Path) -> None:
     config = tiny_config(tmp_path, train__steps=1, train__save_every=1)
     config.model.connector.preset, config.model.connector.options = "mlp", {"hidden_features": 64}

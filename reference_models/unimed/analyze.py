@@ -16,6 +16,7 @@ from cmoe.errors import CMoEError
 from cmoe.reference_models.unimed.collate import IMAGE_TASKS, Batch, Collator
 from cmoe.reference_models.unimed.config import RecipeConfig
 from cmoe.reference_models.unimed.data.sample import Sample
+from cmoe.reference_models.unimed.checkpoint import load_connector_init
 from cmoe.reference_models.unimed.model import UniMedModel, build_model
 from cmoe.reference_models.unimed.tug_of_war import (
     TugOfWarReport,
@@ -94,21 +95,25 @@ def analyze_checkpoint(config: RecipeConfig, checkpoint: str | os.PathLike | Non
                        out_dir: str | os.PathLike | None = None, batches_per_task: int = 2,
                        device: torch.device | str | None = None) -> tuple[TugOfWarReport, list[Path]]:
     """Measure a checkpoint on probe batches from the training split; the parameter updates are relative to
-    the connector's initialisation, recovered by rebuilding the model from the seed (the init draws from the
-    same RNG stream as the frozen weights, so the whole model is rebuilt once more). Writes the JSON and plots to `out_dir`
-    (default ``output_dir/tug_of_war_<step>``)."""
-    from cmoe.reference_models.unimed.evaluate import load_trained_model
+    the connector's initialisation, read from the run's ``connector_init.safetensors`` (written by the trainer
+    before its first step). Runs without that file get it by rebuilding the model from the seed (the init
+    draws from the same RNG stream as the frozen weights, so the whole model is built once more). Writes the
+    JSON and plots to `out_dir` (default ``output_dir/tug_of_war_<step>``)."""
+    from cmoe.reference_models.unimed.evaluate import load_trained_model, resolve_checkpoint
     from cmoe.reference_models.unimed.recipe_data import load_split
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, step = load_trained_model(config, checkpoint, device)
-    torch.manual_seed(config.seed)
-    initial = build_model(config.model, model.tokenizer).connector
+    path = resolve_checkpoint(config, checkpoint)
+    model, step = load_trained_model(config, path, device)
+    initial_state = load_connector_init(path.parent)
+    if initial_state is None:
+        torch.manual_seed(config.seed)
+        initial_state = snapshot_parameters(build_model(config.model, model.tokenizer).connector)
     samples = load_split(config.data, config.data.train_split)
     collator = Collator(model.tokenizer, model.vision_encoder.image_size, config.model.image_mean,
                         config.model.image_std, config.model.max_text_tokens)
     probe = TugOfWarProbe(samples, collator, batches_per_task, config.train.batch_size, seed=config.seed)
-    probe.previous_state = snapshot_parameters(initial)
+    probe.previous_state = initial_state
     report = TugOfWarReport(meta=report_meta(model, config))
     probe.measure(model, step, report, device)
     target = Path(out_dir) if out_dir is not None else Path(config.output_dir) / f"{REPORT_DIR}_{step}"

@@ -24,11 +24,12 @@ import torch
 from torch import nn
 
 from cmoe.errors import CMoEError
-from cmoe.io import atomic_write, load_tensors
+from cmoe.io import atomic_write, load_tensors, save_tensors
 from safetensors.torch import save_file
 
 LATEST = "latest"
 PREFIX = "step_"
+CONNECTOR_INIT = "connector_init.safetensors"
 
 
 def frozen_fingerprint(model: nn.Module) -> str:
@@ -135,6 +136,20 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model: nn.Module, 
         for old in sorted(output_dir.glob(f"{PREFIX}*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_connector_init(output_dir: str | os.PathLike, connector: nn.Module) -> Path:
+    """Write the connector's parameters before the first step to ``output_dir/connector_init.safetensors``
+    (atomically), so the tug-of-war analysis of a later checkpoint can measure updates since initialisation
+    without rebuilding the model."""
+    return save_tensors(Path(output_dir) / CONNECTOR_INIT,
+                        {name: p.detach().cpu() for name, p in connector.named_parameters()})
+
+
+def load_connector_init(output_dir: str | os.PathLike) -> dict[str, torch.Tensor] | None:
+    """The parameters `save_connector_init` wrote for the run in `output_dir`, or None if it wrote none."""
+    path = Path(output_dir) / CONNECTOR_INIT
+    return load_tensors(path) if path.is_file() else None
 
 
 def _json_default(value: Any) -> Any:

@@ -35,6 +35,7 @@ from cmoe.reference_models.unimed.checkpoint import (
     read_checkpoint,
     rng_state,
     save_checkpoint,
+    save_connector_init,
 )
 from cmoe.reference_models.unimed.collate import Collator
 from cmoe.reference_models.unimed.config import RecipeConfig, TrainSection
@@ -310,6 +311,8 @@ class Trainer:
         self._trim_metrics()
         if ctx.is_main:
             write_json(self.output_dir / "config.json", config.to_dict())
+            if self.step == 0:
+                save_connector_init(self.output_dir, self.model.connector)
         batches = self._batches()
         history: list[dict[str, Any]] = []
         checkpoint = None
