@@ -1,5 +1,6 @@
 """Two processes through torchrun (gloo on CPU), DDP and FSDP: both ranks end with identical (full) weights while
-each rank reads its own batches, and rank 0 writes the checkpoint in the one format."""
+each rank reads its own batches, rank 0 writes the checkpoint in the one format, and the live tug-of-war
+analysis runs under both."""
 
 from __future__ import annotations
 
@@ -31,3 +32,8 @@ def test_two_process_torchrun_ranks_agree(tmp_path: Path, mode: str) -> None:
     saved = load_file(str(checkpoint / "trainable.safetensors"))
     assert all(torch.equal(saved[k], a[k]) for k in a)
     assert json.loads((checkpoint / "state.json").read_text())["world_size"] == 2
+    report = json.loads((tmp_path / "run" / "tug_of_war" / "tug_of_war.json").read_text())
+    assert [s["step"] for s in report["steps"]] == [0, 2, 4]
+    last = report["steps"][-1]
+    assert last["parameters"]["router"]["update_norm"] > 0
+    assert all(abs(last["gradients"]["all"]["cosine"][i][i] - 1) < 1e-9 for i in range(5))

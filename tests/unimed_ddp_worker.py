@@ -1,6 +1,6 @@
 """Run by `test_unimed_ddp.py` under torchrun (``worker.py OUT ddp|fsdp``): train the test config, then write
 this rank's (full) trainable weights and the sources of its first batch, so the test can check that ranks agree
-and saw different data."""
+and saw different data. The live tug-of-war analysis runs every 2 steps (every rank measures, rank 0 writes)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from cmoe.reference_models.unimed.train import Trainer  # noqa: E402
 from unimed_tiny import test_config  # noqa: E402
 
 out, mode = Path(sys.argv[1]), sys.argv[2]
-trainer = Trainer(test_config(out / "run", train__steps=4, train__save_every=4, train__distributed=mode))
+trainer = Trainer(test_config(out / "run", train__steps=4, train__save_every=4, train__distributed=mode,
+                              train__analyze_every=2, train__analyze_batches_per_task=1))
 trainer.setup()
 rank = trainer.ctx.rank
 first = next(trainer._batches())
