@@ -2,110 +2,42 @@
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass
-
 import pytest
 import torch
 
 import cmoe
 from cmoe import CMoEError, LinearExperts, MLPExperts, UnknownNameError, moe_project, select_backend
+from dispatch_cases import ROUTINGS, DispatchCase, build, random_cases, run
 
 BACKENDS_UNDER_TEST = ("sorted", "dense")
-
-
-@dataclass
-class Case:
-    tokens: int
-    in_features: int
-    out_features: int
-    num_experts: int
-    top_k: int
-    expert: str
-    bias: bool
-    routing: str  # random | one_expert | some_empty | duplicates
-
-    def build(self, seed: int, dtype: torch.dtype = torch.float32):
-        gen = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)
-        if self.expert == "linear":
-            experts = LinearExperts(self.num_experts, self.in_features, self.out_features, bias=self.bias)
-        else:
-            experts = MLPExperts(self.num_experts, self.in_features, self.out_features,
-                                 hidden_features=max(1, self.out_features // 2 + 3), bias=self.bias)
-        experts = experts.to(dtype)
-        x = torch.randn(self.tokens, self.in_features, generator=gen).to(dtype)
-        scores = torch.randn(self.tokens, self.num_experts, generator=gen)
-        if self.routing == "one_expert":
-            index = torch.full((self.tokens, self.top_k), self.num_experts - 1)
-        elif self.routing == "duplicates":
-            index = torch.randint(self.num_experts, (self.tokens, self.top_k), generator=gen)
-        else:
-            if self.routing == "some_empty" and self.num_experts > self.top_k:
-                scores[:, : self.num_experts - self.top_k] = -1e9  # those experts never get a token
-            index = scores.topk(self.top_k, dim=-1).indices
-        weight = torch.rand(self.tokens, self.top_k, generator=gen).to(dtype) + 0.1
-        return experts, x, index, weight
-
-
-def random_case(seed: int) -> Case:
-    rng = random.Random(seed)
-    num_experts = rng.choice([1, 2, 3, 8])
-    return Case(
-        tokens=rng.choice([1, 1, 2, 3, 7, 16, 33, 64]),
-        in_features=rng.choice([1, 5, 8, 37, 64, 129]),
-        out_features=rng.choice([1, 3, 16, 37, 129]),
-        num_experts=num_experts,
-        top_k=rng.randint(1, num_experts),
-        expert=rng.choice(["linear", "mlp"]),
-        bias=rng.random() < 0.7,
-        routing=rng.choice(["random", "random", "one_expert", "some_empty", "duplicates"]),
-    )
-
-
-SEEDS = range(120)
-
-
-def run_with_grads(backend: str, experts, x, index, weight):
-    x = x.detach().clone().requires_grad_(True)
-    weight = weight.detach().clone().requires_grad_(True)
-    experts.zero_grad(set_to_none=True)
-    out = moe_project(x, experts, index, weight, backend=backend)
-    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
-    (out * upstream).sum().backward()
-    grads = {"x": x.grad, "expert_weight": weight.grad}
-    grads.update({f"param:{n}": p.grad if p.grad is not None else torch.zeros_like(p)
-                  for n, p in experts.named_parameters()})
-    return out.detach(), grads
+CASES = random_cases(120, seed=2024, max_tokens=64, max_width=129)
 
 
 def test_random_cases_cover_the_edge_cases() -> None:
-    cases = [random_case(s) for s in SEEDS]
-    assert any(c.tokens == 1 for c in cases)
-    assert any(c.in_features in (37, 129) and c.out_features in (37, 129) for c in cases)
-    assert {c.num_experts for c in cases} == {1, 2, 3, 8}
-    assert any(c.top_k == c.num_experts == 8 for c in cases)
-    assert {c.routing for c in cases} == {"random", "one_expert", "some_empty", "duplicates"}
-    assert {c.expert for c in cases} == {"linear", "mlp"}
+    assert any(c.tokens == 1 for c in CASES)
+    assert any(c.in_features % 2 and c.out_features % 2 and c.in_features > 64 for c in CASES)
+    assert {c.num_experts for c in CASES} >= {1, 2, 3, 8}
+    assert any(c.top_k == c.num_experts == 8 for c in CASES)
+    assert {c.routing for c in CASES} == set(ROUTINGS)
+    assert {c.kind for c in CASES} == {"linear", "mlp"}
+    assert any(not c.bias for c in CASES) and any(c.hidden is not None for c in CASES)
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_backends_match_loop(seed: int) -> None:
-    case = random_case(seed)
-    experts, x, index, weight = case.build(seed)
-    ref_out, ref_grads = run_with_grads("loop", experts, x, index, weight)
-    assert torch.isfinite(ref_out).all()
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_backends_match_loop(case: DispatchCase) -> None:
+    tensors = build(case, "cpu", seed=len(case.id))
+    ref = run(*tensors, backend="loop", dtype=torch.float32)
+    assert torch.isfinite(ref[0]).all()
     for backend in BACKENDS_UNDER_TEST:
-        out, grads = run_with_grads(backend, experts, x, index, weight)
-        torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5, msg=lambda m: f"{backend} {case}: {m}")
-        for name, ref in ref_grads.items():
-            torch.testing.assert_close(grads[name], ref, rtol=1e-4, atol=1e-5,
-                                       msg=lambda m: f"{backend} grad {name} {case}: {m}")
+        got = run(*tensors, backend=backend, dtype=torch.float32)
+        for which, (a, b) in enumerate(zip(got, ref, strict=True)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5,
+                                       msg=lambda m: f"{backend}, tensor #{which} (0=out, 1=dx, 2=dw): {m}")
 
 
 def test_loop_reference_matches_hand_written_formula() -> None:
     """The reference itself, checked against y[t] = Σ_j w[t,j]·(W[i[t,j]] x[t] + b[i[t,j]]) written out."""
-    experts, x, index, weight = Case(5, 4, 3, 3, 2, "linear", True, "duplicates").build(7)
+    experts, x, index, weight, _ = build(DispatchCase(5, 4, 3, 3, 2, "linear", routing="duplicates"), "cpu", 7)
     (w, b), = experts.layers
     expected = torch.stack([
         sum(weight[t, j] * (w[index[t, j]] @ x[t] + b[index[t, j]]) for j in range(2)) for t in range(5)
@@ -127,7 +59,7 @@ class Projector(torch.nn.Module):
 @pytest.mark.parametrize("backend", ["sorted", "dense"])
 @pytest.mark.parametrize("expert", ["linear", "mlp"])
 def test_gradcheck_float64(backend: str, expert: str) -> None:
-    experts, x, index, weight = Case(6, 5, 4, 3, 2, expert, True, "random").build(3, torch.float64)
+    experts, x, index, weight, _ = build(DispatchCase(6, 5, 4, 3, 2, expert), "cpu", 3, torch.float64)
     module = Projector(experts, index, backend)
     names = [n for n, _ in module.named_parameters()]
 
@@ -143,8 +75,7 @@ def test_gradcheck_float64(backend: str, expert: str) -> None:
 @pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
 def test_low_precision_close_to_float32_loop(backend: str, dtype: torch.dtype, tol: float) -> None:
     for seed in range(5):
-        case = Case(33, 37, 24, 4, 2, "mlp", True, "random")
-        experts, x, index, weight = case.build(seed)
+        experts, x, index, weight, _ = build(DispatchCase(33, 37, 24, 4, 2, "mlp"), "cpu", seed)
         ref = moe_project(x, experts, index, weight, backend="loop")
         out = moe_project(x.to(dtype), experts.to(dtype), index, weight.to(dtype), backend=backend)
         assert out.dtype == dtype

@@ -8,15 +8,15 @@ import pytest
 import torch
 
 import cmoe
-from kernel_cases import KernelCase, build, max_relative_error, random_cases, run
+from dispatch_cases import DispatchCase, build, max_relative_error, random_cases, run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 pytest.importorskip("triton")
 
 CASES = random_cases(24, seed=99, max_tokens=3000, max_width=700) + [
-    KernelCase(4096, 1408, 2048, 8, 2, "mlp", True, "gelu", "random"),
-    KernelCase(8192, 5632, 4096, 8, 2, "mlp", True, "gelu", "skewed"),
-    KernelCase(4096, 1408, 2048, 4, 1, "linear", True, "gelu", "one_expert"),
+    DispatchCase(4096, 1408, 2048, 8, 2, "mlp", routing="random"),
+    DispatchCase(8192, 5632, 4096, 8, 2, "mlp", routing="skewed"),
+    DispatchCase(4096, 1408, 2048, 4, 1, "linear", routing="one_expert"),
 ]
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
@@ -30,7 +30,7 @@ def _no_tf32_no_tuning(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_kernels_match_loop_on_gpu(case: KernelCase, dtype: torch.dtype) -> None:
+def test_kernels_match_loop_on_gpu(case: DispatchCase, dtype: torch.dtype) -> None:
     tensors = build(case, "cuda", seed=len(case.id))
     got = run(*tensors, backend="triton_kernels", dtype=dtype)
     ref = run(*tensors, backend="loop", dtype=torch.float32)
@@ -45,7 +45,7 @@ def test_kernels_match_loop_on_gpu(case: KernelCase, dtype: torch.dtype) -> None
 def test_every_tuning_candidate_is_correct(role: str) -> None:
     from cmoe.kernels import tuning
 
-    case = KernelCase(3000, 1408, 1000, 8, 2, "mlp", True, "gelu", "random")
+    case = DispatchCase(3000, 1408, 1000, 8, 2, "mlp", routing="random")
     tensors = build(case, "cuda", seed=3)
     ref = run(*tensors, backend="loop", dtype=torch.float32)
     block_m = tuning.default_block_m(case.tokens * case.top_k, case.num_experts, False)

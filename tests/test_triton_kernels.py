@@ -12,7 +12,7 @@ import torch
 
 import cmoe
 from cmoe.errors import CMoEError
-from kernel_cases import build, max_relative_error, random_cases, run
+from dispatch_cases import build, max_relative_error, random_cases, run
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
