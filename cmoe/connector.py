@@ -54,7 +54,7 @@ class PretrainedConnector(nn.Module):
         width = self.config.in_features
         expect(isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[-1] == width, "x",
                f"a [batch, tokens, {width}] tensor (in_features={width})",
-               f"shape {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__)
+               lambda: f"shape {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__)
         expect(x.is_floating_point(), "x", "a floating-point tensor", x.dtype)
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 
 class CMoEError(ValueError):
@@ -17,9 +17,15 @@ class UnknownNameError(CMoEError):
         super().__init__(f"unknown {kind} {name!r}; known {kind}s: {', '.join(self.known) or '(none)'}")
 
 
-def expect(condition: bool, argument: str, expected: str, got: object) -> None:
-    """Raise `CMoEError` naming `argument`, what was `expected` and what was given, unless `condition`."""
+def expect(condition: bool, argument: str, expected: str | Callable[[], str], got: object) -> None:
+    """Raise `CMoEError` naming `argument`, what was `expected` and what was given, unless `condition`.
+
+    `expected` and `got` may be zero-argument callables, formatted only on failure: messages that print shapes
+    pass them so, since ``torch.compile`` cannot turn a symbolic size into text while it traces.
+    """
     if not condition:
+        expected = expected() if callable(expected) else expected
+        got = got() if callable(got) and not isinstance(got, type) else got
         raise CMoEError(f"{argument}: expected {expected}, got {got}")
 
 
@@ -28,8 +34,11 @@ def expect_ids_below(ids, count: int, argument: str, expected: str) -> None:
 
     Reads the range back to the host, so callers run it on CPU tensors only: there an out-of-range id would
     crash deep inside indexing, and the read costs nothing; on a GPU it would stall the stream every step.
+    Skipped while ``torch.compile`` traces, where reading a value back would break the graph.
     """
-    if not ids.numel():
+    import torch
+
+    if not ids.numel() or torch.compiler.is_compiling():
         return
     lo, hi = int(ids.min()), int(ids.max())
     expect(lo >= 0 and hi < count, argument, expected, f"values in {lo}..{hi}")

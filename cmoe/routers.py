@@ -104,7 +104,7 @@ def _check_task_ids(task_ids: torch.Tensor | None, batch: int, num_tasks: int, r
     if not isinstance(task_ids, torch.Tensor):
         task_ids = torch.as_tensor(task_ids)
     expect(task_ids.shape == (batch,) and not task_ids.is_floating_point(), "task_ids",
-           f"an integer tensor of shape [{batch}]", f"{task_ids.dtype} of shape {list(task_ids.shape)}")
+           lambda: f"an integer tensor of shape [{batch}]", lambda: f"{task_ids.dtype} of shape {list(task_ids.shape)}")
     if task_ids.device.type == "cpu":
         expect_ids_below(task_ids, num_tasks, "task_ids", f"values in 0..{num_tasks - 1} (num_tasks={num_tasks})")
     return task_ids.long()
@@ -176,7 +176,7 @@ class Router(nn.Module):
 
     def _validate(self, x: torch.Tensor, task_ids: torch.Tensor | None) -> torch.Tensor | None:
         expect(x.dim() == 3 and x.shape[-1] == self.in_features, "x",
-               f"a [batch, tokens, {self.in_features}] tensor", f"shape {list(x.shape)}")
+               f"a [batch, tokens, {self.in_features}] tensor", lambda: f"shape {list(x.shape)}")
         expect(x.is_floating_point(), "x", "a floating-point tensor", x.dtype)
         if self.input == "token":
             return None
@@ -293,7 +293,7 @@ class HardTaskRouter(FixedRouter):
         super().__init__(in_features, num_experts, top_k=1, num_tasks=num_tasks, **options)
 
     def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> RoutingResult:
-        expect(x.dim() == 3, "x", "a [batch, tokens, features] tensor", f"shape {list(x.shape)}")
+        expect(x.dim() == 3, "x", "a [batch, tokens, features] tensor", lambda: f"shape {list(x.shape)}")
         batch, tokens, _ = x.shape
         task_ids = _check_task_ids(task_ids, batch, self.num_tasks, self.name)
         index = (task_ids % self.num_experts).to(x.device)[:, None].expand(batch, tokens).reshape(-1, 1)
@@ -312,7 +312,7 @@ class ConstantRouter(FixedRouter):
         super().__init__(in_features, num_experts, top_k=None, **options)
 
     def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> RoutingResult:
-        expect(x.dim() == 3, "x", "a [batch, tokens, features] tensor", f"shape {list(x.shape)}")
+        expect(x.dim() == 3, "x", "a [batch, tokens, features] tensor", lambda: f"shape {list(x.shape)}")
         count = x.shape[0] * x.shape[1]
         probs = x.new_full((count, self.num_experts), 1.0 / self.num_experts)
         index = torch.arange(self.num_experts, device=x.device).expand(count, -1)

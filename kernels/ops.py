@@ -1,6 +1,8 @@
-"""The fused ``triton`` dispatch: alignment, kernel launches and the autograd function that trains through them.
+"""The fused ``triton`` dispatch: alignment, kernel launches, and the custom ops that train through them.
 
-`triton_moe_project` is what the ``triton`` backend calls. Forward runs one `grouped_gemm_kernel` per expert
+`triton_moe_project` is what the ``triton`` backend calls. It runs ``torch.ops.cmoe.triton_moe_forward``, a
+`torch.library` custom op with a registered autograd formula (``cmoe::triton_moe_backward``) and fake
+(meta) implementations, so autograd, ``torch.compile`` and CUDA-graph capture see one opaque op per call. Forward runs one `grouped_gemm_kernel` per expert
 layer (gathering the first layer's rows from ``x``, scattering the last layer's into token order); backward
 runs, per layer from the last, one weight-gradient launch and one input-gradient launch (which also yields the
 routing-weight gradient on the last layer and the activation's derivative on the others). No launch depends on
@@ -224,95 +226,156 @@ def _token_order_output(x: torch.Tensor, width: int, top_k: int) -> tuple[torch.
     return torch.zeros(x.shape[0], width, dtype=accumulate_dtype(x.dtype), device=x.device), OUT_TOKEN_ATOMIC
 
 
-class _FusedMoEProject(torch.autograd.Function):
-    """``y = Σ_j w[:, j] · Expert_{i[:, j]}(x)`` through the fused kernels, with a fused backward."""
+def _alignment(index: torch.Tensor, sorted_pair: torch.Tensor, block_expert: torch.Tensor,
+               block_offsets: torch.Tensor, block_m: int) -> Alignment:
+    return Alignment(sorted_pair, block_expert, block_offsets, index.numel(), index.shape[1], block_m)
 
-    @staticmethod
-    def forward(ctx, x, index, weight, activation, block_m, needs_grad, *params):
-        num_tokens, top_k = index.shape
-        num_layers = len(params) // 2
-        layers = [(params[2 * i], params[2 * i + 1]) for i in range(num_layers)]
-        num_experts = layers[0][0].shape[0]
-        al = align(index, num_experts, block_m)
-        route_weight = weight.reshape(-1)
-        act = ACT_IDS[activation]
-        inputs, preacts = [x], []
-        h = x
-        for depth, (w, b) in enumerate(layers):
-            first, last = depth == 0, depth == num_layers - 1
-            if last:
-                out, mode = _token_order_output(x, w.shape[1], top_k)
-                gemm(al, h, w, transpose_weight=True, a_gather=first, out=out, out_mode=mode, bias=b,
-                     route_weight=route_weight)
-                h = out.to(x.dtype)
-            else:
-                out = torch.empty(al.padded_rows, w.shape[1], dtype=x.dtype, device=x.device)
-                preact = torch.empty_like(out) if needs_grad else None
-                gemm(al, h, w, transpose_weight=True, a_gather=first, out=out, out_mode=OUT_PADDED, bias=b,
-                     activation=act, preact=preact)
-                inputs.append(out)
+
+def _num_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """The static upper bound on M-blocks `align` allocates (every expert's run padded by < one block)."""
+    return num_pairs // block_m + num_experts
+
+
+@torch.library.custom_op("cmoe::triton_moe_forward", mutates_args=())
+def triton_moe_forward(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, weights: list[torch.Tensor],
+                       biases: list[torch.Tensor], has_bias: list[bool], activation: str, block_m: int,
+                       keep_activations: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                        list[torch.Tensor], list[torch.Tensor]]:
+    """``y = Σ_j w[:, j] · Expert_{i[:, j]}(x)`` through the fused kernels, as one opaque op for autograd and
+    ``torch.compile``. ``weights`` are the expert layers' stacked ``[E, out, in]``; ``biases`` the ``[E, out]``
+    of the layers whose `has_bias` is true (a plain tensor list: autograd does not differentiate through a list
+    that holds None).
+
+    Returns y, the alignment (``sorted_pair``, ``block_expert``, ``block_offsets``), every hidden layer's output
+    in the padded layout and, with `keep_activations`, their pre-activations: what the backward needs.
+    """
+    num_tokens, top_k = index.shape
+    num_layers = len(weights)
+    al = align(index, weights[0].shape[0], block_m)
+    route_weight = weight.reshape(-1)
+    act = ACT_IDS[activation]
+    hidden, preacts = [], []
+    h = x
+    for depth, (w, b) in enumerate(zip(weights, _per_layer(biases, has_bias))):
+        first, last = depth == 0, depth == num_layers - 1
+        if last:
+            out, mode = _token_order_output(x, w.shape[1], top_k)
+            gemm(al, h, w, transpose_weight=True, a_gather=first, out=out, out_mode=mode, bias=b,
+                 route_weight=route_weight)
+            h = out.to(x.dtype)
+        else:
+            out = torch.empty(al.padded_rows, w.shape[1], dtype=x.dtype, device=x.device)
+            preact = torch.empty_like(out) if keep_activations else None
+            gemm(al, h, w, transpose_weight=True, a_gather=first, out=out, out_mode=OUT_PADDED, bias=b,
+                 activation=act, preact=preact)
+            hidden.append(out)
+            if preact is not None:
                 preacts.append(preact)
-                h = out
-        ctx.alignment = al
-        ctx.activation = act
-        ctx.num_layers = num_layers
-        ctx.has_bias = [b is not None for _, b in layers]
-        ctx.save_for_backward(index, route_weight, *inputs, *preacts,
-                              *[w for w, _ in layers], *[b for _, b in layers if b is not None])
-        return h
+            h = out
+    return h, al.sorted_pair, al.block_expert, al.block_offsets, hidden, preacts
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        al: Alignment = ctx.alignment
-        num_layers = ctx.num_layers
-        saved = ctx.saved_tensors
-        index, route_weight = saved[0], saved[1]
-        inputs = saved[2:2 + num_layers]
-        preacts = saved[2 + num_layers:1 + 2 * num_layers]
-        weights = saved[1 + 2 * num_layers:1 + 3 * num_layers]
-        bias_iter = iter(saved[1 + 3 * num_layers:])
-        biases = [next(bias_iter) if has else None for has in ctx.has_bias]
-        x = inputs[0]
-        num_tokens, top_k = index.shape
-        num_experts = weights[0].shape[0]
-        g = grad_out.contiguous().to(x.dtype)
-        grads_w: list[torch.Tensor | None] = [None] * num_layers
-        grads_b: list[torch.Tensor | None] = [None] * num_layers
-        grad_route = None
-        grad_x = None
-        dy = g
-        for depth in reversed(range(num_layers)):
-            first, last = depth == 0, depth == num_layers - 1
-            w, b = weights[depth], biases[depth]
-            dy_padded = padded_weighted_rows(al, g, route_weight) if last else dy
-            dw, db = weight_grad(al, dy_padded, inputs[depth], a_gather=first, num_experts=num_experts,
-                                 has_bias=b is not None)
-            del dy_padded
-            grads_w[depth] = dw.to(w.dtype)
-            grads_b[depth] = db.to(b.dtype) if b is not None else None
-            if first:
-                if not (ctx.needs_input_grad[0] or (last and ctx.needs_input_grad[2])):
-                    continue
-                target, mode = _token_order_output(x, x.shape[1], top_k)
-                partials = gemm(al, dy, w, transpose_weight=False, a_gather=last, out=target, out_mode=mode,
-                                dot_src=x if last else None, dot_mode=DOT_GATHERED if last else DOT_NONE,
-                                route_weight=route_weight if last else None, role="backward_input")
-                grad_x = target.to(x.dtype)
-            else:
-                target = torch.empty(al.padded_rows, w.shape[2], dtype=x.dtype, device=x.device)
-                partials = gemm(al, dy, w, transpose_weight=False, a_gather=last, out=target, out_mode=OUT_PADDED,
-                                dot_src=inputs[depth] if last else None,
-                                dot_mode=DOT_PADDED if last else DOT_NONE, act_src=preacts[depth - 1],
-                                act_grad=ctx.activation, route_weight=route_weight if last else None,
-                                role="backward_input")
-                dy = target
-            if last and partials is not None:
-                grad_route = _route_grad(al, partials, g, biases[-1], index)
-        params_grads = []
-        for gw, gb in zip(grads_w, grads_b):
-            params_grads += [gw, gb]
-        grad_weight = grad_route.to(route_weight.dtype).view(num_tokens, top_k) if grad_route is not None else None
-        return (grad_x, None, grad_weight, None, None, None, *params_grads)
+
+@triton_moe_forward.register_fake
+def _triton_moe_forward_fake(x, index, weight, weights, biases, has_bias, activation, block_m, keep_activations):
+    num_blocks = _num_blocks(index.shape[0] * index.shape[1], weights[0].shape[0], block_m)
+    rows = num_blocks * block_m
+    hidden = [x.new_empty(rows, w.shape[1]) for w in weights[:-1]]
+    preacts = [x.new_empty(rows, w.shape[1]) for w in weights[:-1]] if keep_activations else []
+    return (x.new_empty(index.shape[0], weights[-1].shape[1]), index.new_empty(rows, dtype=torch.int32),
+            index.new_empty(num_blocks, dtype=torch.int32), index.new_empty(weights[0].shape[0] + 1, dtype=torch.int32),
+            hidden, preacts)
+
+
+@torch.library.custom_op("cmoe::triton_moe_backward", mutates_args=())
+def triton_moe_backward(grad_out: torch.Tensor, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor,
+                        sorted_pair: torch.Tensor, block_expert: torch.Tensor, block_offsets: torch.Tensor,
+                        hidden: list[torch.Tensor], preacts: list[torch.Tensor], weights: list[torch.Tensor],
+                        biases: list[torch.Tensor], has_bias: list[bool], activation: str, block_m: int,
+                        needs_input_grad: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor],
+                                                         list[torch.Tensor]]:
+    """The fused backward of `triton_moe_forward`: grads of x (empty unless `needs_input_grad`) and of the
+    routing weights (empty when a one-layer expert needs no input grad: no launch computes it then), of every
+    layer's weights, and of `biases` (in their order)."""
+    al = _alignment(index, sorted_pair, block_expert, block_offsets, block_m)
+    per_layer_bias = _per_layer(biases, has_bias)
+    num_layers = len(weights)
+    num_tokens, top_k = index.shape
+    num_experts = weights[0].shape[0]
+    route_weight = weight.reshape(-1)
+    act = ACT_IDS[activation]
+    inputs = [x, *hidden]
+    g = grad_out.contiguous().to(x.dtype)
+    grads_w: list[torch.Tensor] = list(weights)  # each replaced by its gradient below
+    grads_b: list[torch.Tensor | None] = [None] * num_layers
+    grad_route = x.new_empty(0)
+    grad_x = x.new_empty(0)
+    dy = g
+    for depth in reversed(range(num_layers)):
+        first, last = depth == 0, depth == num_layers - 1
+        w, b = weights[depth], per_layer_bias[depth]
+        dy_padded = padded_weighted_rows(al, g, route_weight) if last else dy
+        dw, db = weight_grad(al, dy_padded, inputs[depth], a_gather=first, num_experts=num_experts,
+                             has_bias=b is not None)
+        del dy_padded
+        grads_w[depth] = dw.to(w.dtype)
+        grads_b[depth] = db.to(b.dtype) if b is not None else None
+        if first:
+            if not needs_input_grad:
+                continue
+            target, mode = _token_order_output(x, x.shape[1], top_k)
+            partials = gemm(al, dy, w, transpose_weight=False, a_gather=last, out=target, out_mode=mode,
+                            dot_src=x if last else None, dot_mode=DOT_GATHERED if last else DOT_NONE,
+                            route_weight=route_weight if last else None, role="backward_input")
+            grad_x = target.to(x.dtype)
+        else:
+            target = torch.empty(al.padded_rows, w.shape[2], dtype=x.dtype, device=x.device)
+            partials = gemm(al, dy, w, transpose_weight=False, a_gather=last, out=target, out_mode=OUT_PADDED,
+                            dot_src=inputs[depth] if last else None, dot_mode=DOT_PADDED if last else DOT_NONE,
+                            act_src=preacts[depth - 1], act_grad=act, route_weight=route_weight if last else None,
+                            role="backward_input")
+            dy = target
+        if last and partials is not None:
+            grad_route = _route_grad(al, partials, g, per_layer_bias[-1], index).to(weight.dtype).view(num_tokens, top_k)
+    return grad_x, grad_route, grads_w, [gb for gb in grads_b if gb is not None]
+
+
+@triton_moe_backward.register_fake
+def _triton_moe_backward_fake(grad_out, x, index, weight, sorted_pair, block_expert, block_offsets, hidden, preacts,
+                              weights, biases, has_bias, activation, block_m, needs_input_grad):
+    grad_x = torch.empty_like(x) if needs_input_grad else x.new_empty(0)
+    grad_route = torch.empty_like(weight) if needs_input_grad or len(weights) > 1 else weight.new_empty(0)
+    return (grad_x, grad_route, [torch.empty_like(w) for w in weights],
+            [torch.empty_like(b) for b in biases])
+
+
+def _per_layer(biases: list[torch.Tensor], has_bias: list[bool]) -> list[torch.Tensor | None]:
+    present = iter(biases)
+    return [next(present) if has else None for has in has_bias]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, index, weight, weights, biases, has_bias, activation, block_m, keep_activations = inputs
+    _, sorted_pair, block_expert, block_offsets, hidden, preacts = output
+    ctx.layout = (len(weights), len(biases), list(has_bias), len(hidden), len(preacts), activation, block_m)
+    ctx.save_for_backward(x, index, weight, sorted_pair, block_expert, block_offsets, *hidden, *preacts, *weights,
+                          *biases)
+
+
+def _backward(ctx, grad_out, *unused_grads):
+    num_layers, num_biases, has_bias, num_hidden, num_preacts, activation, block_m = ctx.layout
+    x, index, weight, sorted_pair, block_expert, block_offsets, *rest = ctx.saved_tensors
+    hidden, rest = rest[:num_hidden], rest[num_hidden:]
+    preacts, rest = rest[:num_preacts], rest[num_preacts:]
+    weights, biases = rest[:num_layers], rest[num_layers:num_layers + num_biases]
+    needs_input_grad = bool(ctx.needs_input_grad[0] or ctx.needs_input_grad[2])
+    grad_x, grad_route, grads_w, grads_b = torch.ops.cmoe.triton_moe_backward(
+        grad_out, x, index, weight, sorted_pair, block_expert, block_offsets, hidden, preacts, weights, biases,
+        has_bias, activation, block_m, needs_input_grad)
+    return (grad_x if ctx.needs_input_grad[0] else None, None, grad_route if ctx.needs_input_grad[2] else None,
+            list(grads_w), list(grads_b), None, None, None, None)
+
+
+torch.library.register_autograd("cmoe::triton_moe_forward", _backward, setup_context=_setup_context)
 
 
 def _route_grad(al: Alignment, partials: torch.Tensor, g: torch.Tensor, last_bias: torch.Tensor | None,
@@ -353,10 +416,9 @@ def triton_moe_project(x: torch.Tensor, experts: StackedExperts, index: torch.Te
 
         return dense_backend(x, experts, index, weight)
     block_m = tuning.default_block_m(num_tokens * top_k, experts.num_experts, INTERPRETED)
-    params: list[torch.Tensor | None] = []
-    for w, b in experts.layers:
-        params += [w.to(x.dtype).contiguous(), None if b is None else b.to(x.dtype).contiguous()]
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, *params))
-    return _FusedMoEProject.apply(x.contiguous(), index.contiguous(), weight.contiguous(),
-                                  experts.activation_name, block_m, needs_grad, *params)
+    weights = [w.to(x.dtype).contiguous() for w, _ in experts.layers]
+    biases = [b.to(x.dtype).contiguous() for _, b in experts.layers if b is not None]
+    has_bias = [b is not None for _, b in experts.layers]
+    keep = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, *weights, *biases))
+    return torch.ops.cmoe.triton_moe_forward(x.contiguous(), index.contiguous(), weight.contiguous(), weights,
+                                             biases, has_bias, experts.activation_name, block_m, keep)[0]

@@ -126,10 +126,18 @@ def grouped_gemm_kernel(
     pid_n = (pid % num_pid_in_group) // group_size_m
 
     expert = tl.load(block_expert_ptr + pid_m)
-    if expert < 0:
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    if expert < 0:  # a block past the used ones: padded outputs get zeros (never garbage), nothing else to do
+        if OUT_MODE == 0:
+            zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty)
+            tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], zeros, mask=n_mask[None, :])
+            if STORE_PREACT:
+                tl.store(preact_ptr + offs_m[:, None] * stride_pm + offs_n[None, :],
+                         zeros.to(preact_ptr.dtype.element_ty), mask=n_mask[None, :])
         return
     expert = expert.to(tl.int64)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_pair_ptr + offs_m).to(tl.int64)
     valid = pair < num_pairs
     token = pair // top_k
@@ -137,9 +145,7 @@ def grouped_gemm_kernel(
         a_rows = token
     else:
         a_rows = offs_m
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    n_mask = offs_n < N
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
     b_ptrs = b_ptr + expert * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
 

@@ -14,7 +14,6 @@ Pin a configuration instead of tuning, for every role or one:
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
@@ -45,17 +44,20 @@ INTERPRETER_CONFIG = KernelConfig(block_m=16, block_n=32, block_k=32, group_m=4,
 
 _pinned: dict[str | None, dict[str, int]] = {}
 _tuned: dict[tuple, KernelConfig] = {}
+_parsed_env: dict[str, tuple[tuple[str, int], ...]] = {}
 
 
 def _parse_env() -> dict[str, int]:
     return dict(_parse_config_text(os.environ.get("CMOE_TRITON_CONFIG", "").strip()))
 
 
-@functools.lru_cache(maxsize=8)
 def _parse_config_text(text: str) -> tuple[tuple[str, int], ...]:
-    """``CMOE_TRITON_CONFIG``'s value as (field, int) pairs; cached, since every kernel launch asks."""
+    """``CMOE_TRITON_CONFIG``'s value as (field, int) pairs; cached per value, since every kernel launch asks
+    (a plain dict: ``torch.compile`` traces through it, where it would warn about an ``lru_cache``)."""
     if not text:
         return ()
+    if text in _parsed_env:
+        return _parsed_env[text]
     known = {f.name for f in fields(KernelConfig)}
     parsed: dict[str, int] = {}
     for item in text.split(","):
@@ -65,7 +67,8 @@ def _parse_config_text(text: str) -> tuple[tuple[str, int], ...]:
             raise CMoEError(f"CMOE_TRITON_CONFIG: expected comma-separated name=int with names in {sorted(known)}, "
                             f"got {item!r}")
         parsed[name] = int(value)
-    return tuple(parsed.items())
+    _parsed_env[text] = tuple(parsed.items())
+    return _parsed_env[text]
 
 
 def pin_config(role: str | None = None, **values: int) -> None:

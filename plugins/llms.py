@@ -73,8 +73,9 @@ def build_hf_causal_lm(
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **options))
         if dtype is not None:
             model = model.to(dtype)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if gradient_checkpointing:  # transformers >= 5.2x names it activation checkpointing; older, gradient
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     if lora is not None:
         model = apply_lora(model, **lora)
     return CausalLM(model)

@@ -76,6 +76,27 @@ def test_every_backend_gives_the_same_connector_output() -> None:
         torch.testing.assert_close(base(x).hidden_states, ref)
 
 
+@pytest.mark.parametrize("router, options", [("soft", {}), ("task_token", {"num_tasks": 3, "router_rule": "sigmoid"})])
+def test_dense_routing_compiles_in_one_graph(router: str, options: dict) -> None:
+    """Dense routing (Uni-Med's soft router) needs no host sync, so ``torch.compile(fullgraph=True)`` takes the
+    whole connector step, with eager's output and gradients."""
+    connector = CMoEConnector(CMoEConfig(in_features=12, out_features=10, num_experts=4, router=router,
+                                         backend="dense", check_finite=False, **options))
+    x = torch.randn(2, 8, 12)
+    task_ids = torch.tensor([0, 2]) if options else None
+
+    def step(module) -> list[torch.Tensor]:
+        module.zero_grad(set_to_none=True)
+        out = module(x, task_ids=task_ids)
+        (out.hidden_states.square().mean() + out.aux_loss).backward()
+        return [out.hidden_states.detach(), *[p.grad.clone() for p in connector.parameters()]]
+
+    eager = step(connector)
+    compiled = step(torch.compile(connector, backend="aot_eager", fullgraph=True))
+    for got, ref in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_aux_loss_is_sum_of_router_terms() -> None:
     model = CMoEConnector(CMoEConfig(in_features=4, out_features=4, load_balance_coef=0.1, z_loss_coef=0.01))
     out = model(torch.randn(2, 3, 4))

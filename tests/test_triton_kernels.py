@@ -46,18 +46,61 @@ def test_kernels_in_other_dtypes_match_the_float32_loop(case, dtype: torch.dtype
 
 
 def test_gradcheck_float64_through_the_kernels() -> None:
-    from cmoe.kernels.ops import _FusedMoEProject
-
     experts = cmoe.MLPExperts(3, 5, 4).double()
     params = tuple(p.detach().clone().to(DEVICE).requires_grad_() for layer in experts.layers for p in layer)
     x = torch.randn(6, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
     scores, index = torch.randn(6, 3, device=DEVICE).topk(2)
     weight = scores.softmax(-1).double().requires_grad_()
 
-    def fused(x, weight, *params):
-        return _FusedMoEProject.apply(x, index, weight, "gelu", 16, True, *params)
+    def fused(x, weight, w1, b1, w2, b2):
+        return torch.ops.cmoe.triton_moe_forward(x, index, weight, [w1, w2], [b1, b2], [True, True], "gelu",
+                                                 16, True)[0]
 
     assert torch.autograd.gradcheck(fused, (x, weight, *params))
+
+
+@pytest.mark.parametrize("kind, bias, top_k", [("mlp", True, 2), ("linear", False, 2), ("mlp", False, 1)])
+def test_custom_ops_pass_opcheck(kind: str, bias: bool, top_k: int) -> None:
+    """Schema, fake (meta) shapes, the registered autograd formula and AOT tracing of both ops: what
+    ``torch.compile`` relies on."""
+    experts = (cmoe.MLPExperts if kind == "mlp" else cmoe.LinearExperts)(3, 5, 4, bias=bias).to(DEVICE)
+    weights = [w.detach().clone().requires_grad_() for w, _ in experts.layers]
+    biases = [b.detach().clone().requires_grad_() for _, b in experts.layers if b is not None]
+    has_bias = [b is not None for _, b in experts.layers]
+    x = torch.randn(9, 5, device=DEVICE, requires_grad=True)
+    scores, index = torch.randn(9, 3, device=DEVICE).topk(top_k)
+    weight = scores.softmax(-1).requires_grad_()
+    args = (x, index, weight, weights, biases, has_bias, experts.activation_name, 16, True)
+    torch.library.opcheck(torch.ops.cmoe.triton_moe_forward, args)
+    out, sorted_pair, block_expert, block_offsets, hidden, preacts = torch.ops.cmoe.triton_moe_forward(*args)
+    assert len(hidden) == len(preacts) == len(weights) - 1
+    grad = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.cmoe.triton_moe_backward,
+                          (grad, x.detach(), index, weight.detach(), sorted_pair, block_expert, block_offsets,
+                           [h.detach() for h in hidden], [p.detach() for p in preacts],
+                           [w.detach() for w in weights], [b.detach() for b in biases], has_bias,
+                           experts.activation_name, 16, True))
+
+
+@pytest.mark.parametrize("expert", ["linear", "mlp"])
+def test_connector_compiles_in_one_graph_with_the_triton_backend(expert: str) -> None:
+    """``torch.compile(fullgraph=True)`` (AOT autograd, no inductor code generation) sees the kernels as one op
+    and gives eager's output and gradients."""
+    connector = cmoe.CMoEConnector(cmoe.CMoEConfig(in_features=12, out_features=10, num_experts=4, top_k=2,
+                                                   expert=expert, backend="triton", check_finite=False,
+                                                   load_balance_coef=0.01)).to(DEVICE)
+    x = torch.randn(2, 20, 12, device=DEVICE)
+
+    def step(module) -> list[torch.Tensor]:
+        module.zero_grad(set_to_none=True)
+        out = module(x)
+        (out.hidden_states.square().mean() + out.aux_loss).backward()
+        return [out.hidden_states.detach(), *[p.grad.clone() for p in connector.parameters()]]
+
+    eager = step(connector)
+    compiled = step(torch.compile(connector, backend="aot_eager", fullgraph=True))
+    for got, ref in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("block_m", [16, 32])
