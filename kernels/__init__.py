@@ -5,7 +5,8 @@ pick it while it measures slower than ``sorted`` in forward+backward, see docs/k
 Importing this package does not import triton: `cmoe.kernels.ops` does, on first use.
 
 * `align` — token-parallel, sync-free sort of the (token, slot) pairs by expert, padded per expert to BLOCK_M;
-* `triton_moe_project` — forward and backward through the fused kernels (an autograd function);
+* `triton_moe_project` — forward and backward through the fused kernels (``torch.ops.cmoe.triton_moe_forward``,
+  a custom op with a registered backward, so autograd and ``torch.compile`` see one op);
 * `pin_config` / ``CMOE_TRITON_CONFIG`` / ``CMOE_TRITON_AUTOTUNE=0`` — fix the block configuration
   (see `cmoe.kernels.tuning`).
 
