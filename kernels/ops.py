@@ -2,11 +2,12 @@
 
 `triton_moe_project` is what the ``triton`` backend calls. It runs ``torch.ops.cmoe.triton_moe_forward``, a
 `torch.library` custom op with a registered autograd formula (``cmoe::triton_moe_backward``) and fake
-(meta) implementations, so autograd, ``torch.compile`` and CUDA-graph capture see one opaque op per call. Forward runs one `grouped_gemm_kernel` per expert
-layer (gathering the first layer's rows from ``x``, scattering the last layer's into token order); backward
-runs, per layer from the last, one weight-gradient launch and one input-gradient launch (which also yields the
-routing-weight gradient on the last layer and the activation's derivative on the others). No launch depends on
-a value read back to the host, so a warmed-up step can be captured in a CUDA graph.
+(meta) implementations, so autograd, ``torch.compile`` and CUDA-graph capture see one opaque op per call.
+Forward runs one `grouped_gemm_kernel` per expert layer (gathering the first layer's rows from ``x``,
+scattering the last layer's into token order); backward runs, per layer from the last, one weight-gradient
+launch and one input-gradient launch (which also yields the routing-weight gradient on the last layer and the
+activation's derivative on the others). No launch depends on a value read back to the host, so a warmed-up
+step can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -281,8 +282,9 @@ def _triton_moe_forward_fake(x, index, weight, weights, biases, has_bias, activa
     rows = num_blocks * block_m
     hidden = [x.new_empty(rows, w.shape[1]) for w in weights[:-1]]
     preacts = [x.new_empty(rows, w.shape[1]) for w in weights[:-1]] if keep_activations else []
-    return (x.new_empty(index.shape[0], weights[-1].shape[1]), index.new_empty(rows, dtype=torch.int32),
-            index.new_empty(num_blocks, dtype=torch.int32), index.new_empty(weights[0].shape[0] + 1, dtype=torch.int32),
+    int32 = torch.int32
+    return (x.new_empty(index.shape[0], weights[-1].shape[1]), index.new_empty(rows, dtype=int32),
+            index.new_empty(num_blocks, dtype=int32), index.new_empty(weights[0].shape[0] + 1, dtype=int32),
             hidden, preacts)
 
 
@@ -291,11 +293,11 @@ def triton_moe_backward(grad_out: torch.Tensor, x: torch.Tensor, index: torch.Te
                         sorted_pair: torch.Tensor, block_expert: torch.Tensor, block_offsets: torch.Tensor,
                         hidden: list[torch.Tensor], preacts: list[torch.Tensor], weights: list[torch.Tensor],
                         biases: list[torch.Tensor], has_bias: list[bool], activation: str, block_m: int,
-                        needs_input_grad: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor],
-                                                         list[torch.Tensor]]:
-    """The fused backward of `triton_moe_forward`: grads of x (empty unless `needs_input_grad`) and of the
-    routing weights (empty when a one-layer expert needs no input grad: no launch computes it then), of every
-    layer's weights, and of `biases` (in their order)."""
+                        needs_x_grad: bool, needs_route_grad: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """The fused backward of `triton_moe_forward`: grads of x and of the routing weights (each empty when no
+    launch computes it, see `_computed_input_grads`), of every layer's weights, and of `biases` (in order)."""
+    grad_x_computed, _ = _computed_input_grads(len(weights), needs_x_grad, needs_route_grad)
     al = _alignment(index, sorted_pair, block_expert, block_offsets, block_m)
     per_layer_bias = _per_layer(biases, has_bias)
     num_layers = len(weights)
@@ -320,7 +322,7 @@ def triton_moe_backward(grad_out: torch.Tensor, x: torch.Tensor, index: torch.Te
         grads_w[depth] = dw.to(w.dtype)
         grads_b[depth] = db.to(b.dtype) if b is not None else None
         if first:
-            if not needs_input_grad:
+            if not grad_x_computed:
                 continue
             target, mode = _token_order_output(x, x.shape[1], top_k)
             partials = gemm(al, dy, w, transpose_weight=False, a_gather=last, out=target, out_mode=mode,
@@ -335,17 +337,28 @@ def triton_moe_backward(grad_out: torch.Tensor, x: torch.Tensor, index: torch.Te
                             role="backward_input")
             dy = target
         if last and partials is not None:
-            grad_route = _route_grad(al, partials, g, per_layer_bias[-1], index).to(weight.dtype).view(num_tokens, top_k)
+            grad_route = _route_grad(al, partials, g, per_layer_bias[-1], index)
+            grad_route = grad_route.to(weight.dtype).view(num_tokens, top_k)
     return grad_x, grad_route, grads_w, [gb for gb in grads_b if gb is not None]
 
 
 @triton_moe_backward.register_fake
 def _triton_moe_backward_fake(grad_out, x, index, weight, sorted_pair, block_expert, block_offsets, hidden, preacts,
-                              weights, biases, has_bias, activation, block_m, needs_input_grad):
-    grad_x = torch.empty_like(x) if needs_input_grad else x.new_empty(0)
-    grad_route = torch.empty_like(weight) if needs_input_grad or len(weights) > 1 else weight.new_empty(0)
+                              weights, biases, has_bias, activation, block_m, needs_x_grad, needs_route_grad):
+    has_grad_x, has_grad_route = _computed_input_grads(len(weights), needs_x_grad, needs_route_grad)
+    grad_x = torch.empty_like(x) if has_grad_x else x.new_empty(0)
+    grad_route = torch.empty_like(weight) if has_grad_route else weight.new_empty(0)
     return (grad_x, grad_route, [torch.empty_like(w) for w in weights],
             [torch.empty_like(b) for b in biases])
+
+
+def _computed_input_grads(num_layers: int, needs_x_grad: bool, needs_route_grad: bool) -> tuple[bool, bool]:
+    """Which of (grad x, grad routing weights) the backward computes. The first layer's input-gradient launch
+    runs only when x needs a gradient, or when it is also the last layer and the routing weights need one (that
+    launch yields both); the last layer's launch, when there are several, always runs and yields the routing
+    gradient. Frozen visual features (x without grad) then cost no dx GEMM."""
+    first_layer_launch = needs_x_grad or (num_layers == 1 and needs_route_grad)
+    return first_layer_launch, num_layers > 1 or first_layer_launch
 
 
 def _per_layer(biases: list[torch.Tensor], has_bias: list[bool]) -> list[torch.Tensor | None]:
@@ -367,10 +380,10 @@ def _backward(ctx, grad_out, *unused_grads):
     hidden, rest = rest[:num_hidden], rest[num_hidden:]
     preacts, rest = rest[:num_preacts], rest[num_preacts:]
     weights, biases = rest[:num_layers], rest[num_layers:num_layers + num_biases]
-    needs_input_grad = bool(ctx.needs_input_grad[0] or ctx.needs_input_grad[2])
+    needs_x_grad, needs_route_grad = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[2])
     grad_x, grad_route, grads_w, grads_b = torch.ops.cmoe.triton_moe_backward(
         grad_out, x, index, weight, sorted_pair, block_expert, block_offsets, hidden, preacts, weights, biases,
-        has_bias, activation, block_m, needs_input_grad)
+        has_bias, activation, block_m, needs_x_grad, needs_route_grad)
     return (grad_x if ctx.needs_input_grad[0] else None, None, grad_route if ctx.needs_input_grad[2] else None,
             list(grads_w), list(grads_b), None, None, None, None)
 

@@ -75,11 +75,37 @@ def test_custom_ops_pass_opcheck(kind: str, bias: bool, top_k: int) -> None:
     out, sorted_pair, block_expert, block_offsets, hidden, preacts = torch.ops.cmoe.triton_moe_forward(*args)
     assert len(hidden) == len(preacts) == len(weights) - 1
     grad = torch.randn_like(out)
-    torch.library.opcheck(torch.ops.cmoe.triton_moe_backward,
-                          (grad, x.detach(), index, weight.detach(), sorted_pair, block_expert, block_offsets,
-                           [h.detach() for h in hidden], [p.detach() for p in preacts],
-                           [w.detach() for w in weights], [b.detach() for b in biases], has_bias,
-                           experts.activation_name, 16, True))
+    for needs_x_grad, needs_route_grad in ((True, True), (False, True), (True, False), (False, False)):
+        torch.library.opcheck(torch.ops.cmoe.triton_moe_backward,
+                              (grad, x.detach(), index, weight.detach(), sorted_pair, block_expert, block_offsets,
+                               [h.detach() for h in hidden], [p.detach() for p in preacts],
+                               [w.detach() for w in weights], [b.detach() for b in biases], has_bias,
+                               experts.activation_name, 16, needs_x_grad, needs_route_grad))
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_frozen_input_trains_the_experts_and_the_routing_weights(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """x without a gradient (frozen visual features, the Uni-Med case): the backward skips the first layer's dx
+    launch yet gives the routing-weight and parameter gradients of the reference."""
+    from cmoe.kernels import ops
+
+    roles = []
+    launch = ops.gemm
+    monkeypatch.setattr(ops, "gemm", lambda *args, **kwargs: roles.append(kwargs.get("role")) or launch(*args, **kwargs))
+    experts = (cmoe.MLPExperts if kind == "mlp" else cmoe.LinearExperts)(4, 9, 7).to(DEVICE)
+    x = torch.randn(30, 9, device=DEVICE)
+    scores, index = torch.randn(30, 4, device=DEVICE).topk(2)
+    grads = {}
+    for backend in ("loop", "triton"):
+        experts.zero_grad(set_to_none=True)
+        weight = scores.softmax(-1).detach().requires_grad_()
+        out = cmoe.moe_project(x, experts, index, weight, backend=backend)
+        out.square().sum().backward()
+        grads[backend] = [weight.grad, *[p.grad.clone() for p in experts.parameters()]]
+    for got, ref in zip(grads["triton"], grads["loop"], strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    # linear: the one layer's launch yields the routing gradient; mlp: only the last layer's launch runs
+    assert roles.count("backward_input") == 1
 
 
 @pytest.mark.parametrize("expert", ["linear", "mlp"])
