@@ -118,11 +118,13 @@ def _check_inputs(x: torch.Tensor, experts: StackedExperts, index: torch.Tensor,
            "weights)", type(experts).__name__)
     expect(x.is_floating_point(), "x", "a floating-point tensor", x.dtype)
     expect(x.dim() >= 1 and x.shape[-1] == experts.in_features, "x",
-           f"a [..., {experts.in_features}] tensor (the experts' in_features)", lambda: f"shape {list(x.shape)}")
+           f"a [..., {experts.in_features}] tensor (the experts' in_features)",
+           lambda: f"shape {list(x.shape)}")
     expect(not index.is_floating_point() and index.dtype != torch.bool, "expert_index", "an integer tensor",
            index.dtype)
     expect(index.dim() == x.dim() and index.shape[:-1] == x.shape[:-1], "expert_index",
-           lambda: f"shape [{', '.join(map(str, x.shape[:-1]))}, k] matching x", lambda: f"shape {list(index.shape)}")
+           lambda: f"shape [{', '.join(map(str, x.shape[:-1]))}, k] matching x",
+           lambda: f"shape {list(index.shape)}")
     expect(1 <= index.shape[-1] <= experts.num_experts, "expert_index",
            f"k in 1..num_experts={experts.num_experts} columns", index.shape[-1])
     expect(weight.shape == index.shape, "expert_weight", lambda: f"shape {list(index.shape)} like expert_index",

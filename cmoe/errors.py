@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 class CMoEError(ValueError):
@@ -29,14 +33,14 @@ def expect(condition: bool, argument: str, expected: str | Callable[[], str], go
         raise CMoEError(f"{argument}: expected {expected}, got {got}")
 
 
-def expect_ids_below(ids, count: int, argument: str, expected: str) -> None:
+def expect_ids_below(ids: torch.Tensor, count: int, argument: str, expected: str) -> None:
     """Raise `CMoEError` unless every value of the integer tensor `ids` is in ``0..count-1``.
 
     Reads the range back to the host, so callers run it on CPU tensors only: there an out-of-range id would
     crash deep inside indexing, and the read costs nothing; on a GPU it would stall the stream every step.
     Skipped while ``torch.compile`` traces, where reading a value back would break the graph.
     """
-    import torch
+    import torch  # cmoe.errors itself imports no torch
 
     if not ids.numel() or torch.compiler.is_compiling():
         return

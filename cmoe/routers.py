@@ -104,7 +104,8 @@ def _check_task_ids(task_ids: torch.Tensor | None, batch: int, num_tasks: int, r
     if not isinstance(task_ids, torch.Tensor):
         task_ids = torch.as_tensor(task_ids)
     expect(task_ids.shape == (batch,) and not task_ids.is_floating_point(), "task_ids",
-           lambda: f"an integer tensor of shape [{batch}]", lambda: f"{task_ids.dtype} of shape {list(task_ids.shape)}")
+           lambda: f"an integer tensor of shape [{batch}]",
+           lambda: f"{task_ids.dtype} of shape {list(task_ids.shape)}")
     if task_ids.device.type == "cpu":
         expect_ids_below(task_ids, num_tasks, "task_ids", f"values in 0..{num_tasks - 1} (num_tasks={num_tasks})")
     return task_ids.long()

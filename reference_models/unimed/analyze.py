@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 from cmoe.errors import CMoEError
+from cmoe.reference_models.unimed.checkpoint import load_connector_init
 from cmoe.reference_models.unimed.collate import IMAGE_TASKS, Batch, Collator
 from cmoe.reference_models.unimed.config import RecipeConfig
 from cmoe.reference_models.unimed.data.sample import Sample
-from cmoe.reference_models.unimed.checkpoint import load_connector_init
 from cmoe.reference_models.unimed.model import UniMedModel, build_model
 from cmoe.reference_models.unimed.tug_of_war import (
     TugOfWarReport,
