@@ -20,6 +20,7 @@ from cmoe import (
     build_connector,
     load_connector,
 )
+from dispatch_cases import assert_compiled_step_matches_eager
 
 
 def test_aggregation_concatenates_consecutive_tokens() -> None:
@@ -82,19 +83,7 @@ def test_dense_routing_compiles_in_one_graph(router: str, options: dict) -> None
     whole connector step, with eager's output and gradients."""
     connector = CMoEConnector(CMoEConfig(in_features=12, out_features=10, num_experts=4, router=router,
                                          backend="dense", check_finite=False, **options))
-    x = torch.randn(2, 8, 12)
-    task_ids = torch.tensor([0, 2]) if options else None
-
-    def step(module) -> list[torch.Tensor]:
-        module.zero_grad(set_to_none=True)
-        out = module(x, task_ids=task_ids)
-        (out.hidden_states.square().mean() + out.aux_loss).backward()
-        return [out.hidden_states.detach(), *[p.grad.clone() for p in connector.parameters()]]
-
-    eager = step(connector)
-    compiled = step(torch.compile(connector, backend="aot_eager", fullgraph=True))
-    for got, ref in zip(compiled, eager, strict=True):
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert_compiled_step_matches_eager(connector, torch.randn(2, 8, 12), torch.tensor([0, 2]) if options else None)
 
 
 def test_aux_loss_is_sum_of_router_terms() -> None:

@@ -12,7 +12,7 @@ import torch
 
 import cmoe
 from cmoe.errors import CMoEError
-from dispatch_cases import build, max_relative_error, random_cases, run
+from dispatch_cases import assert_compiled_step_matches_eager, build, max_relative_error, random_cases, run
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -120,18 +120,7 @@ def test_connector_compiles_in_one_graph_with_the_triton_backend(expert: str) ->
     connector = cmoe.CMoEConnector(cmoe.CMoEConfig(in_features=12, out_features=10, num_experts=4, top_k=2,
                                                    expert=expert, backend="triton", check_finite=False,
                                                    load_balance_coef=0.01)).to(DEVICE)
-    x = torch.randn(2, 20, 12, device=DEVICE)
-
-    def step(module) -> list[torch.Tensor]:
-        module.zero_grad(set_to_none=True)
-        out = module(x)
-        (out.hidden_states.square().mean() + out.aux_loss).backward()
-        return [out.hidden_states.detach(), *[p.grad.clone() for p in connector.parameters()]]
-
-    eager = step(connector)
-    compiled = step(torch.compile(connector, backend="aot_eager", fullgraph=True))
-    for got, ref in zip(compiled, eager, strict=True):
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert_compiled_step_matches_eager(connector, torch.randn(2, 20, 12, device=DEVICE))
 
 
 @pytest.mark.parametrize("block_m", [16, 32])
