@@ -37,6 +37,19 @@ def test_built_in_configs_load_and_paper_config_has_the_original_settings() -> N
     assert load_config("tiny").model.tokenizer.kind == "word_level"
 
 
+def test_config_inheritance_merges_mappings_and_replace_swaps_one_whole(tmp_path: Path) -> None:
+    """``base:`` merges key by key; a mapping marked ``_replace: true`` replaces the inherited one instead."""
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("base: tiny\nmodel: {connector: {options: {router_hidden: 32}}}\n")
+    assert load_config(merged).model.connector.options == {"expert_hidden": 64, "router_hidden": 32}
+    replaced = tmp_path / "replaced.yaml"
+    replaced.write_text("base: tiny\n"
+                        "model: {connector: {preset: mlp, options: {_replace: true, hidden_features: 48}}}\n")
+    config = load_config(replaced)
+    assert config.model.connector.preset == "mlp" and config.model.connector.options == {"hidden_features": 48}
+    assert load_config(replaced, {"train": {"steps": 7}}).train.steps == 7  # overrides still merge on top
+
+
 def test_bad_config_values_give_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(CMoEError, match=r"train: unknown key\(s\) \['stepz'\]; known keys: .*steps"):
         load_config("tiny", {"train": {"stepz": 3}})
