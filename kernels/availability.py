@@ -14,10 +14,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes")
 
 
+# Looked up once at import: `torch.compile` cannot trace `importlib.util.find_spec` (dynamo skips it), and
+# backend selection asks on every call.
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def unavailable_reason(device: torch.device | str) -> str | None:
     """None when the fused kernels can run on `device`; otherwise what is missing and how to get it."""
     device = torch.device(device)
-    if importlib.util.find_spec("triton") is None:
+    if not TRITON_INSTALLED:
         return "the `triton` package is not installed (pip install 'cmoe[triton]', Linux only)"
     if device.type == "cuda":
         return None

@@ -104,8 +104,9 @@ def _upcast_dot(dtype: torch.dtype) -> bool:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """fp32 dots follow torch's matmul setting (TF32 only where torch would use it); others ignore it."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    """fp32 dots follow torch's matmul setting (TF32 only where torch would use it); fp64 is always exact;
+    bf16/fp16 ignore it."""
+    if dtype == torch.float64 or (dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32):
         return "ieee"
     return "tf32"
 

@@ -161,7 +161,7 @@ def grouped_gemm_kernel(
         if UPCAST_DOT:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         else:
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc_dtype)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_bk
 
@@ -248,7 +248,7 @@ def grouped_wgrad_kernel(
             if UPCAST_DOT:
                 acc = tl.dot(dy_t.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
             else:
-                acc = tl.dot(dy_t, a, acc, input_precision=PRECISION)
+                acc = tl.dot(dy_t, a, acc, input_precision=PRECISION, out_dtype=acc_dtype)
             if HAS_BIAS:
                 acc_b += tl.sum(dy_t.to(acc_dtype), axis=1)
         if hi > lo:

@@ -90,7 +90,9 @@ def _connector_step(connector, x, target):
     out = connector(x)
     loss = torch.nn.functional.mse_loss(out.hidden_states.float(), target) + out.aux_loss
     loss.backward()
-    return loss
+    # Detached: a loss that keeps its graph alive keeps the parameters' AccumulateGrad nodes (and the stream
+    # they were made on) alive, and a later capture on another stream then fails on the legacy stream.
+    return loss.detach()
 
 
 def test_warm_step_has_no_host_sync_and_captures_in_a_cuda_graph() -> None:
