@@ -178,39 +178,64 @@ def gemm(al: Alignment, a: torch.Tensor, weight: torch.Tensor, *, transpose_weig
     return dot_out_holder[0]
 
 
+WGRAD_DY_TRANS_LOAD = True
+
+
 def weight_grad(al: Alignment, dy: torch.Tensor, a: torch.Tensor, *, a_gather: bool, num_experts: int,
-                has_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``dW [E, N, K]`` and ``db [E, N]`` (fp32) of one layer from its output grad `dy` (padded layout, zero in
-    padding rows) and its input `a` (x gathered by token when `a_gather`, else padded)."""
+                has_bias: bool, splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``dW [E, N, K]`` (in `a`'s dtype) and ``db [E, N]`` (accumulate dtype) of one layer from its output grad
+    `dy` (padded layout, zero in padding rows) and its input `a` (x gathered by token when `a_gather`, else
+    padded).
+
+    Each expert's rows are split over `splits` programs per tile (default: enough programs to fill the GPU
+    even if one expert got every token); one split stores its tile, several add into a zeroed fp32 buffer.
+    """
     n, k = dy.shape[1], a.shape[1]
     acc = accumulate_dtype(a.dtype)
-    dw = torch.zeros(num_experts, n, k, dtype=acc, device=a.device)
-    db = torch.zeros(num_experts, n, dtype=acc, device=a.device) if has_bias else None
     sms = (torch.cuda.get_device_properties(a.device).multi_processor_count if a.device.type == "cuda" else 4)
+    buffers: dict[int, torch.Tensor] = {}
+
+    def plan(config: tuning.KernelConfig) -> tuple[int, int, int]:
+        tiles = triton.cdiv(n, config.block_n) * triton.cdiv(k, config.block_k)
+        wanted = splits if splits is not None else triton.cdiv(2 * sms, tiles)
+        per_split = triton.cdiv(al.num_blocks, max(1, min(al.num_blocks, wanted)))
+        return tiles, triton.cdiv(al.num_blocks, per_split), per_split
+
+    def output(num_splits: int) -> torch.Tensor:
+        if num_splits not in buffers:
+            buffers[num_splits] = (torch.zeros(num_experts, n, k, dtype=acc, device=a.device) if num_splits > 1
+                                   else torch.empty(num_experts, n, k, dtype=a.dtype, device=a.device))
+        return buffers[num_splits]
 
     def launch(config: tuning.KernelConfig) -> None:
-        tiles = triton.cdiv(n, config.block_n) * triton.cdiv(k, config.block_k)
-        splits = max(1, min(al.num_blocks, triton.cdiv(4 * sms, tiles)))
-        per_program = triton.cdiv(al.num_blocks, splits)
-        splits = triton.cdiv(al.num_blocks, per_program)
-        grouped_wgrad_kernel[(tiles, splits)](
-            dy, a, dw, db if db is not None else dw, al.sorted_pair, al.block_offsets, al.num_pairs, al.top_k,
-            n, k, num_experts, per_program, dy.stride(0), a.stride(0), dw.stride(1),
-            db.stride(0) if db is not None else 0,
-            A_GATHER=a_gather, HAS_BIAS=has_bias, PRECISION=_precision(a.dtype),
-            ACC_F64=a.dtype == torch.float64, UPCAST_DOT=_upcast_dot(a.dtype), BLOCK_M=al.block_m,
-            **config.launch_options(),
+        tiles, num_splits, per_split = plan(config)
+        dw = output(num_splits)
+        grouped_wgrad_kernel[(tiles, num_experts, num_splits)](
+            dy, a, dw, al.sorted_pair, al.block_offsets, al.num_pairs, al.top_k, n, k, per_split,
+            dy.stride(0), a.stride(0), dw.stride(0), dw.stride(1),
+            A_GATHER=a_gather, ATOMIC=num_splits > 1, DY_TRANS_LOAD=WGRAD_DY_TRANS_LOAD,
+            PRECISION=_precision(a.dtype), ACC_F64=a.dtype == torch.float64, UPCAST_DOT=_upcast_dot(a.dtype),
+            BLOCK_M=al.block_m, GROUP_N=config.group_m, **config.launch_options(),
         )
 
     def reset() -> None:
-        dw.zero_()
-        if db is not None:
-            db.zero_()
+        for num_splits, buffer in buffers.items():
+            if num_splits > 1:
+                buffer.zero_()
 
     key = _shape_key(al, a.dtype, num_experts, n, k, a_gather)
     config = tuning.choose("weight_grad", key, al.block_m, a.element_size(), INTERPRETED, _bench(launch, reset))
     launch(config)
-    return dw, db
+    dw = output(plan(config)[1]).to(a.dtype)
+    return dw, (_bias_grad(al, dy, num_experts) if has_bias else None)
+
+
+def _bias_grad(al: Alignment, dy: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``db[e] = Σ dY`` over expert e's rows: a per-block sum of the padded layout, added up per expert."""
+    per_block = dy.view(al.num_blocks, al.block_m, dy.shape[1]).sum(1, dtype=accumulate_dtype(dy.dtype))
+    slot = torch.where(al.block_expert < 0, num_experts, al.block_expert).long()
+    total = per_block.new_zeros(num_experts + 1, dy.shape[1]).index_add_(0, slot, per_block)
+    return total[:num_experts]
 
 
 def padded_weighted_rows(al: Alignment, rows: torch.Tensor, route_weight: torch.Tensor) -> torch.Tensor:

@@ -12,10 +12,11 @@ M-block of ``BLOCK_M`` sorted rows belongs to exactly one expert (``block_expert
   epilogue adds the bias, applies (or differentiates) the activation, dots the tile with a saved operand (for
   the routing-weight gradient), scales by the routing weight, and stores to the padded layout, or scatters to
   token order (plain store when k = 1, fp32 atomic add when k > 1).
-* `grouped_wgrad_kernel` — ``dW_e = Σ_rows dYᵀ·A`` per expert: each program owns one (N, K) tile of the weight
-  and a slice of the sorted M-blocks (the split over tokens), sums per expert and adds into an fp32 buffer.
-  ``dY`` comes in the padded layout (zero in padding rows), so its tile loads straight into the transposed
-  operand with no gather or scaling inside the reduction loop.
+* `grouped_wgrad_kernel` — ``dW_e = Σ_rows dYᵀ·A``: each program owns one (N, K) tile of one expert's weight
+  and that expert's M-blocks (or one split of them, when there are too few tiles to fill the GPU), in one
+  pipelined reduction loop with nothing else in it (the bias gradient is a separate segmented sum). Unsplit,
+  the tile is stored straight in the weight's dtype; split, the parts add into a zeroed fp32 buffer.
+  ``dY`` comes in the padded layout (zero in padding rows), so there is no gather or scaling in the loop.
 
 ``UPCAST_DOT`` is for triton's CPU interpreter only, whose dot is a numpy matmul and has no bfloat16: there
 the operands are upcast to fp32 first; compiled kernels feed bf16 straight to the tensor cores.
@@ -199,62 +200,64 @@ def grouped_gemm_kernel(
         tl.atomic_add(out_ptr + token[:, None] * stride_om + offs_n[None, :], acc, mask=tile_mask)
 
 
-@triton.jit(do_not_specialize=["num_pairs", "blocks_per_program"])
+@triton.jit(do_not_specialize=["num_pairs", "blocks_per_split"])
 def grouped_wgrad_kernel(
-    dy_ptr, a_ptr, dw_ptr, db_ptr, sorted_pair_ptr, block_offsets_ptr,
-    num_pairs, top_k, N, K, num_experts, blocks_per_program,
-    stride_dym, stride_am, stride_dwn, stride_dbe,
-    A_GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    dy_ptr, a_ptr, dw_ptr, sorted_pair_ptr, block_offsets_ptr,
+    num_pairs, top_k, N, K, blocks_per_split,
+    stride_dym, stride_am, stride_dwe, stride_dwn,
+    A_GATHER: tl.constexpr, ATOMIC: tl.constexpr, DY_TRANS_LOAD: tl.constexpr, PRECISION: tl.constexpr,
     ACC_F64: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    """``dW[e] += Σ dY[rows]ᵀ·A[rows]`` (and ``db[e] += Σ dY[rows]``) over this program's slice of M-blocks.
+    """``dW[e] (+)= Σ dY[rows]ᵀ·A[rows]`` over one expert's M-blocks (or one split of them) for one (N, K) tile.
 
-    ``dY`` is in the padded layout (the last layer's routing-weighted upstream gradient is laid out so by the
-    caller), loaded straight as the transposed ``[BLOCK_N, BLOCK_M]`` tile; ``A`` rows are gathered from token
-    order (the first layer's input x) or read from the padded layout.
+    Grid: (tiles, experts, splits). ``dY`` is in the padded layout (zero in padding rows); ``A`` rows are
+    gathered from token order (the first layer's input x) or read from the padded layout. One split: the tile
+    is stored (zeros for an expert without rows) in dW's dtype; several: added into a zeroed fp32 buffer.
     """
-    pid_tile = tl.program_id(0)
-    pid_split = tl.program_id(1)
+    pid = tl.program_id(0)
+    expert = tl.program_id(1)
+    split = tl.program_id(2)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
     num_pid_k = tl.cdiv(K, BLOCK_K)
-    pid_n = pid_tile // num_pid_k
-    pid_k = pid_tile % num_pid_k
+    num_pid_in_group = GROUP_N * num_pid_k
+    first_pid_n = (pid // num_pid_in_group) * GROUP_N
+    group_size_n = tl.minimum(num_pid_n - first_pid_n, GROUP_N)
+    pid_n = first_pid_n + (pid % num_pid_in_group) % group_size_n
+    pid_k = (pid % num_pid_in_group) // group_size_n
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
     k_mask = offs_k < K
-    first = pid_split * blocks_per_program
-    last = first + blocks_per_program
-    for e in range(0, num_experts):
-        lo = tl.maximum(tl.load(block_offsets_ptr + e), first)
-        hi = tl.minimum(tl.load(block_offsets_ptr + e + 1), last)
-        if ACC_F64:
-            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float64)
-            acc_b = tl.zeros((BLOCK_N,), dtype=tl.float64)
-        else:
-            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-            acc_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        acc_dtype = acc.dtype
-        for block in range(lo, hi):
-            offs_m = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    lo = tl.load(block_offsets_ptr + expert) + split * blocks_per_split
+    hi = tl.minimum(tl.load(block_offsets_ptr + expert + 1), lo + blocks_per_split)
+    if ACC_F64:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_dtype = acc.dtype
+    for block in range(lo, hi):
+        offs_m = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        if DY_TRANS_LOAD:
             dy_t = tl.load(dy_ptr + offs_m[None, :] * stride_dym + offs_n[:, None], mask=n_mask[:, None], other=0.0)
-            if A_GATHER:
-                pair = tl.load(sorted_pair_ptr + offs_m).to(tl.int64)
-                valid = pair < num_pairs
-                a = tl.load(a_ptr + (pair // top_k)[:, None] * stride_am + offs_k[None, :],
-                            mask=valid[:, None] & k_mask[None, :], other=0.0)
-            else:
-                a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=k_mask[None, :], other=0.0)
-            if UPCAST_DOT:
-                acc = tl.dot(dy_t.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(dy_t, a, acc, input_precision=PRECISION, out_dtype=acc_dtype)
-            if HAS_BIAS:
-                acc_b += tl.sum(dy_t.to(acc_dtype), axis=1)
+        else:
+            dy_t = tl.trans(tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :], mask=n_mask[None, :],
+                                    other=0.0))
+        if A_GATHER:
+            pair = tl.load(sorted_pair_ptr + offs_m).to(tl.int64)
+            valid = pair < num_pairs
+            a = tl.load(a_ptr + (pair // top_k)[:, None] * stride_am + offs_k[None, :],
+                        mask=valid[:, None] & k_mask[None, :], other=0.0)
+        else:
+            a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=k_mask[None, :], other=0.0)
+        if UPCAST_DOT:
+            acc = tl.dot(dy_t.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(dy_t, a, acc, input_precision=PRECISION, out_dtype=acc_dtype)
+    dw_ptrs = dw_ptr + expert.to(tl.int64) * stride_dwe + offs_n[:, None].to(tl.int64) * stride_dwn + offs_k[None, :]
+    tile_mask = n_mask[:, None] & k_mask[None, :]
+    if ATOMIC:
         if hi > lo:
-            dw_rows = (e * N + offs_n).to(tl.int64)
-            tl.atomic_add(dw_ptr + dw_rows[:, None] * stride_dwn + offs_k[None, :], acc,
-                          mask=n_mask[:, None] & k_mask[None, :])
-            if HAS_BIAS:
-                if pid_k == 0:
-                    tl.atomic_add(db_ptr + e * stride_dbe + offs_n, acc_b, mask=n_mask)
+            tl.atomic_add(dw_ptrs, acc, mask=tile_mask)
+    else:
+        tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=tile_mask)

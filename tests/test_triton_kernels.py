@@ -215,3 +215,29 @@ def test_explicit_triton_on_cpu_without_interpreter_says_why() -> None:
     assert result.returncode != 0
     assert "backend 'triton' cannot run on device cpu: the fused kernels need a CUDA GPU" in result.stderr
     assert "TRITON_INTERPRET=1" in result.stderr
+
+
+@pytest.mark.parametrize("a_gather", [True, False], ids=["gathered", "padded"])
+@pytest.mark.parametrize("splits", [1, 3], ids=["stored", "split-atomic"])
+def test_weight_grad_kernel_matches_per_expert_sums(a_gather: bool, splits: int) -> None:
+    """Both output paths of the weight-gradient kernel (one split stored in the weight dtype, several added into
+    fp32) give ``dW[e] = Σ dYᵀ·A`` and ``db[e] = Σ dY`` over expert e's rows, with an expert that has none."""
+    from cmoe.kernels.ops import weight_grad
+
+    gen = torch.Generator().manual_seed(splits)
+    tokens, top_k, experts, n, k = 37, 2, 4, 19, 23
+    index = torch.stack([torch.randperm(3, generator=gen)[:top_k] for _ in range(tokens)]).to(DEVICE)  # 3 unused
+    al = align(index, num_experts=experts, block_m=16)
+    x = torch.randn(tokens, k, generator=gen).to(DEVICE)
+    token = torch.clamp(al.sorted_pair.long() // top_k, max=tokens - 1)
+    real = (al.sorted_pair < al.num_pairs).unsqueeze(1)
+    a = x if a_gather else torch.where(real, x.index_select(0, token), 0.0)
+    dy = torch.where(real, torch.randn(al.padded_rows, n, generator=gen).to(DEVICE), 0.0)
+    dw, db = weight_grad(al, dy, a, a_gather=a_gather, num_experts=experts, has_bias=True, splits=splits)
+    assert dw.dtype == x.dtype and dw.shape == (experts, n, k)
+    rows_x = x.index_select(0, token) * real
+    for e in range(experts):
+        lo, hi = (int(v) * 16 for v in al.block_offsets[e:e + 2])
+        torch.testing.assert_close(dw[e], dy[lo:hi].t() @ rows_x[lo:hi], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(db[e], dy[lo:hi].sum(0), rtol=1e-5, atol=1e-5)
+    assert torch.count_nonzero(dw[3]) == 0 and torch.count_nonzero(db[3]) == 0
