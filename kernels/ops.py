@@ -178,9 +178,6 @@ def gemm(al: Alignment, a: torch.Tensor, weight: torch.Tensor, *, transpose_weig
     return dot_out_holder[0]
 
 
-WGRAD_DY_TRANS_LOAD = True
-
-
 def weight_grad(al: Alignment, dy: torch.Tensor, a: torch.Tensor, *, a_gather: bool, num_experts: int,
                 has_bias: bool, splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``dW [E, N, K]`` (in `a`'s dtype) and ``db [E, N]`` (accumulate dtype) of one layer from its output grad
@@ -213,7 +210,7 @@ def weight_grad(al: Alignment, dy: torch.Tensor, a: torch.Tensor, *, a_gather: b
         grouped_wgrad_kernel[(tiles, num_experts, num_splits)](
             dy, a, dw, al.sorted_pair, al.block_offsets, al.num_pairs, al.top_k, n, k, per_split,
             dy.stride(0), a.stride(0), dw.stride(0), dw.stride(1),
-            A_GATHER=a_gather, ATOMIC=num_splits > 1, DY_TRANS_LOAD=WGRAD_DY_TRANS_LOAD,
+            A_GATHER=a_gather, ATOMIC=num_splits > 1,
             PRECISION=_precision(a.dtype), ACC_F64=a.dtype == torch.float64, UPCAST_DOT=_upcast_dot(a.dtype),
             BLOCK_M=al.block_m, GROUP_N=config.group_m, **config.launch_options(),
         )

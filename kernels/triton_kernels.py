@@ -205,7 +205,7 @@ def grouped_wgrad_kernel(
     dy_ptr, a_ptr, dw_ptr, sorted_pair_ptr, block_offsets_ptr,
     num_pairs, top_k, N, K, blocks_per_split,
     stride_dym, stride_am, stride_dwe, stride_dwn,
-    A_GATHER: tl.constexpr, ATOMIC: tl.constexpr, DY_TRANS_LOAD: tl.constexpr, PRECISION: tl.constexpr,
+    A_GATHER: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
     ACC_F64: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
 ):
@@ -238,11 +238,7 @@ def grouped_wgrad_kernel(
     acc_dtype = acc.dtype
     for block in range(lo, hi):
         offs_m = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        if DY_TRANS_LOAD:
-            dy_t = tl.load(dy_ptr + offs_m[None, :] * stride_dym + offs_n[:, None], mask=n_mask[:, None], other=0.0)
-        else:
-            dy_t = tl.trans(tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :], mask=n_mask[None, :],
-                                    other=0.0))
+        dy_t = tl.load(dy_ptr + offs_m[None, :] * stride_dym + offs_n[:, None], mask=n_mask[:, None], other=0.0)
         if A_GATHER:
             pair = tl.load(sorted_pair_ptr + offs_m).to(tl.int64)
             valid = pair < num_pairs

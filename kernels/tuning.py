@@ -115,7 +115,7 @@ def candidates(role: str, block_m: int, element_size: int) -> list[KernelConfig]
     else:
         tiles = [(128, 64, 8, 3), (256, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4)]
     if role == "weight_grad":  # an (N, K) tile of dW; the reduction step is BLOCK_M rows
-        tiles = ([(128, 128, 4, 4), (128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4)] if element_size < 4
+        tiles = ([(128, 128, 8, 3), (128, 64, 8, 4), (64, 128, 4, 4), (128, 64, 4, 4)] if element_size < 4
                  else [(128, 64, 8, 3), (64, 64, 4, 4), (128, 128, 8, 2), (64, 128, 4, 3)])
     return [KernelConfig(block_m, n, k, 8, w, s) for n, k, w, s in tiles]
 
