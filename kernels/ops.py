@@ -228,11 +228,12 @@ def weight_grad(al: Alignment, dy: torch.Tensor, a: torch.Tensor, *, a_gather: b
 
 
 def _bias_grad(al: Alignment, dy: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """``db[e] = Σ dY`` over expert e's rows: a per-block sum of the padded layout, added up per expert."""
-    per_block = dy.view(al.num_blocks, al.block_m, dy.shape[1]).sum(1, dtype=accumulate_dtype(dy.dtype))
-    slot = torch.where(al.block_expert < 0, num_experts, al.block_expert).long()
-    total = per_block.new_zeros(num_experts + 1, dy.shape[1]).index_add_(0, slot, per_block)
-    return total[:num_experts]
+    """``db[e] = Σ dY`` over expert e's rows, as one ``[E, rows] @ dY`` GEMM with the rows' one-hot expert
+    matrix: fp32 accumulation without an fp32 copy of dY (a ``sum(dtype=float32)`` would make one)."""
+    experts = torch.arange(num_experts, device=dy.device, dtype=al.block_expert.dtype)
+    onehot = (al.block_expert.unsqueeze(0) == experts.unsqueeze(1)).to(dy.dtype)
+    onehot = onehot.unsqueeze(2).expand(num_experts, al.num_blocks, al.block_m).reshape(num_experts, -1)
+    return (onehot @ dy).to(accumulate_dtype(dy.dtype))
 
 
 def padded_weighted_rows(al: Alignment, rows: torch.Tensor, route_weight: torch.Tensor) -> torch.Tensor:
