@@ -393,6 +393,9 @@ def _per_layer(biases: list[torch.Tensor], has_bias: list[bool]) -> list[torch.T
 def _setup_context(ctx, inputs, output) -> None:
     x, index, weight, weights, biases, has_bias, activation, block_m, keep_activations = inputs
     _, sorted_pair, block_expert, block_offsets, hidden, preacts = output
+    # Only y gets a gradient; the other outputs are saved for backward. Without this, autograd would build a
+    # zero gradient for each (a [padded rows, hidden] buffer per activation) and keep it through the backward.
+    ctx.set_materialize_grads(False)
     ctx.layout = (len(weights), len(biases), list(has_bias), len(hidden), len(preacts), activation, block_m)
     ctx.save_for_backward(x, index, weight, sorted_pair, block_expert, block_offsets, *hidden, *preacts, *weights,
                           *biases)
@@ -400,6 +403,8 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out, *unused_grads):
     num_layers, num_biases, has_bias, num_hidden, num_preacts, activation, block_m = ctx.layout
+    if grad_out is None:  # only the saved outputs got gradients (not materialised): nothing flows back
+        return None, None, None, [None] * num_layers, [None] * num_biases, None, None, None, None
     x, index, weight, sorted_pair, block_expert, block_offsets, *rest = ctx.saved_tensors
     hidden, rest = rest[:num_hidden], rest[num_hidden:]
     preacts, rest = rest[:num_preacts], rest[num_preacts:]

@@ -241,3 +241,50 @@ def test_weight_grad_kernel_matches_per_expert_sums(a_gather: bool, splits: int)
         torch.testing.assert_close(dw[e], dy[lo:hi].t() @ rows_x[lo:hi], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(db[e], dy[lo:hi].sum(0), rtol=1e-5, atol=1e-5)
     assert torch.count_nonzero(dw[3]) == 0 and torch.count_nonzero(db[3]) == 0
+
+
+def test_backward_does_not_materialise_grads_for_the_saved_activations() -> None:
+    """The forward op also returns the alignment and the padded activations (saved for backward, never used by
+    the caller). Autograd must not build zero gradients for them: each would be a ``[padded rows, hidden]``
+    buffer alive through the backward (it raised the fwd+bwd peak on the H100)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ZerosRecorder(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shapes: list[tuple[int, ...]] = []
+            self.ops: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.ops.add(str(func.overloadpacket))
+            if func.overloadpacket in (torch.ops.aten.zeros, torch.ops.aten.zeros_like, torch.ops.aten.new_zeros,
+                                       torch.ops.aten.full, torch.ops.aten.full_like, torch.ops.aten.fill_):
+                self.shapes.append(tuple(out.shape))
+            return out
+
+    experts = cmoe.MLPExperts(4, 12, 10, hidden_features=24).to(DEVICE)
+    x = torch.randn(30, 12, device=DEVICE, requires_grad=True)
+    scores, index = torch.randn(30, 4, device=DEVICE).topk(2, dim=-1)
+    weight = scores.softmax(-1).requires_grad_()
+    out = triton_moe_project(x, experts, index, weight)
+    with ZerosRecorder() as recorder:
+        out.sum().backward()
+    assert x.grad is not None and weight.grad is not None
+    assert "cmoe.triton_moe_backward" in recorder.ops  # the recorder saw the backward
+    hidden_like = [shape for shape in recorder.shapes if len(shape) == 2 and shape[1] == 24]  # [rows, hidden]
+    assert not hidden_like, f"zero tensors shaped like the padded activations were made in backward: {hidden_like}"
+
+
+def test_a_loss_on_the_saved_activations_alone_sends_no_gradient() -> None:
+    """With zero gradients not materialised, a backward that reaches the op through its saved outputs only (not
+    y) gets ``grad_out = None`` and must answer with no gradients rather than fail."""
+    experts = cmoe.MLPExperts(3, 6, 5, hidden_features=7).to(DEVICE)
+    x = torch.randn(9, 6, device=DEVICE, requires_grad=True)
+    index = torch.randint(0, 3, (9, 1), device=DEVICE)
+    weight = torch.rand(9, 1, device=DEVICE, requires_grad=True)
+    (w1, b1), (w2, b2) = experts.layers
+    outputs = torch.ops.cmoe.triton_moe_forward(x, index, weight, [w1, w2], [b1, b2], [True, True], "gelu", 16, True)
+    hidden = outputs[4][0]
+    hidden.sum().backward()
+    assert x.grad is None and weight.grad is None
