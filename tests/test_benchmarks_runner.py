@@ -119,3 +119,14 @@ def test_summary_reports_triton_against_the_targets() -> None:
             "forward+backward 0.90 (target ≥ 0.85)") in text
     assert "speed-up over `sorted` forward 1.50×, forward+backward 1.50× (target ≥ 1.2×)" in text
     assert "peak memory forward 5 MiB, forward+backward 9 MiB (a [T·k, in] copy of x would be 0 MiB)" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no GPU")
+def test_kernel_probe_says_it_needs_a_gpu() -> None:
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "benchmarks.probe_triton", "e2e"], cwd=root, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1
+    assert "needs" not in done.stdout and "CUDA GPU; none is available here" in done.stderr
