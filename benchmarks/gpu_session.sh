@@ -3,12 +3,13 @@
 #
 #   bash benchmarks/gpu_session.sh tests [OUT]   # GPU test matrix, tuning candidates, 64-bit case, CUDA graph
 #   bash benchmarks/gpu_session.sh bench [OUT]   # the benchmark runner; report at OUT/RESULTS.md
+#   bash benchmarks/gpu_session.sh probe [OUT]   # per-kernel times and tile sweeps (OUT/probe.log)
 #
 # Needs CUDA torch, triton and cmoe installed (`pip install -e '.[triton,hf]'`). OUT defaults to
 # benchmarks/gpu-out. Logs and the device description go to OUT; copy OUT/RESULTS.md over
 # benchmarks/RESULTS.md and write its "read this first" note by hand.
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh tests|bench [OUT]}
+phase=${1:?usage: gpu_session.sh tests|bench|probe [OUT]}
 out=${2:-benchmarks/gpu-out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -24,8 +25,11 @@ case "$phase" in
   bench)
     python -m benchmarks.run --min-time 0.2 --out "$out/RESULTS.md" 2>&1 | tee "$out/bench.log"
     ;;
+  probe)
+    OUT="$out" python -m benchmarks.probe_triton > "$out/probe_stdout.log" 2>&1
+    ;;
   *)
-    echo "unknown phase $phase: expected tests or bench" >&2
+    echo "unknown phase $phase: expected tests, bench or probe" >&2
     exit 2
     ;;
 esac

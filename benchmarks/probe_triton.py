@@ -101,18 +101,24 @@ WG = [(128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3), (128, 64, 4, 4), (12
       (64, 128, 4, 4), (256, 64, 8, 3)]
 
 
+def time_pinned(label: str, role: str, tile: tuple[int, int, int, int], fn) -> None:
+    """Pin `tile` (block_n, block_k, warps, stages) for `role`, time `fn`, report; a tile that fails is reported."""
+    n, k, warps, stages = tile
+    tuning.pin_config(role, block_n=n, block_k=k, num_warps=warps, num_stages=stages)
+    try:
+        fn()
+        say(f"{label} n={n} k={k} w={warps} s={stages}: {bench(fn):.3f} ms")
+    except Exception as exc:
+        say(f"{label} n={n} k={k} w={warps} s={stages}: FAILED {type(exc).__name__}: {str(exc)[:120]}")
+
+
 @section("forward-role sweep (fwd only), block_m 128 and 64")
 def sweep_forward():
     f = make_callable(w, "triton", "forward")
     for bm in (128, 64):
-        for n, k, warps, st in FWD:
-            tuning.pin_config(None, block_m=bm)
-            tuning.pin_config("forward", block_n=n, block_k=k, num_warps=warps, num_stages=st)
-            try:
-                f()
-                say(f"bm={bm} n={n} k={k} w={warps} s={st}: fwd {bench(f):.3f} ms")
-            except Exception as exc:
-                say(f"bm={bm} n={n} k={k} w={warps} s={st}: FAILED {type(exc).__name__}: {str(exc)[:120]}")
+        tuning.pin_config(None, block_m=bm)
+        for tile in FWD:
+            time_pinned(f"fwd bm={bm}", "forward", tile, f)
     tuning.pin_config(None)
     tuning.pin_config("forward")
 
@@ -121,13 +127,8 @@ def sweep_forward():
 def sweep_backward():
     fb = make_callable(w, "triton", "forward_backward")
     for role, configs in (("weight_grad", WG), ("backward_input", FWD)):
-        for n, k, warps, st in configs:
-            tuning.pin_config(role, block_n=n, block_k=k, num_warps=warps, num_stages=st)
-            try:
-                fb()
-                say(f"{role} n={n} k={k} w={warps} s={st}: fwd+bwd {bench(fb):.3f} ms")
-            except Exception as exc:
-                say(f"{role} n={n} k={k} w={warps} s={st}: FAILED {type(exc).__name__}: {str(exc)[:120]}")
+        for tile in configs:
+            time_pinned(f"fwd+bwd {role}", role, tile, fb)
         tuning.pin_config(role)
 
 
