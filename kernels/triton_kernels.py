@@ -79,6 +79,15 @@ def _activation_grad(z, ACT: tl.constexpr):
         return tl.full(z.shape, 1.0, tl.float32)
 
 
+@triton.jit
+def _grouped_tile(pid, num_rows, num_cols, GROUP: tl.constexpr):
+    """Program `pid`'s (row, column) tile, rows taken GROUP at a time so concurrent programs share operands."""
+    num_pid_in_group = GROUP * num_cols
+    first_row = (pid // num_pid_in_group) * GROUP
+    group_size = tl.minimum(num_rows - first_row, GROUP)
+    return first_row + (pid % num_pid_in_group) % group_size, (pid % num_pid_in_group) // group_size
+
+
 @triton.jit(do_not_specialize=["num_pairs"])
 def count_kernel(index_ptr, chunk_counts_ptr, num_pairs, num_experts,
                  BLOCK: tl.constexpr, E_POW2: tl.constexpr):
@@ -118,13 +127,7 @@ def grouped_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """``out[rows] (op)= epilogue(A[rows] @ B[expert])`` for one M-block and one N-tile (see module docstring)."""
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = tl.minimum(num_blocks - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
 
     expert = tl.load(block_expert_ptr + pid_m)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -215,16 +218,9 @@ def grouped_wgrad_kernel(
     gathered from token order (the first layer's input x) or read from the padded layout. One split: the tile
     is stored (zeros for an expert without rows) in dW's dtype; several: added into a zeroed fp32 buffer.
     """
-    pid = tl.program_id(0)
+    pid_n, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP_N)
     expert = tl.program_id(1)
     split = tl.program_id(2)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_k = tl.cdiv(K, BLOCK_K)
-    num_pid_in_group = GROUP_N * num_pid_k
-    first_pid_n = (pid // num_pid_in_group) * GROUP_N
-    group_size_n = tl.minimum(num_pid_n - first_pid_n, GROUP_N)
-    pid_n = first_pid_n + (pid % num_pid_in_group) % group_size_n
-    pid_k = (pid % num_pid_in_group) // group_size_n
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
