@@ -30,6 +30,7 @@ def cmoe_register_experts(register: Register) -> None:
 
 @hookimpl
 def cmoe_register_backends(register: Register) -> None:
-    register("loop", Backend("loop", loop_backend, description="reference per-expert loop"))
+    register("loop", Backend("loop", loop_backend, description="reference per-expert loop",
+                             auto_candidate=lambda device: False))
     register("sorted", Backend("sorted", sorted_backend, description="expert-sorted contiguous matmuls"))
     register("dense", Backend("dense", dense_backend, description="every expert on every token, one wide GEMM"))

@@ -11,7 +11,12 @@ differentiable with respect to ``x``, the expert weights and the routing weights
   what the original Uni-Med computes; ``auto``'s choice for dense routing on CUDA (measured 1.24× faster than
   ``sorted`` forward on an H100); on CPU ``sorted`` measures faster even there (benchmarks/RESULTS.md);
 * ``triton`` — fused GPU kernels (`cmoe.kernels`), registered by the ``triton_kernels`` plugin entry point;
-  explicit only (``backend="triton"``) until it measures faster than ``sorted``.
+  a candidate of the measuring ``auto`` on CUDA only (never the CPU interpreter);
+* ``grouped_mm`` — one ``torch.nn.functional.grouped_mm`` per layer over expert-sorted rows, offsets on the
+  device (`cmoe.kernels.grouped_mm`), registered by the same entry point.
+
+``auto`` times the candidates on the first call of each shape class and keeps the fastest (`cmoe.auto`);
+``CMOE_AUTO=table`` restores the hand-written rule of `table_backend`.
 
 Backends are registered through the ``cmoe_register_backends`` plugin hook (see `cmoe.builtins`).
 """
@@ -24,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from cmoe import auto
 from cmoe.errors import CMoEError, UnknownNameError, expect, expect_ids_below
 from cmoe.experts import StackedExperts
 from cmoe.registry import BACKENDS
@@ -40,10 +46,15 @@ class Backend:
     is_available: Callable[[torch.device], bool] = lambda device: True
     description: str = ""
     unavailable_reason: Callable[[torch.device], str | None] = lambda device: None
+    # None when the backend can run these inputs (dtype, widths, tracing), else why not: `auto` skips it then.
+    input_problem: Callable[[torch.Tensor, StackedExperts], str | None] = lambda x, experts: None
+    # Whether the measuring `auto` may time (and pick) it on a device (``loop``: never; ``triton``: CUDA only).
+    auto_candidate: Callable[[torch.device], bool] = lambda device: True
 
 
-_PROVIDED_ELSEWHERE = {"triton": "reinstall cmoe so its `triton_kernels` entry point (cmoe.kernels.plugin) is "
-                                 "registered, and check CMOE_DISABLE_PLUGINS does not name it"}
+_KERNELS_PLUGIN = ("reinstall cmoe so its `triton_kernels` entry point (cmoe.kernels.plugin) is registered, and "
+                   "check CMOE_DISABLE_PLUGINS does not name it")
+_PROVIDED_ELSEWHERE = {"triton": _KERNELS_PLUGIN, "grouped_mm": _KERNELS_PLUGIN}
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -145,13 +156,20 @@ def check_backend_name(backend: str) -> None:
     raise UnknownNameError("backend", backend, [*BACKENDS.names(), "auto"])
 
 
-def select_backend(x: torch.Tensor, num_experts: int, top_k: int, backend: str = "auto") -> str:
-    """The backend `moe_project` will use for this input: the named one, or for ``auto`` the fastest measured.
+def table_backend(device: torch.device, num_experts: int, top_k: int) -> str:
+    """The hand-written rule (``CMOE_AUTO=table``, and while ``torch.compile`` traces an unmeasured class).
 
-    ``auto`` follows benchmarks/RESULTS.md: on CUDA ``dense`` under dense routing (k = E) and ``sorted``
-    otherwise; ``triton`` is not chosen automatically while it measures slower than ``sorted`` in
-    forward+backward on the connector shapes. On CPU, ``sorted``.
+    From benchmarks/RESULTS.md: on CUDA ``dense`` under dense routing (k = E) and ``sorted`` otherwise; on CPU,
+    ``sorted``.
     """
+    if device.type == "cuda" and top_k == num_experts:
+        return "dense"
+    return "sorted"
+
+
+def select_backend(x: torch.Tensor, num_experts: int, top_k: int, backend: str = "auto") -> str:
+    """The named backend after checking it can run on `x`'s device; for ``auto``, the table rule's answer
+    (`table_backend`): the shape-only part of the choice. `moe_project`'s ``auto`` measures (`cmoe.auto`)."""
     check_backend_name(backend)
     if backend != "auto":
         chosen = BACKENDS.get(backend)
@@ -161,9 +179,7 @@ def select_backend(x: torch.Tensor, num_experts: int, top_k: int, backend: str =
                             + (f": {reason}" if reason else "") + "; use backend='auto' or one of "
                             f"{[n for n in BACKENDS.names() if BACKENDS.get(n).is_available(x.device)]}")
         return backend
-    if x.device.type == "cuda" and top_k == num_experts:
-        return "dense"
-    return "sorted"
+    return table_backend(x.device, num_experts, top_k)
 
 
 def moe_project(
@@ -176,7 +192,7 @@ def moe_project(
     """Project tokens through their routed experts and mix: ``x [..., in]`` → ``[..., out]``.
 
     ``expert_index`` / ``expert_weight`` are ``[..., k]`` (the leading dims of ``x``). ``backend`` is a name
-    from `BACKENDS` or ``auto`` (see `select_backend`).
+    from `BACKENDS` or ``auto``: the fastest candidate measured for this shape class (`cmoe.auto`).
     """
     _check_inputs(x, experts, expert_index, expert_weight)
     lead = x.shape[:-1]
@@ -185,6 +201,12 @@ def moe_project(
     flat_x = x.reshape(-1, x.shape[-1])
     if flat_x.shape[0] == 0:
         return x.new_zeros(*lead, experts.out_features)
-    out = BACKENDS.get(name).fn(flat_x, experts, expert_index.reshape(-1, k).long(),
-                                expert_weight.reshape(-1, k).to(x.dtype))
+    flat_index, flat_weight = expert_index.reshape(-1, k).long(), expert_weight.reshape(-1, k).to(x.dtype)
+    if backend == "auto":
+        name = auto.selector().choose(flat_x, experts, flat_index, flat_weight, fallback=name).backend
+    else:
+        problem = BACKENDS.get(name).input_problem(flat_x, experts)
+        if problem is not None:
+            raise CMoEError(f"backend {name!r} cannot run these inputs: {problem}; use backend='auto' or 'sorted'")
+    out = BACKENDS.get(name).fn(flat_x, experts, flat_index, flat_weight)
     return out.reshape(*lead, experts.out_features)

@@ -9,7 +9,7 @@ import cmoe
 from cmoe import CMoEError, LinearExperts, MLPExperts, UnknownNameError, moe_project, select_backend
 from dispatch_cases import ROUTINGS, DispatchCase, build, random_cases, run
 
-BACKENDS_UNDER_TEST = ("sorted", "dense")
+BACKENDS_UNDER_TEST = ("sorted", "dense", "grouped_mm")
 CASES = random_cases(120, seed=2024, max_tokens=64, max_width=129)
 
 
@@ -56,7 +56,7 @@ class Projector(torch.nn.Module):
         return moe_project(x, self.experts, self.index, weight, backend=self.backend)
 
 
-@pytest.mark.parametrize("backend", ["sorted", "dense"])
+@pytest.mark.parametrize("backend", ["sorted", "dense"])  # grouped_mm: no float64 in torch (see its tests)
 @pytest.mark.parametrize("expert", ["linear", "mlp"])
 def test_gradcheck_float64(backend: str, expert: str) -> None:
     experts, x, index, weight, _ = build(DispatchCase(6, 5, 4, 3, 2, expert), "cpu", 3, torch.float64)
@@ -99,7 +99,7 @@ def test_zero_tokens_give_empty_output() -> None:
     assert out.shape == (0, 3)
 
 
-def test_auto_picks_sorted_on_cpu_whatever_the_routing() -> None:
+def test_table_rule_picks_sorted_on_cpu_whatever_the_routing() -> None:
     x = torch.randn(4, 8)
     assert select_backend(x, num_experts=4, top_k=4) == "sorted"  # measured faster than dense on CPU
     assert select_backend(x, num_experts=4, top_k=2) == "sorted"
@@ -108,7 +108,7 @@ def test_auto_picks_sorted_on_cpu_whatever_the_routing() -> None:
 
 def test_unknown_backend_lists_known_ones() -> None:
     experts = LinearExperts(2, 4, 3)
-    with pytest.raises(UnknownNameError, match=r"unknown backend 'fast'; known backends: auto, dense, loop, sorted, triton"):
+    with pytest.raises(UnknownNameError, match=r"unknown backend 'fast'; known backends: auto, dense, grouped_mm, loop, sorted, triton"):
         moe_project(torch.randn(3, 4), experts, torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1),
                     backend="fast")
 
@@ -119,7 +119,7 @@ def test_triton_not_registered_says_how_to_get_it(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("CMOE_DISABLE_PLUGINS", "triton_kernels")
     reset_plugins()
     try:
-        assert "triton" not in cmoe.BACKENDS
+        assert "triton" not in cmoe.BACKENDS and "grouped_mm" not in cmoe.BACKENDS
         experts = LinearExperts(2, 4, 3)
         with pytest.raises(CMoEError, match="backend 'triton' is not loaded: reinstall cmoe so its `triton_kernels`"):
             moe_project(torch.randn(3, 4), experts, torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1),
