@@ -128,12 +128,11 @@ def default_timer(name: str, call: Callable[[], object], device: torch.device) -
 
 
 def candidates(x: torch.Tensor, experts: StackedExperts, top_k: int) -> tuple[list[str], dict[str, str]]:
-    """The backends auto may time for these inputs, and why the other registered ones are left out."""
+    """The backends auto may time for these inputs, and why the other candidates are left out."""
     names, skipped = [], {}
     for name in BACKENDS.names():
         backend = BACKENDS.get(name)
-        if not backend.auto_candidate(x.device):
-            skipped[name] = "not an auto candidate on this device"
+        if not backend.auto_candidate(x.device):  # loop, the CPU interpreter: never worth timing
             continue
         if not backend.is_available(x.device):
             skipped[name] = backend.unavailable_reason(x.device) or "not available on this device"

@@ -34,3 +34,10 @@ def cmoe_register_backends(register: Register) -> None:
                              auto_candidate=lambda device: False))
     register("sorted", Backend("sorted", sorted_backend, description="expert-sorted contiguous matmuls"))
     register("dense", Backend("dense", dense_backend, description="every expert on every token, one wide GEMM"))
+
+
+@hookimpl
+def cmoe_register_commands(register: Register) -> None:
+    from cmoe.bench import bench_command
+
+    register("bench", bench_command)
