@@ -23,11 +23,13 @@ from pathlib import Path
 import torch
 
 from benchmarks.cases import (
+    BACKEND_IMPLEMENTATIONS,
     MODES,
     ROOFLINE,
     TORCH_GROUPED_MM,
     Case,
     build_workload,
+    auto_choice,
     cpu_cases,
     default_cases,
     gpu_cases,
@@ -35,6 +37,7 @@ from benchmarks.cases import (
     make_callable,
     quick_cases,
 )
+from cmoe.auto import configure_auto
 
 COLUMNS = ("impl", "fwd ms", "fwd+bwd ms", "fwd × roofline", "fwd+bwd × roofline", "GFLOP/s fwd",
            "timed calls fwd / fwd+bwd", "spread fwd / fwd+bwd", "peak MiB fwd / fwd+bwd")
@@ -170,6 +173,11 @@ def measure_case(case: Case, device: torch.device, args: argparse.Namespace) -> 
         timings[mode], failed = measure_interleaved(fns, device, args)
         failures.update(failed)
     notes += [f"`{name}` failed: {reason}" for name, reason in failures.items()]
+    notes += [note for name, note in workload.notes.items() if name in names and name not in failures]
+    picks = {mode: auto_choice(workload, mode) for mode in MODES} if "auto" in names else {}
+    for mode, choice in picks.items():
+        if choice is not None:
+            notes.append(f"`auto` ({mode.replace('_', '+')}) picked {choice.explain()}")
     rows = []
     for name in names:
         if name in failures:
@@ -178,6 +186,8 @@ def measure_case(case: Case, device: torch.device, args: argparse.Namespace) -> 
                "dense_routing": case.top_k == case.num_experts}
         for mode in MODES:
             row.update({f"{mode}_{key}": value for key, value in timings[mode][name].items()})
+            if name == "auto" and picks.get(mode) is not None:
+                row[f"{mode}_pick"] = picks[mode].backend
         rows.append(row)
         print(f"  {name:<22} fwd {row['forward_ms']:10.3f} ms   fwd+bwd {row['forward_backward_ms']:10.3f} ms",
               file=sys.stderr, flush=True)
@@ -267,8 +277,8 @@ def _triton_lines(rows: list[dict], cases: dict[str, Case]) -> list[str]:
             parts.append("roofline fraction (roofline time ÷ triton time) forward "
                          f"{found[ROOFLINE]['forward_ms'] / tri['forward_ms']:.2f}, forward+backward "
                          f"{found[ROOFLINE]['forward_backward_ms'] / tri['forward_backward_ms']:.2f} (target ≥ 0.85)")
-        for other, target in (("sorted", "≥ 1.2"), ("hf_grouped_mm", "≥ 1.5"), (TORCH_GROUPED_MM, None),
-                              ("hf_eager", None)):
+        for other, target in (("sorted", "≥ 1.2"), ("grouped_mm", "≥ 1.2"), ("hf_grouped_mm", "≥ 1.5"),
+                              (TORCH_GROUPED_MM, None), ("hf_eager", None)):
             if other in found:
                 parts.append(f"speed-up over `{other}` forward {found[other]['forward_ms'] / tri['forward_ms']:.2f}×, "
                              f"forward+backward {found[other]['forward_backward_ms'] / tri['forward_backward_ms']:.2f}×"
@@ -280,6 +290,42 @@ def _triton_lines(rows: list[dict], cases: dict[str, Case]) -> list[str]:
                          f"{tri['forward_backward_peak_mib']:.0f} MiB (a [T·k, in] copy of x would be {copy_mib:.0f} MiB)")
         lines.append(f"- `triton` on `{name}`: " + "; ".join(parts))
     return lines
+
+
+AUTO_PICKABLE = tuple(name for name in BACKEND_IMPLEMENTATIONS if name not in ("auto", "loop"))
+
+
+def _fastest(found: dict[str, dict], mode: str, names: tuple[str, ...] | None = None) -> str | None:
+    timed = [n for n in found if n not in (ROOFLINE, "auto", "loop") and (names is None or n in names)]
+    return min(timed, key=lambda n: found[n][f"{mode}_ms"]) if timed else None
+
+
+def auto_table(rows: list[dict]) -> list[str]:
+    """Per case and mode: auto's pick, the fastest backend it could pick and the fastest implementation of all
+    (by this run's timings of each), the pick's time ÷ theirs (target ≤ 1.05), and the best pickable backend's
+    time ÷ the same-FLOPs dense matmul."""
+    lines = []
+    for case in dict.fromkeys(row["case"] for row in rows):
+        found = {row["impl"]: row for row in rows if row["case"] == case}
+        auto_row = found.get("auto")
+        for mode in MODES:
+            pick = auto_row.get(f"{mode}_pick") if auto_row else None
+            best, overall = _fastest(found, mode, AUTO_PICKABLE), _fastest(found, mode)
+            if pick is None or pick not in found or best is None:
+                continue
+            ms = {name: found[name][f"{mode}_ms"] for name in (pick, best, overall)}
+            roof = found[ROOFLINE][f"{mode}_ms"] if ROOFLINE in found else None
+            lines.append(f"| `{case}` | {mode.replace('_', '+')} | `{pick}` | `{best}` | {ms[pick] / ms[best]:.2f} | "
+                         f"`{overall}` | {ms[pick] / ms[overall]:.2f} | "
+                         f"{'n/a' if roof is None else f'{ms[best] / roof:.2f}'} |")
+    if not lines:
+        return []
+    return ["### `auto`'s picks", "",
+            "Pick ÷ fastest = the time of the backend auto picked ÷ the fastest one's, both as timed in this run's "
+            "table (target ≤ 1.05; spread in the tables shows how much is noise). Best × roofline = the fastest "
+            "pickable backend's time ÷ the same-FLOPs dense matmul's.", "",
+            "| case | mode | auto picked | fastest pickable | pick ÷ fastest | fastest of all | pick ÷ fastest of all "
+            "| best × roofline |", "|---|---|---|---|---|---|---|---|", *lines, ""]
 
 
 def summary(rows: list[dict], cases: dict[str, Case] | None = None) -> str:
@@ -294,10 +340,14 @@ def summary(rows: list[dict], cases: dict[str, Case] | None = None) -> str:
                          "hf_eager", "sorted", hf=True),
              _ratio_line(rows, "`sorted` speed-up over `hf_grouped_mm` (same weights)",
                          "hf_grouped_mm", "sorted", hf=True),
+             _ratio_line(rows, "`grouped_mm` speed-up over `hf_grouped_mm` (same weights)",
+                         "hf_grouped_mm", "grouped_mm", hf=True),
+             _ratio_line(rows, "`auto` speed-up over `hf_grouped_mm` (same weights)",
+                         "hf_grouped_mm", "auto", hf=True),
              _ratio_line(rows, "`sorted` time ÷ same-FLOPs dense matmul time (1.0 = roofline)",
                          "sorted", ROOFLINE, hf=False),
              *_dense_routing_lines(rows),
-             _roofline_range(rows)]
+             _roofline_range(rows), "", *auto_table(rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -374,6 +424,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     device = resolve_defaults(args)
+    configure_auto()  # auto measures afresh in this run (or reads $CMOE_AUTO_CACHE)
     started = time.perf_counter()
     sections, rows = [], []
     selected = select_cases(args, device)

@@ -35,7 +35,7 @@ def unavailable_reason(device: torch.device | str) -> str | None:
     if device.type == "cpu":
         return ("the fused kernels need a CUDA GPU; on CPU they run only in triton's interpreter, enabled by "
                 "setting TRITON_INTERPRET=1 before cmoe.kernels is first used (slow: for tests at small shapes). "
-                "backend='auto' uses 'sorted' on CPU")
+                "backend='auto' does not time it on CPU")
     return f"the fused kernels run on CUDA devices only, not {device.type}"
 
 

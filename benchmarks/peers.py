@@ -1,0 +1,161 @@
+"""Other projects' MoE kernels, timed side by side with cmoe's backends where they install (optional imports).
+
+Each adapter says which shape it actually runs; where a peer cannot run a case's expert shape it runs the
+closest one it supports, and the report's note says so. All of them are CUDA-only: on CPU each is skipped with
+the reason. None is a dependency of cmoe; install them on the GPU machine (``pip install grouped_gemm
+sonic-moe liger-kernel``) and the runner picks them up.
+
+* ``peer_grouped_gemm`` — MegaBlocks' CUTLASS grouped GEMM (``grouped_gemm.ops.gmm``). The exact case: our
+  weights, bias and GELU applied around the GEMMs in torch, routing weights and scatter as ``torch_grouped_mm``.
+  Its ``batch_sizes`` argument lives on the host, so every call reads the expert counts back (a sync).
+  Checked against cmoe's ``loop`` backend before it is timed.
+* ``peer_sonic_moe`` — SonicMoE's ``MoE`` layer (arXiv 2512.14080; package ``sonic-moe``, Hopper/Blackwell).
+  Closest shape, not ours: its own softmax-top-k router (an extra ``[T, in] × [in, E]`` GEMM) instead of our
+  fixed routing, experts mapping hidden → hidden (so only on the square HF cases), non-gated SiLU instead of
+  GELU, no bias, its own random weights. Output not compared with ``loop`` (different routing and activation).
+* ``peer_scattermoe`` — ScatterMoE's ``scattermoe.mlp.MLP`` (not on the package index: installs from its
+  repository only). Closest shape: square experts, no bias, our routing and GELU, its own random weights.
+* ``peer_liger_moe`` — Liger-Kernel's fused MoE, if the installed release exports one (looked up under the
+  names in `LIGER_MOE_CANDIDATES`); SwiGLU only, so on the square HF cases with its own weights.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from cmoe.experts import StackedExperts
+from cmoe.routers import expert_counts
+
+LIGER_MOE_CANDIDATES = (("liger_kernel.transformers.fused_moe", "LigerFusedMoE"),
+                        ("liger_kernel.ops.fused_moe", "LigerFusedMoEFunction"),
+                        ("liger_kernel.transformers.moe", "LigerMoE"))
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One peer: its report name, the shape it runs (for the notes), and how to build its forward callable."""
+
+    name: str
+    package: str
+    shape_note: str
+    exact: bool
+    build: Callable[..., Callable[[], torch.Tensor]]
+    square_only: bool = False
+
+
+def _import(module: str) -> object:
+    return importlib.import_module(module)
+
+
+def skip_reason(peer: Peer, device: torch.device, in_features: int, out_features: int, hf: bool) -> str | None:
+    """Why `peer` cannot run on this device or case, or None."""
+    if device.type != "cuda":
+        return f"{peer.package}: CUDA only"
+    if peer.square_only and not (hf and in_features == out_features):
+        return f"{peer.package}: runs square bias-free experts only ({peer.shape_note}); see the HF cases"
+    try:
+        if peer.name == "peer_liger_moe":
+            _liger_moe_class()
+        else:
+            _import(peer.package.replace("-", "_") if peer.package != "sonic-moe" else "sonicmoe")
+    except (ImportError, LookupError) as exc:
+        return f"{peer.package} is not installed or lacks the op ({type(exc).__name__}: {exc})"
+    return None
+
+
+def grouped_gemm_forward(x: torch.Tensor, experts: StackedExperts, index: torch.Tensor,
+                         weight: torch.Tensor) -> torch.Tensor:
+    """Our exact computation with MegaBlocks' ``gmm`` for the GEMMs (expert counts read to the host per call)."""
+    from grouped_gemm import ops
+
+    top_k = index.shape[1]
+    flat = index.reshape(-1)
+    expert_of_row, order = torch.sort(flat, stable=True)
+    batch_sizes = expert_counts(index, experts.num_experts).cpu()
+    rows = order // top_k
+    hidden = x.index_select(0, rows)
+    layers = experts.layers
+    for depth, (w, b) in enumerate(layers):
+        hidden = ops.gmm(hidden, w, batch_sizes, trans_b=True)
+        if b is not None:
+            hidden = hidden + b.index_select(0, expert_of_row)
+        if depth < len(layers) - 1:
+            hidden = experts.activation(hidden)
+    scaled = hidden * weight.reshape(-1)[order, None]
+    return x.new_zeros(x.shape[0], experts.out_features).index_add_(0, rows, scaled)
+
+
+def _build_grouped_gemm(x, experts, index, weight, top_k):
+    return lambda: grouped_gemm_forward(x, experts, index, weight)
+
+
+def _build_sonic(x, experts, index, weight, top_k):
+    from sonicmoe import MoE
+    from sonicmoe.enums import ActivationType
+
+    hidden = experts.widths[1] if len(experts.widths) > 2 else experts.out_features
+    module = MoE(num_experts=experts.num_experts, num_experts_per_tok=top_k, hidden_size=experts.in_features,
+                 intermediate_size=hidden, activation_function=ActivationType("silu"), add_bias=False,
+                 std=0.02).to(device=x.device, dtype=x.dtype)
+    return lambda: module(x)[0]
+
+
+def _build_scattermoe(x, experts, index, weight, top_k):
+    from scattermoe.mlp import MLP
+
+    hidden = experts.widths[1] if len(experts.widths) > 2 else experts.out_features
+    module = MLP(input_size=experts.in_features, hidden_size=hidden, num_experts=experts.num_experts,
+                 top_k=top_k, activation=torch.nn.GELU()).to(device=x.device, dtype=x.dtype)
+    return lambda: module(x, weight, index)
+
+
+def _liger_moe_class() -> type:
+    for module, name in LIGER_MOE_CANDIDATES:
+        try:
+            found = getattr(_import(module), name, None)
+        except ImportError:
+            continue
+        if found is not None:
+            return found
+    raise LookupError("no fused MoE under " + ", ".join(f"{m}.{n}" for m, n in LIGER_MOE_CANDIDATES))
+
+
+def _build_liger(x, experts, index, weight, top_k):
+    cls = _liger_moe_class()
+    hidden = experts.widths[1] if len(experts.widths) > 2 else experts.out_features
+    module = cls(hidden_size=experts.in_features, intermediate_size=hidden, num_experts=experts.num_experts,
+                 top_k=top_k).to(device=x.device, dtype=x.dtype)
+
+    def forward() -> torch.Tensor:
+        out = module(x)
+        return out[0] if isinstance(out, tuple) else out
+    return forward
+
+
+PEERS = (
+    Peer("peer_grouped_gemm", "grouped_gemm", "exact case: our weights, bias, GELU and routing", True,
+         _build_grouped_gemm),
+    Peer("peer_sonic_moe", "sonic-moe", "own router and weights, square experts, non-gated SiLU, no bias", False,
+         _build_sonic, square_only=True),
+    Peer("peer_scattermoe", "scattermoe", "our routing and GELU, square experts, no bias, own weights", False,
+         _build_scattermoe, square_only=True),
+    Peer("peer_liger_moe", "liger-kernel", "own router and weights, square experts, SwiGLU, no bias", False,
+         _build_liger, square_only=True),
+)
+PEER_NAMES = tuple(peer.name for peer in PEERS)
+
+
+def peer(name: str) -> Peer:
+    return next(p for p in PEERS if p.name == name)
+
+
+def reference_check(out: torch.Tensor, reference: torch.Tensor, tolerance: float) -> float:
+    """Relative error of an exact peer against cmoe's loop (raises above `tolerance`)."""
+    error = float((out.detach().double() - reference.double()).norm() / reference.double().norm().clamp_min(1e-30))
+    if error > tolerance:
+        raise AssertionError(f"relative error {error:.2e} against cmoe's loop backend")
+    return error
