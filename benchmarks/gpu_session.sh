@@ -1,35 +1,103 @@
 #!/usr/bin/env bash
-# The GPU checks of the triton backend, as one command per phase (each fits a 10-minute slot on an H100).
+# The GPU checks of the dispatch backends, as one command per phase, or all of them in one short call.
 #
-#   bash benchmarks/gpu_session.sh tests [OUT]   # GPU test matrix, tuning candidates, 64-bit case, CUDA graph
-#   bash benchmarks/gpu_session.sh bench [OUT]   # the benchmark runner; report at OUT/RESULTS.md
-#   bash benchmarks/gpu_session.sh probe [OUT]   # per-kernel times and tile sweeps (OUT/probe.log)
+#   bash benchmarks/gpu_session.sh all [OUT]     # tests, a short tile sweep and the benchmark, one folder
+#   bash benchmarks/gpu_session.sh tests [OUT]   # GPU test matrix, tuning candidates, 64-bit case, CUDA graph,
+#                                                # grouped_mm and auto on CUDA
+#   bash benchmarks/gpu_session.sh sweep [OUT]   # dense-GEMM ceilings and the forward/backward tile sweeps
+#   bash benchmarks/gpu_session.sh bench [OUT]   # the benchmark runner (with peers where installed): OUT/RESULTS.md
+#   bash benchmarks/gpu_session.sh probe [OUT]   # the whole kernel probe (OUT/probe.log)
 #
-# Needs CUDA torch, triton and cmoe installed (`pip install -e '.[triton,hf]'`). OUT defaults to
-# benchmarks/gpu-out. Logs and the device description go to OUT; copy OUT/RESULTS.md over
-# benchmarks/RESULTS.md and write its "read this first" note by hand.
+# Needs CUDA torch, triton and cmoe installed (`pip install -e '.[triton,hf]'`; peers optional:
+# `pip install grouped_gemm sonic-moe liger-kernel`). OUT defaults to benchmarks/gpu-out. Every phase writes
+# its log to OUT; `all` also writes OUT/phases.txt (phase, exit status, seconds) and gives each phase a time
+# limit (TESTS_S, SWEEP_S, BENCH_S seconds; defaults 240, 120, 300) so one device call stays short. Copy
+# OUT/RESULTS.md over benchmarks/RESULTS.md and write its "read this first" note by hand.
+#
+# GPU_SESSION_DRY=1 runs the same script on a CPU machine, to check it before a GPU is booked: tests are only
+# collected (plus one quick CPU test file), the sweep reports that it needs CUDA, and the benchmark runs --quick
+# on CPU. PYTHON picks the interpreter (default: python).
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh tests|bench|probe [OUT]}
+phase=${1:?usage: gpu_session.sh all|tests|sweep|bench|probe [OUT]}
 out=${2:-benchmarks/gpu-out}
+py=${PYTHON:-python}
+dry=${GPU_SESSION_DRY:-0}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-python -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, \
-'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee "$out/device.txt" || exit 1
+GPU_TESTS="tests/test_triton_gpu.py tests/test_no_host_sync.py tests/test_triton_kernels.py \
+tests/test_dispatch_grouped_mm.py tests/test_dispatch_auto.py"
+
+describe_device() {
+  if [ "$dry" = 1 ]; then
+    "$py" -c "import torch; print('dry run on CPU (GPU_SESSION_DRY=1), torch', torch.__version__)"
+  else
+    "$py" -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, \
+'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  fi
+}
+
+run_tests() {
+  if [ "$dry" = 1 ]; then
+    # shellcheck disable=SC2086
+    "$py" -m pytest --collect-only -q -p no:cacheprovider $GPU_TESTS && \
+      "$py" -m pytest -q -p no:cacheprovider tests/test_dispatch_auto.py -k "bucket or table_mode"
+    return
+  fi
+  # The first candidate of each class (no tuning) keeps the matrix short; every candidate is still checked by
+  # test_every_tuning_candidate_is_correct.
+  # shellcheck disable=SC2086
+  CMOE_TRITON_AUTOTUNE=0 "$py" -m pytest $GPU_TESTS -q -rs -p no:cacheprovider --durations=10
+}
+
+run_sweep() {
+  if [ "$dry" = 1 ]; then  # the probe must refuse to run without CUDA, and say so
+    OUT="$out" "$py" -m benchmarks.probe_triton ceilings sweep_forward sweep_backward
+    [ $? = 1 ] && echo "dry run: the sweep needs CUDA (as expected)"
+    return
+  fi
+  OUT="$out" "$py" -m benchmarks.probe_triton ceilings sweep_forward sweep_backward
+}
+
+run_bench() {
+  if [ "$dry" = 1 ]; then
+    "$py" -m benchmarks.run --quick --device cpu --out "$out/RESULTS.md"
+  else
+    "$py" -m benchmarks.run --min-time 0.2 --out "$out/RESULTS.md"
+  fi
+}
+
+# One phase with a time limit; its status and seconds go to OUT/phases.txt.
+timed_phase() {
+  local name=$1 limit=$2 started status
+  started=$(date +%s)
+  timeout --signal=INT --kill-after=20 "$limit" bash "$0" "$name" "$out"
+  status=$?
+  echo "$name $status $(( $(date +%s) - started ))s" | tee -a "$out/phases.txt"
+}
+
+describe_device | tee "$out/device.txt" || exit 1
 case "$phase" in
+  all)
+    : > "$out/phases.txt"
+    timed_phase tests "${TESTS_S:-240}"
+    timed_phase sweep "${SWEEP_S:-120}"
+    timed_phase bench "${BENCH_S:-300}"
+    ! grep -qv " 0 " "$out/phases.txt"
+    ;;
   tests)
-    # The first candidate of each class (no tuning) keeps the matrix inside the slot; every candidate is
-    # still checked by test_every_tuning_candidate_is_correct.
-    CMOE_TRITON_AUTOTUNE=0 python -m pytest tests/test_triton_gpu.py tests/test_no_host_sync.py \
-      tests/test_triton_kernels.py -q -rs --durations=10 2>&1 | tee "$out/tests.log"
+    run_tests 2>&1 | tee "$out/tests.log"
+    ;;
+  sweep)
+    run_sweep > "$out/sweep.log" 2>&1
     ;;
   bench)
-    python -m benchmarks.run --min-time 0.2 --out "$out/RESULTS.md" 2>&1 | tee "$out/bench.log"
+    run_bench 2>&1 | tee "$out/bench.log"
     ;;
   probe)
-    OUT="$out" python -m benchmarks.probe_triton > "$out/probe_stdout.log" 2>&1
+    OUT="$out" "$py" -m benchmarks.probe_triton > "$out/probe_stdout.log" 2>&1
     ;;
   *)
-    echo "unknown phase $phase: expected tests, bench or probe" >&2
+    echo "unknown phase $phase: expected all, tests, sweep, bench or probe" >&2
     exit 2
     ;;
 esac

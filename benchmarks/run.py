@@ -54,8 +54,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--min-time", type=float, default=None,
                         help="keep timing cheap calls until they total this many seconds (default 1; 0 with --quick)")
     parser.add_argument("--max-repeats", type=int, default=10, help="cap on timed calls per measurement")
-    parser.add_argument("--cases", default="", help="only cases whose name contains this substring")
+    parser.add_argument("--cases", default="",
+                        help="only cases whose name contains this substring (or one of several, comma-separated)")
     parser.add_argument("--skip-loop", action="store_true", help="leave out the slow reference 'loop' backend")
+    parser.add_argument("--skip", default="", help="comma-separated implementations to leave out")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--out", type=Path, default=None, help="also write the Markdown report here")
     return parser.parse_args(argv)
@@ -165,7 +167,8 @@ def measure_case(case: Case, device: torch.device, args: argparse.Namespace) -> 
     """One row per implementation that ran on `case`, and notes on those skipped or failed."""
     workload = build_workload(case, device)
     notes = [f"`{name}` skipped: {reason}" for name, reason in workload.skipped.items()]
-    names = [n for n in workload.implementations if not (args.skip_loop and n == "loop")]
+    left_out = {name for name in args.skip.split(",") if name} | ({"loop"} if args.skip_loop else set())
+    names = [n for n in workload.implementations if n not in left_out]
     timings: dict[str, dict[str, dict]] = {}
     failures: dict[str, str] = {}
     for mode in MODES:
@@ -398,7 +401,8 @@ def _transformers_version() -> str:
 def select_cases(args: argparse.Namespace, device: torch.device) -> list[Case]:
     """The quick or full case list for `device`, filtered by ``--cases``."""
     cases = quick_cases() if args.quick else default_cases(device)
-    return [case for case in cases if args.cases in case.name]
+    wanted = args.cases.split(",")
+    return [case for case in cases if any(part in case.name for part in wanted)]
 
 
 def tuned_configs() -> str:

@@ -86,3 +86,40 @@ def test_compiling_float32_is_refused() -> None:
     with pytest.raises(Exception) as raised:
         torch.compile(connector, backend="aot_eager", fullgraph=True)(torch.randn(2, 20, 16))
     assert "bfloat16 only" in str(raised.value) or isinstance(raised.value.__cause__, CMoEError)
+
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (benchmarks/gpu_session.sh tests)")
+@pytest.mark.parametrize("case", [DispatchCase(4096, 512, 256, 8, 2, "mlp"), DispatchCase(1, 64, 64, 4, 2, "mlp"),
+                                  DispatchCase(3000, 256, 128, 8, 2, "linear", routing="skewed")])
+def test_cuda_bfloat16_matches_loop(case: DispatchCase) -> None:
+    tensors = build(case, "cuda", seed=3)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ref = run(*tensors, backend="loop", dtype=torch.float32)
+    error, which = max_relative_error(run(*tensors, backend="grouped_mm", dtype=torch.bfloat16), ref)
+    assert error < 3e-2, f"tensor #{which} off by {error:.2e}"
+
+
+@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] not in (9, 10),
+                    reason="torch's sync-free grouped GEMM needs bf16 on compute capability 9.x/10.x")
+def test_cuda_bfloat16_step_has_no_host_sync() -> None:
+    connector = cmoe.CMoEConnector(cmoe.CMoEConfig(in_features=256, out_features=256, num_experts=8, top_k=2,
+                                                   backend="grouped_mm", check_finite=False)).cuda().bfloat16()
+    x = torch.randn(4, 512, 256, device="cuda", dtype=torch.bfloat16)
+    connector(x).hidden_states.float().square().mean().backward()  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        connector(x).hidden_states.float().square().mean().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_cuda_auto_result_matches_loop() -> None:
+    experts, x, index, weight, _ = build(DispatchCase(2048, 256, 256, 8, 2, "mlp"), "cuda", 0, torch.bfloat16)
+    ref = cmoe.moe_project(x.float(), experts.float(), index, weight.float(), backend="loop")
+    out = cmoe.moe_project(x, experts, index, weight)
+    assert float((out.float() - ref).norm() / ref.norm()) < 3e-2
