@@ -16,7 +16,7 @@
 #
 # GPU_SESSION_DRY=1 runs the same script on a CPU machine, to check it before a GPU is booked: tests are only
 # collected (plus one quick CPU test file), the sweep reports that it needs CUDA, and the benchmark runs --quick
-# on CPU. PYTHON picks the interpreter (default: python).
+# on CPU (BENCH_CASES narrows it, as --cases). PYTHON picks the interpreter (default: python).
 set -uo pipefail
 phase=${1:?usage: gpu_session.sh all|tests|sweep|bench|probe [OUT]}
 out=${2:-benchmarks/gpu-out}
@@ -60,7 +60,7 @@ run_sweep() {
 
 run_bench() {
   if [ "$dry" = 1 ]; then
-    "$py" -m benchmarks.run --quick --device cpu --out "$out/RESULTS.md"
+    "$py" -m benchmarks.run --quick --device cpu --cases "${BENCH_CASES:-}" --out "$out/RESULTS.md"
   else
     "$py" -m benchmarks.run --min-time 0.2 --out "$out/RESULTS.md"
   fi

@@ -191,8 +191,12 @@ def test_dense_routing_takes_the_wide_gemm_path_and_matches(monkeypatch: pytest.
 
 
 def test_auto_never_picks_triton_on_cpu() -> None:
-    assert "triton" in cmoe.BACKENDS
-    assert cmoe.select_backend(torch.randn(3, 4), num_experts=4, top_k=2) == "sorted"
+    from cmoe.auto import candidates
+
+    assert "triton" in cmoe.BACKENDS and cmoe.BACKENDS.get("triton").is_available("cpu")  # the interpreter
+    names, _ = candidates(torch.randn(3, 4), cmoe.LinearExperts(4, 4, 3), top_k=2)
+    assert "triton" not in names and "sorted" in names
+    assert cmoe.select_backend(torch.randn(3, 4), num_experts=4, top_k=2) == "sorted"  # the table rule
 
 
 def test_unsupported_inputs_raise_clear_errors() -> None:
