@@ -29,7 +29,8 @@ def test_quick_run_times_every_implementation(quick_run: tuple[list[dict], Path]
     rows, _ = quick_run
     for case in cases.quick_cases():
         measured = {row["impl"]: row for row in rows if row["case"] == case.name}
-        cuda_only = {"triton", cases.TORCH_GROUPED_MM}  # timed on CUDA only; skipped with a note on CPU
+        # timed on CUDA only; skipped with a note on CPU
+        cuda_only = {"triton", cases.TORCH_GROUPED_MM, *cases.PEER_NAMES}
         assert set(measured) == set(case.implementations) - cuda_only, case.name
         for row in measured.values():
             for mode in cases.MODES:
@@ -67,6 +68,30 @@ def test_report_file_has_header_and_tables(quick_run: tuple[list[dict], Path]) -
         assert f"### `{case.name}`" in text
     assert "- `triton` skipped: the fused kernels are timed on CUDA only" in text
     assert "- `torch_grouped_mm` skipped: needs CUDA, bf16" in text
+    for name in cases.PEER_NAMES:
+        assert f"- `{name}` skipped: " in text and "CUDA only" in text
+    assert "- `auto` (forward) picked " in text and "- `auto` (forward+backward) picked " in text
+    assert "| case | mode | auto picked | fastest pickable |" in text
+
+
+def test_auto_rows_name_the_backend_auto_picked(quick_run: tuple[list[dict], Path]) -> None:
+    rows, _ = quick_run
+    for row in (row for row in rows if row["impl"] == "auto"):
+        for mode in cases.MODES:
+            assert row[f"{mode}_pick"] in {"sorted", "grouped_mm", "dense"}
+
+
+def test_auto_table_compares_the_pick_with_the_fastest_of_the_run() -> None:
+    def row(impl: str, ms: float, pick: str | None = None) -> dict:
+        found = {"impl": impl, "case": "c", "forward_ms": ms, "forward_backward_ms": 2 * ms}
+        if pick:
+            found.update(forward_pick=pick, forward_backward_pick=pick)
+        return found
+    rows = [row(cases.ROOFLINE, 1.0), row("sorted", 2.0), row("grouped_mm", 2.1), row("auto", 2.1, "grouped_mm"),
+            row("hf_grouped_mm", 1.5)]
+    lines = run.auto_table(rows)
+    assert "| `c` | forward | `grouped_mm` | `sorted` | 1.05 | `hf_grouped_mm` | 1.40 | 2.00 |" in lines
+    assert "| `c` | forward+backward | `grouped_mm` | `sorted` | 1.05 | `hf_grouped_mm` | 1.40 | 2.00 |" in lines
 
 
 @pytest.mark.parametrize("case", cases.quick_cases(), ids=lambda case: case.name)
