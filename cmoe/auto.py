@@ -10,7 +10,8 @@ tested tolerance, so the choice changes speed, not results beyond that tolerance
 * ``CMOE_AUTO_CACHE=/path/auto.json`` (or ``configure_auto(cache_path=...)``) — load choices from, and write
   new ones to, that file (atomically: a temporary file in the same folder, then a rename).
 * While ``torch.compile`` traces, nothing is timed and the table rule answers (pass an explicit backend to
-  compile another one).
+  compile another one). While a CUDA graph is captured, nothing is timed either: a class measured before
+  (warm up first) keeps its choice, else the table rule answers.
 
 Candidates are the registered backends whose `Backend.auto_candidate` accepts the device, that are available
 there and accept the inputs (`Backend.input_problem`); ``dense`` only where it does at most twice the routed
@@ -216,6 +217,8 @@ class AutoSelector:
         if torch.compiler.is_compiling() or self.current_mode() == "table":
             return Choice(fallback, source="table")
         key = shape_class(x, experts, index, weight).key
+        if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():  # no timing inside a graph
+            return self.choices.get(key, Choice(fallback, source="table"))
         if not self._disk_loaded:
             self._load_disk()
         if key in self.choices:
