@@ -71,7 +71,7 @@ def test_step_has_no_host_sync(expert: str, monkeypatch: pytest.MonkeyPatch) -> 
     assert syncs == [], f"the grouped_mm step would sync the host on a GPU: {syncs}"
 
 
-@pytest.mark.parametrize("expert,in_features", [("mlp", 16), ("linear", 16), ("mlp", 12)])
+@pytest.mark.parametrize("expert,in_features", [("mlp", 16), ("linear", 12)])
 def test_compiles_fullgraph_in_bfloat16(expert: str, in_features: int) -> None:
     """torch.compile traces torch's grouped_mm in bfloat16 (its fake implementation checks the dtype)."""
     connector = cmoe.CMoEConnector(cmoe.CMoEConfig(
