@@ -408,7 +408,7 @@ def _grad_leaves(workload: Workload, name: str) -> list[torch.Tensor]:
     if name == ROOFLINE:
         return list(workload.roofline_tensors)
     if name in workload.peer_forwards:
-        return [workload.x]
+        return [workload.x, *getattr(workload.peer_forwards[name], "leaves", [])]
     module = workload.hf_modules.get(name, workload.experts)
     return [workload.x, workload.weight, *module.parameters()]
 

@@ -15,8 +15,9 @@ sonic-moe liger-kernel``) and the runner picks them up.
   GELU, no bias, its own random weights. Output not compared with ``loop`` (different routing and activation).
 * ``peer_scattermoe`` — ScatterMoE's ``scattermoe.mlp.MLP`` (not on the package index: installs from its
   repository only). Closest shape: square experts, no bias, our routing and GELU, its own random weights.
-* ``peer_liger_moe`` — Liger-Kernel's fused MoE, if the installed release exports one (looked up under the
-  names in `LIGER_MOE_CANDIDATES`); SwiGLU only, so on the square HF cases with its own weights.
+* ``peer_liger_moe`` — Liger-Kernel's fused MoE (``liger_kernel.ops.fused_moe.LigerFusedMoEFunction``, in
+  release 0.8.5): our routing, but SwiGLU experts (a gate+up projection twice as wide: 1.5× our FLOPs), no
+  bias, square experts (HF cases only), its own weights.
 """
 
 from __future__ import annotations
@@ -30,9 +31,7 @@ import torch
 from cmoe.experts import StackedExperts
 from cmoe.routers import expert_counts
 
-LIGER_MOE_CANDIDATES = (("liger_kernel.transformers.fused_moe", "LigerFusedMoE"),
-                        ("liger_kernel.ops.fused_moe", "LigerFusedMoEFunction"),
-                        ("liger_kernel.transformers.moe", "LigerMoE"))
+LIGER_MOE_CANDIDATES = (("liger_kernel.ops.fused_moe", "LigerFusedMoEFunction"),)
 
 
 @dataclass(frozen=True)
@@ -90,7 +89,10 @@ def grouped_gemm_forward(x: torch.Tensor, experts: StackedExperts, index: torch.
 
 
 def _build_grouped_gemm(x, experts, index, weight, top_k):
-    return lambda: grouped_gemm_forward(x, experts, index, weight)
+    def forward() -> torch.Tensor:
+        return grouped_gemm_forward(x, experts, index, weight)
+    forward.leaves = [weight, *experts.parameters()]
+    return forward
 
 
 def _build_sonic(x, experts, index, weight, top_k):
@@ -101,7 +103,11 @@ def _build_sonic(x, experts, index, weight, top_k):
     module = MoE(num_experts=experts.num_experts, num_experts_per_tok=top_k, hidden_size=experts.in_features,
                  intermediate_size=hidden, activation_function=ActivationType("silu"), add_bias=False,
                  std=0.02).to(device=x.device, dtype=x.dtype)
-    return lambda: module(x)[0]
+
+    def forward() -> torch.Tensor:
+        return module(x)[0]
+    forward.leaves = list(module.parameters())
+    return forward
 
 
 def _build_scattermoe(x, experts, index, weight, top_k):
@@ -110,7 +116,11 @@ def _build_scattermoe(x, experts, index, weight, top_k):
     hidden = experts.widths[1] if len(experts.widths) > 2 else experts.out_features
     module = MLP(input_size=experts.in_features, hidden_size=hidden, num_experts=experts.num_experts,
                  top_k=top_k, activation=torch.nn.GELU()).to(device=x.device, dtype=x.dtype)
-    return lambda: module(x, weight, index)
+
+    def forward() -> torch.Tensor:
+        return module(x, weight, index)
+    forward.leaves = list(module.parameters())
+    return forward
 
 
 def _liger_moe_class() -> type:
@@ -125,14 +135,18 @@ def _liger_moe_class() -> type:
 
 
 def _build_liger(x, experts, index, weight, top_k):
-    cls = _liger_moe_class()
+    function = _liger_moe_class()
     hidden = experts.widths[1] if len(experts.widths) > 2 else experts.out_features
-    module = cls(hidden_size=experts.in_features, intermediate_size=hidden, num_experts=experts.num_experts,
-                 top_k=top_k).to(device=x.device, dtype=x.dtype)
+    width = experts.in_features
+    gate_up = (torch.randn(experts.num_experts, 2 * hidden, width, device=x.device, dtype=x.dtype)
+               / width ** 0.5).requires_grad_()
+    down = (torch.randn(experts.num_experts, width, hidden, device=x.device, dtype=x.dtype)
+            / hidden ** 0.5).requires_grad_()
+    index32 = index.to(torch.int32)
 
     def forward() -> torch.Tensor:
-        out = module(x)
-        return out[0] if isinstance(out, tuple) else out
+        return function.apply(x, gate_up, down, index32, weight)
+    forward.leaves = [gate_up, down]
     return forward
 
 
@@ -143,7 +157,8 @@ PEERS = (
          _build_sonic, square_only=True),
     Peer("peer_scattermoe", "scattermoe", "our routing and GELU, square experts, no bias, own weights", False,
          _build_scattermoe, square_only=True),
-    Peer("peer_liger_moe", "liger-kernel", "own router and weights, square experts, SwiGLU, no bias", False,
+    Peer("peer_liger_moe", "liger-kernel", "our routing, own weights, square SwiGLU experts (1.5× our FLOPs), no bias",
+         False,
          _build_liger, square_only=True),
 )
 PEER_NAMES = tuple(peer.name for peer in PEERS)
