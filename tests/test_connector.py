@@ -196,5 +196,5 @@ def test_forward_errors() -> None:
         model(torch.randn(2, 4, 4))
     with pytest.raises(CMoEError, match="divisible by aggregate_tokens=2"):
         model(torch.randn(2, 3, 4), torch.tensor([0, 1]))
-    with pytest.raises(UnknownNameError, match="unknown backend 'fast'; known backends: auto, dense, loop"):
+    with pytest.raises(UnknownNameError, match="unknown backend 'fast'; known backends: auto, dense, grouped_mm, loop"):
         CMoEConnector(CMoEConfig(in_features=4, out_features=4, backend="fast"))
