@@ -11,6 +11,7 @@ from typing import Any, ClassVar, TypeVar
 
 from cmoe.errors import CMoEError, expect
 from cmoe.io import write_json
+from cmoe.validation import check_field_types
 
 CONFIG_NAME = "config.json"
 C = TypeVar("C", bound="ConnectorConfig")
@@ -38,6 +39,10 @@ class ConnectorConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise CMoEError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(known)}")
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise CMoEError(f"{cls.__name__}: missing required field(s) {missing}; add them to the config")
         return cls(**data)
 
     def to_json_string(self) -> str:
@@ -49,10 +54,22 @@ class ConnectorConfig:
 
     @classmethod
     def from_pretrained(cls: type[C], directory: str | os.PathLike) -> C:
-        path = Path(directory) / CONFIG_NAME
-        if not path.is_file():
-            raise CMoEError(f"{path}: no {CONFIG_NAME} here; pass a directory written by save_pretrained")
-        return cls.from_dict(json.loads(path.read_text()))
+        return cls.from_dict(read_config_json(directory))
+
+
+def read_config_json(directory: str | os.PathLike) -> dict[str, Any]:
+    """The mapping in `directory`'s ``config.json``; a missing, empty, non-JSON or non-mapping file raises
+    `CMoEError` naming it."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise CMoEError(f"{path}: no {CONFIG_NAME} here; pass a directory written by save_pretrained")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CMoEError(f"{path}: not valid JSON ({error}); save the connector again or restore the file") from None
+    expect(isinstance(data, dict), str(path), "a JSON object of config fields (save the connector again)",
+           type(data).__name__)
+    return data
 
 
 @dataclass
@@ -93,6 +110,7 @@ class CMoEConfig(ConnectorConfig):
     check_finite: bool = True
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         for name in ("in_features", "out_features", "num_experts", "aggregate_tokens"):
             _positive_int(getattr(self, name), name)
         if self.top_k is not None:
@@ -129,6 +147,7 @@ class MLPConnectorConfig(ConnectorConfig):
     bias: bool = True
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         for name in ("in_features", "out_features", "aggregate_tokens"):
             _positive_int(getattr(self, name), name)
         if self.hidden_features is not None:
