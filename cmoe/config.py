@@ -110,7 +110,6 @@ class CMoEConfig(ConnectorConfig):
     check_finite: bool = True
 
     def __post_init__(self) -> None:
-        check_field_types(self)
         for name in ("in_features", "out_features", "num_experts", "aggregate_tokens"):
             _positive_int(getattr(self, name), name)
         if self.top_k is not None:
@@ -126,6 +125,7 @@ class CMoEConfig(ConnectorConfig):
                    "a number >= 0", repr(getattr(self, name)))
         expect(isinstance(self.router_options, dict), "router_options", "a dict of keyword arguments",
                type(self.router_options).__name__)
+        check_field_types(self)
 
     @property
     def token_features(self) -> int:
@@ -147,11 +147,11 @@ class MLPConnectorConfig(ConnectorConfig):
     bias: bool = True
 
     def __post_init__(self) -> None:
-        check_field_types(self)
         for name in ("in_features", "out_features", "aggregate_tokens"):
             _positive_int(getattr(self, name), name)
         if self.hidden_features is not None:
             _positive_int(self.hidden_features, "hidden_features")
+        check_field_types(self)
 
     @property
     def token_features(self) -> int:

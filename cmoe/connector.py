@@ -7,6 +7,7 @@ load from a local directory (``config.json`` + ``model.safetensors``, written at
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,9 +83,14 @@ class PretrainedConnector(nn.Module):
     def from_pretrained(cls: type[M], directory: str | os.PathLike, device: str | torch.device = "cpu") -> M:
         """Rebuild the connector from `directory` written by `save_pretrained` (local paths only)."""
         directory = Path(directory)
-        verify_directory(directory, required=(CONFIG_NAME, WEIGHTS_NAME))
+        if not (directory / CONFIG_NAME).is_file():
+            read_config_json(directory)  # raises the error naming the missing config.json
+        verify_directory(directory)
         config = cls.config_class.from_pretrained(directory)
         weights = directory / WEIGHTS_NAME
+        if not weights.is_file():
+            raise CMoEError(f"{weights}: missing; a connector directory holds {CONFIG_NAME} and {WEIGHTS_NAME}: "
+                            "save the connector again")
         model = cls(config)
         try:
             model.load_state_dict(load_tensors(weights, device=device), strict=True)
@@ -92,6 +98,15 @@ class PretrainedConnector(nn.Module):
             raise CMoEError(f"{weights}: its tensors do not fit the connector {CONFIG_NAME} describes ({error}); "
                             "the two files come from different saves: save the connector again") from None
         return model.to(device)
+
+
+def _check_options(cls: type, options: dict, argument: str, what: str) -> None:
+    """Raise `CMoEError` for keyword options `cls` does not accept (unless it takes ``**kwargs``)."""
+    parameters = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    unknown = sorted(set(options) - set(parameters))
+    expect(not unknown, argument, lambda: f"options {what} accepts: {', '.join(parameters)}", f"unknown {unknown}")
 
 
 class CMoEConnector(PretrainedConnector):
@@ -104,6 +119,7 @@ class CMoEConnector(PretrainedConnector):
         width = config.token_features
         check_backend_name(config.backend)
         router_cls = get_router(config.router)
+        _check_options(router_cls, config.router_options, "router_options", f"router {config.router!r}")
         self.router = router_cls(
             width, config.num_experts, top_k=config.top_k, num_tasks=config.num_tasks,
             input=config.router_input, rule=config.router_rule, gate=config.router_gate,

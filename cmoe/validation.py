@@ -64,12 +64,12 @@ def _problem(value: Any, annotation: Any) -> str | None:
         return None if isinstance(value, str) else "a string"
     if annotation is list or origin is list:
         if not isinstance(value, list):
-            return f"a list ({_describe(annotation)})"
+            return "a list" if annotation is list else f"a list ({_describe(annotation)})"
         (item,) = typing.get_args(annotation) or (Any,)
         bad = [v for v in value if item is not Any and _problem(v, item)]
         return f"a list of {_describe(item)}" if bad else None
     if annotation is dict or origin is dict:
-        return None if isinstance(value, dict) else f"a mapping ({_describe(annotation)})"
+        return None if isinstance(value, dict) else "a mapping"
     return None
 
 

@@ -54,6 +54,8 @@ class AggregationConfig:
         check_field_types(self, self._where)
         expect(self.kind in ("reshape", "avg", "max", "none"), "model.aggregation.kind",
                "one of reshape, avg, max, none", repr(self.kind))
+        for name in ("rate", "window"):
+            expect(getattr(self, name) >= 1, f"model.aggregation.{name}", "an int >= 1", repr(getattr(self, name)))
 
 
 @dataclass
@@ -164,6 +166,7 @@ class DataSection:
 
     def __post_init__(self) -> None:
         check_field_types(self, self._where)
+        expect(self.num_workers >= 0, "data.num_workers", "an int >= 0", repr(self.num_workers))
         expect((self.synthetic is None) != (not self.datasets), "data",
                "exactly one of `synthetic` (built-in set) or `datasets` (real data under local roots)",
                f"synthetic={'set' if self.synthetic is not None else None}, {len(self.datasets)} datasets")
@@ -229,6 +232,10 @@ class EvalSection:
 
     def __post_init__(self) -> None:
         check_field_types(self, self._where)
+        for name in ("max_new_tokens", "batch_size"):
+            expect(getattr(self, name) >= 1, f"eval.{name}", "an int >= 1", repr(getattr(self, name)))
+        expect(self.limit_per_task is None or self.limit_per_task >= 0, "eval.limit_per_task",
+               "None or an int >= 0", repr(self.limit_per_task))
 
 
 @dataclass
