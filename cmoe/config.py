@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from cmoe.checkpointing import recover_directory
 from cmoe.errors import CMoEError, expect
 from cmoe.io import write_json
 from cmoe.validation import check_field_types
@@ -60,6 +61,7 @@ class ConnectorConfig:
 def read_config_json(directory: str | os.PathLike) -> dict[str, Any]:
     """The mapping in `directory`'s ``config.json``; a missing, empty, non-JSON or non-mapping file raises
     `CMoEError` naming it."""
+    recover_directory(directory)  # a save killed between its renames left the directory aside: put it back
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise CMoEError(f"{path}: no {CONFIG_NAME} here; pass a directory written by save_pretrained")
