@@ -27,6 +27,8 @@ import io
 import itertools
 import json
 import pickle
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple, Union
@@ -145,7 +147,7 @@ def _root(name: str, root: PathLike, split: str, valid: Iterable[str]) -> Path:
 def _check_split(name: str, split: str, valid: Iterable[str]) -> None:
     valid = tuple(valid)
     if split not in valid:
-        raise CMoEError(f"{name}: unknown split {split!r}; valid splits: {', '.join(valid)}")
+        raise CMoEError(f"{name}: unknown split {split!r}; valid splits: {', '.join(valid)} (use one of them)")
 
 
 def _check_limit(name: str, limit: int | None) -> None:
@@ -206,6 +208,8 @@ def _read_jsonl(name: str, path: Path, root: Path) -> list[dict[str, Any]]:
                 rows.append(_records(row, name, path, f"line {number}"))
     except UnicodeDecodeError as error:
         raise _malformed(name, path, f"not UTF-8 text ({error.reason} at byte {error.start})") from None
+    if not rows:
+        raise _malformed(name, path, "holds no records (the file is empty)")
     return rows
 
 
@@ -635,7 +639,7 @@ def _medmnist(flag: str, root: PathLike, split: str, size: int | None, limit: in
     labels_official = OFFICIAL_LABELS[flag]
     try:
         archive = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
         raise _malformed(flag, path, f"not a NumPy .npz archive ({type(error).__name__})") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise _malformed(flag, path, "a single .npy array, not an .npz archive of arrays")
@@ -647,7 +651,7 @@ def _medmnist(flag: str, root: PathLike, split: str, size: int | None, limit: in
         try:
             all_labels = archive[keys[1]]
             images = archive[keys[0]] if limit is None else archive[keys[0]][:limit].copy()
-        except (ValueError, OSError, EOFError, KeyError) as error:
+        except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:
             raise _malformed(flag, path, f"a damaged archive ({type(error).__name__}: {error})") from None
         if len(all_labels) < len(images):
             raise _malformed(flag, path, f"{keys[1]} has {len(all_labels)} labels for {len(images)} images")
@@ -707,7 +711,7 @@ LOADERS: dict[str, Loader] = {name: Loader(function, task, LAYOUTS[name])
                               for name, (function, task) in _FUNCTIONS.items()}
 
 
-def load_dataset(name: str, root: PathLike, split: str = "train", **options: Any) -> list[Sample]:
+def load_dataset(name: str, root: PathLike, split: str = "train", /, **options: Any) -> list[Sample]:
     """The samples of dataset `name` (a key of `LOADERS`) read from `root`, with that loader's `options`."""
     if name not in LOADERS:
         raise UnknownNameError("dataset", name, LOADERS)
