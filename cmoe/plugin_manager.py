@@ -87,7 +87,8 @@ def _add(manager: pluggy.PluginManager, plugin: object, name: str, origin: str) 
     except pluggy.PluginValidationError as error:
         if manager.get_plugin(name) is not None:
             manager.unregister(name=name)
-        raise PluginError(f"plugin {origin} is not a valid cmoe plugin: {error}") from error
+        raise PluginError(f"plugin {origin} is not a valid cmoe plugin: {error}; fix its hooks (see cmoe.hookspecs) "
+                          "or uninstall it") from error
     _origins[name] = origin
     _collect(manager, name)
 
