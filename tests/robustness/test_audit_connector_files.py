@@ -192,7 +192,9 @@ CHILD = textwrap.dedent("""
     model.save_pretrained(directory)
 """)
 
-STAGES = ["mid-weights", "files-written", "swapped-old-aside", "renamed"]
+STAGES = [pytest.param("mid-weights", marks=pytest.mark.robustness_full),
+          pytest.param("files-written", marks=pytest.mark.robustness_full), "swapped-old-aside",
+          pytest.param("renamed", marks=pytest.mark.robustness_full)]
 
 
 def _run_child(stage: str, directory: Path) -> subprocess.CompletedProcess:

@@ -150,18 +150,13 @@ def _cmoe(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
                           timeout=300, **kwargs)
 
 
-@pytest.mark.parametrize("args,named", [CLI_ERRORS[0]], ids=["missing config"])
+@pytest.mark.robustness_full
+@pytest.mark.parametrize("args,named", CLI_ERRORS, ids=[n for _, n in CLI_ERRORS])
 def test_cli_errors_are_one_line_without_traceback(tmp_path, args: list[str], named: str) -> None:
     result = _cmoe(args, tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and named in lines[0], result.stderr[-3000:]
-
-
-@pytest.mark.robustness_full
-@pytest.mark.parametrize("args,named", CLI_ERRORS[1:], ids=[n for _, n in CLI_ERRORS[1:]])
-def test_more_cli_errors_are_one_line_without_traceback(tmp_path, args: list[str], named: str) -> None:
-    test_cli_errors_are_one_line_without_traceback(tmp_path, args, named)
 
 
 @pytest.mark.robustness_full
@@ -189,3 +184,11 @@ def test_sigint_during_training_is_one_line(tmp_path) -> None:
     _, err = child.communicate(timeout=300)
     assert child.returncode == 130 and "Traceback" not in err, err[-3000:]
     assert err.strip().splitlines()[-1].startswith("interrupted")
+
+
+@pytest.mark.parametrize("args,named", CLI_ERRORS[:4], ids=[n for _, n in CLI_ERRORS[:4]])
+def test_cli_config_errors_in_process_are_one_line(tmp_path, capsys, args: list[str], named: str) -> None:
+    assert cli.main([*args, "--output-dir", str(tmp_path / "run")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and captured.err.startswith("error: ") and named in captured.err
+    assert not (tmp_path / "run").exists(), "a rejected config must not create a run directory"
