@@ -138,6 +138,21 @@ def recover_directory(path: str | os.PathLike) -> None:
                        path.name)
 
 
+def _copy_file(source: str, target: str) -> None:
+    try:
+        os.link(source, target)  # a second name for the same bytes: instant, and the old name stays valid
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Carry `source` into the new directory by hard links where the filesystem allows, else by copying."""
+    if source.is_dir():
+        shutil.copytree(source, target, copy_function=_copy_file)
+    else:
+        _copy_file(str(source), str(target))
+
+
 @contextmanager
 def atomic_directory(path: str | os.PathLike, keep_existing_files: bool = True) -> Iterator[Path]:
     """Yield a temporary directory to fill; on success it replaces `path` atomically, with a checksum manifest.
@@ -158,8 +173,8 @@ def atomic_directory(path: str | os.PathLike, keep_existing_files: bool = True) 
         yield tmp
         if keep_existing_files and path.is_dir():
             for entry in path.iterdir():
-                if entry.name != MANIFEST and not (tmp / entry.name).exists():
-                    (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, tmp / entry.name)
+                if entry.name != MANIFEST and not (tmp / entry.name).exists() and not _LEFTOVER.match(entry.name):
+                    _link_or_copy(entry, tmp / entry.name)
         new_files = {p.relative_to(tmp).as_posix() for p in _files(tmp)}
         write_manifest(tmp)
         manifest = json.loads((tmp / MANIFEST).read_text())
