@@ -23,6 +23,21 @@ def _summary(command: object) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a `CMoEError` (a plugin's included) or Ctrl-C is reported as one line, not a traceback."""
+    from cmoe.errors import CMoEError
+
+    try:
+        return _main(argv)
+    except CMoEError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C); a training run resumes from its last checkpoint when started again",
+              file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None = None) -> int:
     from cmoe.registry import COMMANDS
 
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from cmoe.checkpointing import recover_directory
 from cmoe.errors import CMoEError, expect
 from cmoe.io import write_json
+from cmoe.validation import check_field_types
 
 CONFIG_NAME = "config.json"
 C = TypeVar("C", bound="ConnectorConfig")
@@ -38,6 +40,10 @@ class ConnectorConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise CMoEError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(known)}")
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise CMoEError(f"{cls.__name__}: missing required field(s) {missing}; add them to the config")
         return cls(**data)
 
     def to_json_string(self) -> str:
@@ -49,10 +55,23 @@ class ConnectorConfig:
 
     @classmethod
     def from_pretrained(cls: type[C], directory: str | os.PathLike) -> C:
-        path = Path(directory) / CONFIG_NAME
-        if not path.is_file():
-            raise CMoEError(f"{path}: no {CONFIG_NAME} here; pass a directory written by save_pretrained")
-        return cls.from_dict(json.loads(path.read_text()))
+        return cls.from_dict(read_config_json(directory))
+
+
+def read_config_json(directory: str | os.PathLike) -> dict[str, Any]:
+    """The mapping in `directory`'s ``config.json``; a missing, empty, non-JSON or non-mapping file raises
+    `CMoEError` naming it."""
+    recover_directory(directory)  # a save killed between its renames left the directory aside: put it back
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise CMoEError(f"{path}: no {CONFIG_NAME} here; pass a directory written by save_pretrained")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CMoEError(f"{path}: not valid JSON ({error}); save the connector again or restore the file") from None
+    expect(isinstance(data, dict), str(path), "a JSON object of config fields (save the connector again)",
+           type(data).__name__)
+    return data
 
 
 @dataclass
@@ -108,6 +127,7 @@ class CMoEConfig(ConnectorConfig):
                    "a number >= 0", repr(getattr(self, name)))
         expect(isinstance(self.router_options, dict), "router_options", "a dict of keyword arguments",
                type(self.router_options).__name__)
+        check_field_types(self)
 
     @property
     def token_features(self) -> int:
@@ -133,6 +153,7 @@ class MLPConnectorConfig(ConnectorConfig):
             _positive_int(getattr(self, name), name)
         if self.hidden_features is not None:
             _positive_int(self.hidden_features, "hidden_features")
+        check_field_types(self)
 
     @property
     def token_features(self) -> int:

@@ -7,7 +7,7 @@ load from a local directory (``config.json`` + ``model.safetensors``, written at
 
 from __future__ import annotations
 
-import json
+import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from cmoe.aggregation import aggregate_tokens
-from cmoe.config import CONFIG_NAME, CMoEConfig, ConnectorConfig, MLPConnectorConfig
+from cmoe.checkpointing import atomic_directory, verify_directory
+from cmoe.config import CONFIG_NAME, CMoEConfig, ConnectorConfig, MLPConnectorConfig, read_config_json
 from cmoe.dispatch import check_backend_name, moe_project
 from cmoe.errors import CMoEError, expect
 from cmoe.experts import ACTIVATIONS
@@ -56,26 +57,56 @@ class PretrainedConnector(nn.Module):
                f"a [batch, tokens, {width}] tensor (in_features={width})",
                lambda: f"shape {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__)
         expect(x.is_floating_point(), "x", "a floating-point tensor", x.dtype)
+        expect(x.device.type != "meta", "x", "a tensor with data (not on the meta device)",
+               "a meta tensor; materialise it (e.g. model.to_empty(device=...) and load weights) first")
+        expect(x.shape[0] > 0 and x.shape[1] > 0, "x", "at least one sample and one token",
+               lambda: f"shape {list(x.shape)}; skip the connector for an empty batch")
+        weight = next(self.parameters(), None)
+        if weight is not None and not torch.is_autocast_enabled(x.device.type):
+            expect(weight.device.type != "meta", "connector", "materialised weights",
+                   "parameters on the meta device; load its weights (from_pretrained) or call .to_empty() first")
+            expect(x.dtype == weight.dtype, "x", f"dtype {weight.dtype} (the connector's weights)",
+                   lambda: f"{x.dtype}; cast with x.to({weight.dtype}) or connector.to({x.dtype}), or run under "
+                           "torch.autocast")
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into `directory`, each atomically."""
+        """Write ``config.json``, ``model.safetensors`` and their checksums into `directory` as one atomic unit
+        (a sibling temporary directory renamed into place, see `cmoe.checkpointing`)."""
         directory = Path(directory)
-        save_tensors(directory / WEIGHTS_NAME, self.state_dict(),
-                     metadata={"format": "pt", "connector_type": self.config.connector_type})
-        self.config.save_pretrained(directory)
+        with atomic_directory(directory) as tmp:
+            save_tensors(tmp / WEIGHTS_NAME, self.state_dict(),
+                         metadata={"format": "pt", "connector_type": self.config.connector_type})
+            self.config.save_pretrained(tmp)
         return directory
 
     @classmethod
     def from_pretrained(cls: type[M], directory: str | os.PathLike, device: str | torch.device = "cpu") -> M:
         """Rebuild the connector from `directory` written by `save_pretrained` (local paths only)."""
         directory = Path(directory)
+        if not (directory / CONFIG_NAME).is_file():
+            read_config_json(directory)  # raises the error naming the missing config.json
+        verify_directory(directory)
         config = cls.config_class.from_pretrained(directory)
         weights = directory / WEIGHTS_NAME
         if not weights.is_file():
-            raise CMoEError(f"{weights}: missing; a connector directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+            raise CMoEError(f"{weights}: missing; a connector directory holds {CONFIG_NAME} and {WEIGHTS_NAME}: "
+                            "save the connector again")
         model = cls(config)
-        model.load_state_dict(load_tensors(weights, device=device), strict=True)
+        try:
+            model.load_state_dict(load_tensors(weights, device=device), strict=True)
+        except RuntimeError as error:
+            raise CMoEError(f"{weights}: its tensors do not fit the connector {CONFIG_NAME} describes ({error}); "
+                            "the two files come from different saves: save the connector again") from None
         return model.to(device)
+
+
+def _check_options(cls: type, options: dict, argument: str, what: str) -> None:
+    """Raise `CMoEError` for keyword options `cls` does not accept (unless it takes ``**kwargs``)."""
+    parameters = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    unknown = sorted(set(options) - set(parameters))
+    expect(not unknown, argument, lambda: f"options {what} accepts: {', '.join(parameters)}", f"unknown {unknown}")
 
 
 class CMoEConnector(PretrainedConnector):
@@ -88,6 +119,7 @@ class CMoEConnector(PretrainedConnector):
         width = config.token_features
         check_backend_name(config.backend)
         router_cls = get_router(config.router)
+        _check_options(router_cls, config.router_options, "router_options", f"router {config.router!r}")
         self.router = router_cls(
             width, config.num_experts, top_k=config.top_k, num_tasks=config.num_tasks,
             input=config.router_input, rule=config.router_rule, gate=config.router_gate,
@@ -147,9 +179,6 @@ def build_connector(config: ConnectorConfig) -> PretrainedConnector:
 
 def load_connector(directory: str | os.PathLike, device: str | torch.device = "cpu") -> PretrainedConnector:
     """Load whichever connector `directory` holds, by the ``connector_type`` in its config.json."""
-    path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise CMoEError(f"{path}: no {CONFIG_NAME} here; pass a directory written by save_pretrained")
-    kind = json.loads(path.read_text()).get("connector_type")
+    kind = read_config_json(directory).get("connector_type")
     expect(kind in CONNECTORS, "connector_type", f"one of {sorted(CONNECTORS)}", repr(kind))
     return CONNECTORS[kind].from_pretrained(directory, device=device)

@@ -16,7 +16,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` then atomically move the result to `path` (same filesystem, so rename is atomic)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # Named .<name>.tmp-<pid>-<random>: cmoe.checkpointing.clean_stale removes it if this process is killed.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -42,4 +43,13 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
 
 
 def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    return load_file(str(path), device=str(device))
+    """Read a safetensors file; a missing, truncated or garbled one raises `CMoEError` naming it."""
+    from cmoe.errors import CMoEError
+
+    if not Path(path).is_file():
+        raise CMoEError(f"{path}: missing; save the model again or pass the directory that holds it")
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as error:  # safetensors raises its own SafetensorError, or OSError / ValueError
+        raise CMoEError(f"{path}: not a readable safetensors file ({type(error).__name__}: {error}); it is "
+                        "truncated or damaged: save it again or restore it from a backup") from None

@@ -40,14 +40,22 @@ class PluginSource:
                 f"of distribution {self.distribution} {self.version}")
 
 
+def _normalise(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
 def iter_entry_points() -> Iterator[PluginSource]:
-    """Every entry point of group ``cmoe`` in the installed distributions (once per name)."""
-    seen: set[str] = set()
+    """Every entry point of group ``cmoe`` in the installed distributions. One distribution found twice on
+    ``sys.path`` is read once; two distributions that use the same entry-point name are both kept (a name
+    does not identify a plugin across packages: dropping one would silently replace cmoe's own)."""
+    seen: set[tuple[str, str, str]] = set()
     for dist in importlib.metadata.distributions():
+        dist_name = dist.metadata["Name"] or "?"
         for ep in dist.entry_points:
-            if ep.group == ENTRY_POINT_GROUP and ep.name not in seen:
-                seen.add(ep.name)
-                yield PluginSource(ep, dist.metadata["Name"], dist.version)
+            key = (_normalise(dist_name), ep.name, ep.value)
+            if ep.group == ENTRY_POINT_GROUP and key not in seen:
+                seen.add(key)
+                yield PluginSource(ep, dist_name, dist.version)
 
 
 def _disabled() -> set[str]:
@@ -67,9 +75,9 @@ def _collect(manager: pluggy.PluginManager, plugin_name: str) -> None:
                     impl.function(register=register)
                 except PluginError:
                     raise
-                except Exception as error:
-                    raise PluginError(f"plugin {origin}: {hook_name} failed: {type(error).__name__}: {error}") \
-                        from error
+                except (Exception, SystemExit) as error:
+                    raise PluginError(f"plugin {origin}: {hook_name} failed: {type(error).__name__}: {error}; fix "
+                                      "or uninstall the plugin, or disable it with CMOE_DISABLE_PLUGINS") from error
 
 
 def _add(manager: pluggy.PluginManager, plugin: object, name: str, origin: str) -> None:
@@ -79,7 +87,8 @@ def _add(manager: pluggy.PluginManager, plugin: object, name: str, origin: str) 
     except pluggy.PluginValidationError as error:
         if manager.get_plugin(name) is not None:
             manager.unregister(name=name)
-        raise PluginError(f"plugin {origin} is not a valid cmoe plugin: {error}") from error
+        raise PluginError(f"plugin {origin} is not a valid cmoe plugin: {error}; fix its hooks (see cmoe.hookspecs) "
+                          "or uninstall it") from error
     _origins[name] = origin
     _collect(manager, name)
 
@@ -102,11 +111,15 @@ def load_plugins() -> pluggy.PluginManager:
             disabled = _disabled()
             for source in iter_entry_points():
                 name = source.entry_point.name
-                if name in disabled or manager.has_plugin(name):
+                if name in disabled:
                     continue
+                if manager.has_plugin(name):  # the same name from another distribution: keep both
+                    name = f"{name}@{source.distribution}"
+                    if manager.has_plugin(name):
+                        continue
                 try:
                     plugin = source.entry_point.load()
-                except Exception as error:
+                except (Exception, SystemExit) as error:
                     raise PluginError(f"cmoe plugin failed to import: {source.describe()}: "
                                       f"{type(error).__name__}: {error}. Fix or uninstall "
                                       f"{source.distribution}, or set CMOE_DISABLE_PLUGINS={name}") from error

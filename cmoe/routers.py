@@ -29,6 +29,7 @@ from cmoe.errors import CMoEError, expect, expect_ids_below
 INPUTS = ("token", "task", "task_token")
 RULES = ("softmax", "sigmoid")
 GATES = ("linear", "mlp")
+FP16_WARN_ABOVE = 1024.0
 
 
 @dataclass
@@ -97,18 +98,48 @@ def _resolve_top_k(top_k: int | None, num_experts: int) -> int:
     return k
 
 
-def _check_task_ids(task_ids: torch.Tensor | None, batch: int, num_tasks: int, router: str) -> torch.Tensor:
+def _check_task_ids(task_ids: torch.Tensor | None, batch: int, num_tasks: int, router: str,
+                    device: torch.device | None = None) -> torch.Tensor:
     if task_ids is None:
         raise CMoEError(f"task_ids: router {router!r} needs one task id per sample, shape [{batch}] (long), "
                         "got None; pass task_ids=... to the connector")
     if not isinstance(task_ids, torch.Tensor):
         task_ids = torch.as_tensor(task_ids)
-    expect(task_ids.shape == (batch,) and not task_ids.is_floating_point(), "task_ids",
-           lambda: f"an integer tensor of shape [{batch}]",
+    expect(task_ids.shape == (batch,) and not task_ids.is_floating_point() and not task_ids.is_complex()
+           and task_ids.dtype != torch.bool, "task_ids",
+           lambda: f"an integer tensor of shape [{batch}] (one task id per sample)",
            lambda: f"{task_ids.dtype} of shape {list(task_ids.shape)}")
+    if device is not None and task_ids.device != device:
+        expect(task_ids.device.type == "cpu", "task_ids", f"a tensor on the device of x ({device}) or on the CPU",
+               f"a tensor on {task_ids.device}; move it with task_ids.to(x.device)")
+        task_ids = task_ids.to(device)
     if task_ids.device.type == "cpu":
         expect_ids_below(task_ids, num_tasks, "task_ids", f"values in 0..{num_tasks - 1} (num_tasks={num_tasks})")
     return task_ids.long()
+
+
+def _check_tokens(x: torch.Tensor, weight: torch.Tensor) -> None:
+    """Tokens a router can route: real data (not meta), at least one token, the gate's dtype unless autocast
+    runs (a mismatch would fail deep in a matmul)."""
+    expect(x.device.type != "meta", "x", "a tensor with data (not on the meta device)",
+           "a meta tensor; materialise it (e.g. model.to_empty(device=...) and load weights) first")
+    expect(x.shape[0] > 0 and x.shape[1] > 0, "x", "at least one sample and one token",
+           lambda: f"shape {list(x.shape)}; skip the connector for an empty batch")
+    if not torch.is_autocast_enabled(x.device.type) and weight.device.type != "meta":
+        expect(x.dtype == weight.dtype, "x", f"dtype {weight.dtype} (the router's weights)",
+               lambda: f"{x.dtype}; cast with x.to({weight.dtype}) or connector.to({x.dtype}), or run under "
+                       "torch.autocast")
+
+
+def _warn_fp16_range(x: torch.Tensor, logits: torch.Tensor) -> None:
+    """Warn when fp16 routing runs near the fp16 range: its outputs may be finite while the backward overflows."""
+    largest = max(float(x.detach().abs().max()), float(logits.detach().abs().max()))
+    if largest > FP16_WARN_ABOVE:
+        import warnings
+
+        warnings.warn(f"router: fp16 inputs or logits reach {largest:.3g} (fp16 max 65504): gradients may overflow "
+                      "to inf/NaN; normalise the features, use bf16 or fp32, or a GradScaler", RuntimeWarning,
+                      stacklevel=3)
 
 
 class Router(nn.Module):
@@ -179,9 +210,10 @@ class Router(nn.Module):
         expect(x.dim() == 3 and x.shape[-1] == self.in_features, "x",
                f"a [batch, tokens, {self.in_features}] tensor", lambda: f"shape {list(x.shape)}")
         expect(x.is_floating_point(), "x", "a floating-point tensor", x.dtype)
+        _check_tokens(x, next(self.gate.parameters()))
         if self.input == "token":
             return None
-        return _check_task_ids(task_ids, x.shape[0], self.num_tasks, self.name)
+        return _check_task_ids(task_ids, x.shape[0], self.num_tasks, self.name, x.device)
 
     def compute_logits(self, x: torch.Tensor, task_ids: torch.Tensor | None) -> torch.Tensor:
         """Gate logits ``[B·N, E]`` for tokens ``x [B, N, D]``."""
@@ -198,8 +230,9 @@ class Router(nn.Module):
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         if self.rule == "softmax":
             return torch.softmax(logits.float(), dim=-1).to(logits.dtype)
-        gates = torch.sigmoid(logits.float())
-        return (gates / gates.sum(dim=-1, keepdim=True)).to(logits.dtype)
+        # sigmoid(l) / Σ sigmoid(l) computed as softmax(logsigmoid(l)): the same value, but finite where every
+        # sigmoid of a token underflows to 0 (all logits below about -104 in fp32), where the quotient is 0/0.
+        return torch.softmax(F.logsigmoid(logits.float()), dim=-1).to(logits.dtype)
 
     def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> RoutingResult:
         task_ids = self._validate(x, task_ids)
@@ -209,6 +242,8 @@ class Router(nn.Module):
         if self.check_finite and not bool(torch.isfinite(logits).all()):
             raise CMoEError("router_logits: expected finite values, got NaN or inf; check the input features "
                             "for NaN/inf, lower the learning rate, or add z_loss_coef to keep logits small")
+        if self.check_finite and logits.dtype == torch.float16:
+            _warn_fp16_range(x, logits)
         probs = self.probabilities(logits)
         if self.top_k == self.num_experts:
             weight = probs
@@ -296,8 +331,8 @@ class HardTaskRouter(FixedRouter):
     def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> RoutingResult:
         expect(x.dim() == 3, "x", "a [batch, tokens, features] tensor", lambda: f"shape {list(x.shape)}")
         batch, tokens, _ = x.shape
-        task_ids = _check_task_ids(task_ids, batch, self.num_tasks, self.name)
-        index = (task_ids % self.num_experts).to(x.device)[:, None].expand(batch, tokens).reshape(-1, 1)
+        task_ids = _check_task_ids(task_ids, batch, self.num_tasks, self.name, x.device)
+        index = (task_ids % self.num_experts)[:, None].expand(batch, tokens).reshape(-1, 1)
         probs = F.one_hot(index[:, 0], self.num_experts).to(x.dtype)
         return self._result(probs, index, torch.ones(index.shape, dtype=x.dtype, device=x.device))
 

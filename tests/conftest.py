@@ -17,3 +17,18 @@ if not torch.cuda.is_available():
 def _deterministic() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(2)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--robustness-full", action="store_true", default=False,
+                     help="run the whole robustness audit (tests/robustness): kill-and-resume of real training "
+                          "runs and every fault case; without it only the fast subset runs")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--robustness-full"):
+        return
+    skip = pytest.mark.skip(reason="full robustness audit only: pytest tests/robustness --robustness-full")
+    for item in items:
+        if "robustness_full" in item.keywords:
+            item.add_marker(skip)

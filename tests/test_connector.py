@@ -99,7 +99,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path) -> None:
                         router_gate="mlp", router_hidden=7, expert_hidden=5, aggregate_tokens=2, num_tasks=4)
     model = CMoEConnector(config)
     model.save_pretrained(tmp_path / "ckpt")
-    assert sorted(os.listdir(tmp_path / "ckpt")) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["checksums.json", "config.json", "model.safetensors"]
     loaded = CMoEConnector.from_pretrained(tmp_path / "ckpt")
     assert loaded.config == config
     for (name, a), (name_b, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
@@ -142,7 +142,7 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch) ->
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").read_bytes() == before
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]  # no temp files left
+    assert sorted(os.listdir(tmp_path)) == ["checksums.json", "config.json", "model.safetensors"]  # no temp files
 
 
 def test_from_pretrained_errors_name_the_missing_file(tmp_path) -> None:

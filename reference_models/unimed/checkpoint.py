@@ -1,7 +1,10 @@
 """Checkpoints that lose nothing: trainable weights, optimiser, scheduler, RNG and data position.
 
-A checkpoint is a directory ``step_00001000/`` written under a temporary name and renamed into place, so a
-crash leaves either the whole checkpoint or none; ``latest`` (also written atomically) names the newest.
+A checkpoint is a directory ``step_00001000/`` written by `cmoe.checkpointing.atomic_directory` (a temporary
+name renamed into place, with a SHA-256 of every file in ``checksums.json``), so a crash leaves either the whole
+checkpoint or none; ``latest`` (also written atomically) names the newest. `find_latest` verifies the checkpoint
+before it is used and falls back, with a log line, to the newest good one when ``latest`` is missing, garbage,
+names a deleted folder or a damaged checkpoint.
 Tensors go to safetensors (``trainable.safetensors``, ``optimizer.safetensors``, ``rng.safetensors``); the
 rest (step, scheduler, Python/NumPy RNG, optimiser hyper-parameters, config) to ``state.json``. As in the
 original, only trainable parameters (connector, LoRA) are saved; the frozen weights come from the config, and a
@@ -12,8 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -23,12 +28,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from cmoe import checkpointing
+from cmoe.checkpointing import CheckpointError, atomic_directory, verify_directory
 from cmoe.errors import CMoEError
 from cmoe.io import atomic_write, load_tensors, save_tensors
 from safetensors.torch import save_file
 
+logger = logging.getLogger("cmoe.unimed.checkpoint")
+
 LATEST = "latest"
 PREFIX = "step_"
+REQUIRED = ("trainable.safetensors", "state.json")
 CONNECTOR_INIT = "connector_init.safetensors"
 
 
@@ -89,13 +99,6 @@ def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> No
     np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
 
 
-def _fsync_dir(path: Path) -> None:
-    for file in path.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-
-
 def save_checkpoint(output_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, extra: dict[str, Any], keep: int | None = None, tokenizer: Any = None,
                     rng_states: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None,
@@ -109,32 +112,26 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model: nn.Module, 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"{PREFIX}{step:08d}"
-    tmp = output_dir / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     if trainable is None:
         trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    save_file({n: t.detach().cpu().contiguous() for n, t in trainable.items()}, str(tmp / "trainable.safetensors"))
     opt_tensors, opt_meta = _flatten_optimizer(optimizer_state if optimizer_state is not None
                                                else optimizer.state_dict())
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     rng_states = rng_states or [rng_state()]
-    save_file({f"rank{rank}.{key}": value for rank, (tensors, _) in enumerate(rng_states)
-               for key, value in tensors.items()}, str(tmp / "rng.safetensors"))
     state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
              "rng": [plain for _, plain in rng_states],
              "frozen_fingerprint": fingerprint or frozen_fingerprint(model), **extra}
-    (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_json_default))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp / "tokenizer"))
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with atomic_directory(final, keep_existing_files=False) as tmp:
+        save_file({n: t.detach().cpu().contiguous() for n, t in trainable.items()}, str(tmp / "trainable.safetensors"))
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        save_file({f"rank{rank}.{key}": value for rank, (tensors, _) in enumerate(rng_states)
+                   for key, value in tensors.items()}, str(tmp / "rng.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_json_default))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    checkpointing._stage("checkpoint-before-latest")
     atomic_write(output_dir / LATEST, lambda path: Path(path).write_text(final.name + "\n"))
     if keep is not None:
-        for old in sorted(output_dir.glob(f"{PREFIX}*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(output_dir, keep, step)
     return final
 
 
@@ -160,24 +157,88 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
 
 
-def find_latest(output_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint ``latest`` names in `output_dir`, or None when there is none."""
-    pointer = Path(output_dir) / LATEST
+def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(step, directory)`` of every ``step_<N>`` folder in `output_dir`, sorted by step number (not by name)."""
+    found = []
+    for path in Path(output_dir).glob(f"{PREFIX}*"):
+        match = re.fullmatch(rf"{PREFIX}(\d+)", path.name)
+        if match and path.is_dir():
+            found.append((int(match[1]), path))
+    return sorted(found)
+
+
+def prune_checkpoints(output_dir: str | os.PathLike, keep: int, current: int) -> None:
+    """Keep the checkpoint of step `current` and the newest ``keep - 1`` older ones; never touch a newer one
+    (it belongs to a run resumed from an earlier step, and deleting it could lose the only copy)."""
+    older = [path for step, path in list_checkpoints(output_dir) if step < current]
+    for path in older[:max(0, len(older) - (keep - 1))]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _pointer(output_dir: Path) -> Path | None:
+    """The folder ``latest`` names, or None (with a log line) when it is missing, garbage or dangling."""
+    pointer = output_dir / LATEST
     if not pointer.is_file():
         return None
-    path = Path(output_dir) / pointer.read_text().strip()
-    return path if path.is_dir() else None
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        name = ""
+    if re.fullmatch(rf"{PREFIX}\d+", name) and (output_dir / name).is_dir():
+        return output_dir / name
+    logger.warning("%s names %r, which is not a checkpoint folder here; looking for the newest good checkpoint",
+                   pointer, name[:80])
+    return None
+
+
+def find_latest(output_dir: str | os.PathLike, verify: bool = True) -> Path | None:
+    """The checkpoint to continue from in `output_dir`, or None when it holds no ``step_*`` folder.
+
+    That is the one ``latest`` names; when ``latest`` is missing, garbage or dangling, or (with `verify`) the
+    checkpoint it names is incomplete or damaged, the newest checkpoint (by step) that verifies, with a log line.
+    Raises `CheckpointError` when checkpoints exist but none verifies."""
+    output_dir = Path(output_dir)
+    checkpointing.clean_stale(output_dir)
+    named = _pointer(output_dir)
+    candidates = [path for _, path in reversed(list_checkpoints(output_dir))]
+    if named is not None:
+        candidates = [named] + [path for path in candidates if path != named]
+    problems = []
+    for path in candidates:
+        if not verify:
+            return path
+        try:
+            verify_directory(path, required=REQUIRED)
+        except CheckpointError as error:
+            problems.append(str(error))
+            logger.warning("checkpoint %s is not usable (%s); trying the previous one", path, error)
+            continue
+        if path != named:
+            logger.warning("resuming from %s, the newest good checkpoint in %s", path.name, output_dir)
+        return path
+    if problems:
+        raise CheckpointError(f"{output_dir}: none of its {len(problems)} checkpoint(s) is usable: {problems[0]}; "
+                              "restore one from a backup, or start a new run in another --output-dir")
+    return None
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """The parts of a checkpoint directory: ``trainable``, ``optimizer``, ``rng`` tensors and ``state``."""
+    """The parts of a checkpoint directory: ``trainable``, ``optimizer``, ``rng`` tensors and ``state``, after
+    checking every file against the checksums recorded when it was written."""
     path = Path(path)
-    missing = [name for name in ("trainable.safetensors", "state.json") if not (path / name).is_file()]
-    if missing:
-        raise CMoEError(f"checkpoint {path}: missing {', '.join(missing)}; expected a directory written by "
-                        "`cmoe unimed train` (step_XXXXXXXX/ with trainable.safetensors and state.json)")
-    parts = {"trainable": load_tensors(path / "trainable.safetensors"),
-             "state": json.loads((path / "state.json").read_text())}
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path}: no such directory; expected a directory written by "
+                              "`cmoe unimed train` (step_XXXXXXXX/ with trainable.safetensors and state.json)")
+    verify_directory(path, required=REQUIRED)
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path / 'state.json'}: not valid JSON ({error}); the checkpoint is damaged, use "
+                              "another one") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{path / 'state.json'}: expected a JSON object with an int 'step'; the checkpoint "
+                              "is damaged, use another one")
+    parts = {"trainable": load_tensors(path / "trainable.safetensors"), "state": state, "path": path}
     for name in ("optimizer", "rng"):
         file = path / f"{name}.safetensors"
         parts[name] = load_tensors(file) if file.is_file() else None
@@ -210,6 +271,14 @@ def load_training_state(parts: dict[str, Any], optimizer: torch.optim.Optimizer,
     """Restore optimiser (through `load_optimizer` for a sharded model), scheduler and this rank's RNG from a
     checkpoint's parts; returns its ``state``."""
     state = parts["state"]
+    where = parts.get("path", "checkpoint")
+    for name in ("optimizer", "rng"):
+        if parts.get(name) is None:
+            raise CheckpointError(f"{where}/{name}.safetensors: missing, so training cannot continue exactly; "
+                                  "resume from another checkpoint, or evaluate this one (it needs only the weights)")
+    missing = [key for key in ("optimizer", "scheduler", "rng") if key not in state]
+    if missing:
+        raise CheckpointError(f"{where}/state.json: lacks {missing}; the checkpoint is damaged, use another one")
     (load_optimizer or optimizer.load_state_dict)(_unflatten_optimizer(parts["optimizer"], state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
     if rank >= len(state["rng"]):

@@ -13,9 +13,10 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from cmoe.errors import CMoEError, expect
+from cmoe.validation import check_field_types, check_values, parse_bool
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 BUILTIN_CONFIGS = {"tiny": "tiny.yaml", "paper": "unimed_paper.yaml"}
@@ -29,8 +30,13 @@ T = TypeVar("T")
 class ComponentConfig:
     """A registered builder by name and the keyword options passed to it (see ``cmoe plugins list``)."""
 
+    _where: ClassVar[str] = "model.<component>"
+
     name: str
     options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_field_types(self, self._where)
 
 
 @dataclass
@@ -38,13 +44,18 @@ class AggregationConfig:
     """How encoder tokens are merged before the connector: ``reshape`` (the original: ``rate`` consecutive tokens
     concatenated), ``avg`` or ``max`` (``window × window`` pooling of the patch grid), or ``none``."""
 
+    _where: ClassVar[str] = "model.aggregation"
+
     kind: str = "reshape"
     rate: int = 4
     window: int = 2
 
     def __post_init__(self) -> None:
+        check_field_types(self, self._where)
         expect(self.kind in ("reshape", "avg", "max", "none"), "model.aggregation.kind",
                "one of reshape, avg, max, none", repr(self.kind))
+        for name in ("rate", "window"):
+            expect(getattr(self, name) >= 1, f"model.aggregation.{name}", "an int >= 1", repr(getattr(self, name)))
 
 
 @dataclass
@@ -52,14 +63,21 @@ class ConnectorSection:
     """The connector: a preset (see `cmoe.reference_models.unimed.model.CONNECTOR_PRESETS`) and overrides of
     its `CMoEConfig` / `MLPConnectorConfig` fields."""
 
+    _where: ClassVar[str] = "model.connector"
+
     preset: str = "original"
     options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_field_types(self, self._where)
 
 
 @dataclass
 class LoraSection:
     """peft LoRA on the LLM (Uni-Med: r 8, alpha 16, dropout 0.05, every linear layer but ``lm_head``).
     ``modules_to_save`` trains full copies of some modules (the tiny config's random-init embeddings and head)."""
+
+    _where: ClassVar[str] = "model.lora"
 
     enabled: bool = True
     r: int = 8
@@ -68,15 +86,21 @@ class LoraSection:
     target_modules: list[str] | None = None
     modules_to_save: list[str] | None = None
 
+    def __post_init__(self) -> None:
+        check_field_types(self, self._where)
+
 
 @dataclass
 class TokenizerSection:
     """``path``: a local tokenizer directory (the LLM's); or ``kind: word_level``: built from the training data."""
 
+    _where: ClassVar[str] = "model.tokenizer"
+
     kind: str = "pretrained"
     path: str | None = None
 
     def __post_init__(self) -> None:
+        check_field_types(self, self._where)
         expect(self.kind in ("pretrained", "word_level"), "model.tokenizer.kind", "pretrained or word_level",
                repr(self.kind))
         expect(self.kind == "word_level" or self.path, "model.tokenizer.path",
@@ -85,6 +109,8 @@ class TokenizerSection:
 
 @dataclass
 class ModelSection:
+    _where: ClassVar[str] = "model"
+
     vision_encoder: ComponentConfig
     llm: ComponentConfig
     tokenizer: TokenizerSection
@@ -98,6 +124,7 @@ class ModelSection:
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
+        check_field_types(self, self._where)
         expect(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", "float32, bfloat16 or float16",
                repr(self.dtype))
         expect(len(self.image_mean) == 3 and len(self.image_std) == 3, "model.image_mean/image_std",
@@ -109,10 +136,15 @@ class DatasetEntry:
     """One real dataset: a loader name (``cmoe.reference_models.unimed.data.loaders.LOADERS``), its local root,
     the mixing ratio, and loader options (e.g. ``limit``)."""
 
+    _where: ClassVar[str] = "data.datasets[]"
+
     name: str
     root: str
     ratio: float | None = None
     options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_field_types(self, self._where)
 
 
 @dataclass
@@ -120,6 +152,8 @@ class DataSection:
     """Either ``synthetic`` (options of `SyntheticConfig`, plus ``eval_images`` / ``eval_fraction``) or
     ``datasets`` (real data from local roots). ``sampler``: ``task_ratio`` (the original: one source per batch,
     drawn by ``ratios``), ``mixed`` or ``image_centric``; ``sampler_options`` go to its constructor."""
+
+    _where: ClassVar[str] = "data"
 
     synthetic: dict[str, Any] | None = None
     datasets: list[DatasetEntry] = field(default_factory=list)
@@ -131,6 +165,8 @@ class DataSection:
     num_workers: int = 0
 
     def __post_init__(self) -> None:
+        check_field_types(self, self._where)
+        expect(self.num_workers >= 0, "data.num_workers", "an int >= 0", repr(self.num_workers))
         expect((self.synthetic is None) != (not self.datasets), "data",
                "exactly one of `synthetic` (built-in set) or `datasets` (real data under local roots)",
                f"synthetic={'set' if self.synthetic is not None else None}, {len(self.datasets)} datasets")
@@ -147,6 +183,8 @@ class TrainSection:
     """The original: batch 4, 50k steps, AdamW (0.9, 0.999), wd 0.05, warm-up 5k steps 1e-6 → 1e-5, cosine to
     1e-7, fp16 autocast, seed 42. ``analyze_every`` runs the tug-of-war analysis every N steps (and at step 0)
     on ``analyze_batches_per_task`` fixed batches per image task, into ``output_dir/tug_of_war/``."""
+
+    _where: ClassVar[str] = "train"
 
     batch_size: int = 4
     steps: int = 50_000
@@ -168,6 +206,7 @@ class TrainSection:
     analyze_batches_per_task: int = 2
 
     def __post_init__(self) -> None:
+        check_field_types(self, self._where)
         for name in ("batch_size", "steps", "grad_accum", "log_every", "save_every", "keep_checkpoints"):
             value = getattr(self, name)
             expect(isinstance(value, int) and value >= 1, f"train.{name}", "an int >= 1", repr(value))
@@ -185,14 +224,25 @@ class TrainSection:
 
 @dataclass
 class EvalSection:
+    _where: ClassVar[str] = "eval"
+
     max_new_tokens: int = 100
     batch_size: int = 8
     limit_per_task: int | None = None
+
+    def __post_init__(self) -> None:
+        check_field_types(self, self._where)
+        for name in ("max_new_tokens", "batch_size"):
+            expect(getattr(self, name) >= 1, f"eval.{name}", "an int >= 1", repr(getattr(self, name)))
+        expect(self.limit_per_task is None or self.limit_per_task >= 0, "eval.limit_per_task",
+               "None or an int >= 0", repr(self.limit_per_task))
 
 
 @dataclass
 class RecipeConfig:
     """The whole recipe. ``output_dir`` holds checkpoints, metrics and evaluation tables."""
+
+    _where: ClassVar[str] = ""
 
     model: ModelSection
     data: DataSection
@@ -204,6 +254,9 @@ class RecipeConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def __post_init__(self) -> None:
+        check_field_types(self, self._where)
 
 
 def _build(cls: type[T], data: Any, where: str) -> T:
@@ -223,6 +276,8 @@ def _build(cls: type[T], data: Any, where: str) -> T:
             value = [_build(DatasetEntry, item, f"{key}[{i}]") for i, item in enumerate(value)]
         elif nested is not None and value is not None:
             value = _build(nested, value, key)
+        elif str(hints[name]) == "bool" and isinstance(value, str):
+            value = parse_bool(value, key)
         elif "float" in str(hints[name]) and isinstance(value, str):
             try:
                 value = float(value)
@@ -233,6 +288,7 @@ def _build(cls: type[T], data: Any, where: str) -> T:
                and f.default_factory is dataclasses.MISSING]
     if missing:
         raise CMoEError(f"{where or 'config'}: missing required key(s) {missing}")
+    check_values(cls, values, where)
     return cls(**values)
 
 

@@ -24,11 +24,12 @@ import torch.distributed as dist
 from torch import nn
 
 from cmoe.errors import CMoEError
-from cmoe.io import write_json
+from cmoe.io import atomic_write, write_json
 from cmoe.reference_models.unimed.analyze import REPORT_DIR, TugOfWarProbe, report_meta
 from cmoe.reference_models.unimed import distributed
 from cmoe.reference_models.unimed.checkpoint import (
     find_latest,
+    list_checkpoints,
     frozen_fingerprint,
     load_trainable,
     load_training_state,
@@ -119,6 +120,15 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+def _metric_step(line: str) -> int | None:
+    """The step of one metrics.jsonl line; None for a line cut short by a kill (dropped when trimming)."""
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
 @dataclass
 class TrainResult:
     output_dir: Path
@@ -179,7 +189,7 @@ class Trainer:
 
     def _checkpoint_to_resume(self) -> Path | None:
         if self.resume is None:
-            if find_latest(self.output_dir) is not None:
+            if list_checkpoints(self.output_dir) or (self.output_dir / "latest").exists():
                 raise CMoEError(f"output_dir {self.output_dir} already holds checkpoints; resume from them "
                                 "(--resume auto) or choose another --output-dir")
             return None
@@ -193,6 +203,7 @@ class Trainer:
         if not self.train_samples:
             raise CMoEError(f"data: the {config.data.train_split!r} split is empty; check the dataset roots")
         resume_from = self._checkpoint_to_resume()
+        parts = read_checkpoint(resume_from) if resume_from is not None else None
         if resume_from is not None and (resume_from / "tokenizer").is_dir():
             self.tokenizer = load_tokenizer(resume_from / "tokenizer")
         else:
@@ -204,9 +215,7 @@ class Trainer:
         if not self.fsdp:
             model = model.to(ctx.device)
         self.fingerprint = frozen_fingerprint(model)
-        parts = None
-        if resume_from is not None:
-            parts = read_checkpoint(resume_from)
+        if parts is not None:
             load_trainable(model, parts, str(resume_from))
         if self.fsdp:
             distributed.shard_model(model, ctx.device)
@@ -266,8 +275,10 @@ class Trainer:
         """Drop metric lines past the resumed step (written after the checkpoint by an interrupted run)."""
         path = self.output_dir / METRICS_FILE
         if self.ctx.is_main and path.is_file():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
-            path.write_text("".join(line + "\n" for line in kept))
+            lines = path.read_text(errors="replace").splitlines()
+            kept = [line for line in lines if _metric_step(line) is not None and _metric_step(line) <= self.step]
+            if len(kept) != len(lines):
+                atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
 
     def save(self) -> Path | None:
         """A checkpoint of the current step (rank 0 writes; every rank's RNG state is kept)."""

@@ -3,7 +3,12 @@
 Every loader is ``load_<name>(root, split="train", **options) -> list[Sample]`` and takes ``limit`` (keep the
 first N samples; loading stops there, so small evaluations stay cheap). `LOADERS` maps each name to its
 function, its task and a one-line description of the folder layout it expects; `load_dataset` dispatches by
-name. A missing file raises `CMoEError` naming the path and that layout; a bad split lists the valid ones.
+name. Every problem with the data raises a `DataError` (a `CMoEError`) naming the file: `MissingDataError` for a
+missing file (with the expected layout), `MalformedDataError` for a file that is not what the layout says (JSON
+that does not parse, a record without a key, a label out of range, an ``.npz`` that is not one, a file that is
+not an image); a bad split lists the valid ones and an unknown option the accepted ones. Pickled annotations
+(Path-VQA) are read by a restricted unpickler that builds only plain containers, strings and numbers, so a
+pickle can never run code.
 
 Text follows the original's ``blip_caption_new`` processor: answers (and reports) are whitespace-collapsed
 and cut to 50 words (`clean_answer`); questions and object names are only whitespace-collapsed (the original
@@ -15,10 +20,15 @@ across the tasks built from one image (SLAKE VQA/REC/REG share ids), for IMAX gr
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
+import inspect
+import io
 import itertools
 import json
 import pickle
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple, Union
@@ -74,11 +84,48 @@ class Loader(NamedTuple):
     layout: str
 
 
+class DataError(CMoEError):
+    """A dataset that cannot be read as its loader's layout describes; the message names the file."""
+
+
+class MissingDataError(DataError):
+    """A file or folder the layout needs is absent."""
+
+
+class MalformedDataError(DataError):
+    """A file is present but its contents are not what the layout describes."""
+
+
 # --- shared helpers -------------------------------------------------------------------------------------------
 
 
 def _missing(name: str, path: Path, root: Path) -> CMoEError:
-    return CMoEError(f"{name}: missing {path}; expected {LAYOUTS[name]} (root = {root})")
+    return MissingDataError(f"{name}: missing {path}; expected {LAYOUTS[name]} (root = {root})")
+
+
+def _malformed(name: str, path: Path | str, problem: str) -> MalformedDataError:
+    return MalformedDataError(f"{name}: {path}: {problem}; expected {LAYOUTS[name]}. Fix or replace the file")
+
+
+class _Record(dict):
+    """A record of an annotation file: a missing key raises `MalformedDataError` naming the file and record."""
+
+    __slots__ = ("_where",)
+
+    def __missing__(self, key: object) -> Any:
+        name, path, index = self._where
+        raise _malformed(name, path, f"record {index} has no key {key!r} (keys: {sorted(map(str, self))[:8]})")
+
+
+def _records(value: Any, name: str, path: Path, index: object = "") -> Any:
+    """`value` with every mapping turned into a `_Record` that knows its file and position."""
+    if isinstance(value, dict):
+        record = _Record({k: _records(v, name, path, f"{index}.{k}" if index != "" else k) for k, v in value.items()})
+        record._where = (name, path, index if index != "" else "(top level)")
+        return record
+    if isinstance(value, list):
+        return [_records(v, name, path, f"{index}[{i}]" if index != "" else i) for i, v in enumerate(value)]
+    return value
 
 
 def _require(name: str, path: Path, root: Path) -> Path:
@@ -100,7 +147,7 @@ def _root(name: str, root: PathLike, split: str, valid: Iterable[str]) -> Path:
 def _check_split(name: str, split: str, valid: Iterable[str]) -> None:
     valid = tuple(valid)
     if split not in valid:
-        raise CMoEError(f"{name}: unknown split {split!r}; valid splits: {', '.join(valid)}")
+        raise CMoEError(f"{name}: unknown split {split!r}; valid splits: {', '.join(valid)} (use one of them)")
 
 
 def _check_limit(name: str, limit: int | None) -> None:
@@ -111,7 +158,11 @@ def _check_limit(name: str, limit: int | None) -> None:
 def _take(name: str, samples: Iterator[Sample], limit: int | None) -> list[Sample]:
     """The first `limit` samples (all when None), consuming no more of the iterator than needed."""
     _check_limit(name, limit)
-    return list(itertools.islice(samples, limit))
+    try:
+        return list(itertools.islice(samples, limit))
+    except (KeyError, IndexError, TypeError, AttributeError) as error:
+        raise MalformedDataError(f"{name}: a record is not in the expected form ({type(error).__name__}: {error}); "
+                                 f"expected {LAYOUTS[name]}. Fix or replace the annotation file") from error
 
 
 def _words(value: object) -> str:
@@ -124,22 +175,70 @@ def _answer(value: object) -> str:
     return clean_answer(str(value))
 
 
-def _read_json(name: str, path: Path, root: Path) -> Any:
-    with _require(name, path, root).open(encoding="utf-8") as handle:
-        return json.load(handle)
+def _read_json(name: str, path: Path, root: Path, kind: type | None = None) -> Any:
+    """The JSON value in `path` (its mappings as `_Record`s); `kind` (dict or list) is the top-level type the
+    layout needs."""
+    try:
+        with _require(name, path, root).open(encoding="utf-8") as handle:
+            value = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise _malformed(name, path, f"not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") \
+            from None
+    except UnicodeDecodeError as error:
+        raise _malformed(name, path, f"not UTF-8 text ({error.reason} at byte {error.start})") from None
+    if kind is not None and not isinstance(value, kind):
+        raise _malformed(name, path, f"the top level is a JSON {type(value).__name__}, not a "
+                                     f"{'JSON object' if kind is dict else 'JSON list'}")
+    return _records(value, name, path)
 
 
 def _read_jsonl(name: str, path: Path, root: Path) -> list[dict[str, Any]]:
-    with _require(name, path, root).open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    rows = []
+    try:
+        with _require(name, path, root).open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise _malformed(name, path, f"line {number} is not valid JSON ({error.msg})") from None
+                if not isinstance(row, dict):
+                    raise _malformed(name, path, f"line {number} is a JSON {type(row).__name__}, not an object")
+                rows.append(_records(row, name, path, f"line {number}"))
+    except UnicodeDecodeError as error:
+        raise _malformed(name, path, f"not UTF-8 text ({error.reason} at byte {error.start})") from None
+    if not rows:
+        raise _malformed(name, path, "holds no records (the file is empty)")
+    return rows
 
 
-def _image_size(path: Path) -> tuple[int, int]:
+@functools.lru_cache(maxsize=65536)
+def _image_header(path: Path) -> tuple[int, int] | str:
+    """``(width, height)`` from an image file's header (no pixel decoding), or why it is not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        return f"not an image Pillow can read ({type(error).__name__}: {error})"
+
+
+def _image(name: str, path: Path, root: Path) -> Path:
+    """`path` if it exists and is an image file (checked now, not when a batch is collated)."""
+    header = _image_header(_require(name, path, root))
+    if isinstance(header, str):
+        raise _malformed(name, path, header)
+    return path
+
+
+def _image_size(path: Path, name: str = "image") -> tuple[int, int]:
     """``(width, height)`` from the image header (Pillow opens lazily, no pixel decoding)."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return image.size
+    header = _image_header(path)
+    if isinstance(header, str):
+        raise MalformedDataError(f"{name}: {path}: {header}; replace the file with the image")
+    return header
 
 
 def _box_meta(xywh: Iterable[float], width: int, height: int) -> tuple[str, dict[str, Any]]:
@@ -184,10 +283,10 @@ def _pubmedqa_records(root: Path, split: str, fold: int) -> dict[str, dict[str, 
                  else [root / f"pqal_fold{fold}" / f"{split}_set.json", root / f"{split}_set.json"])
     for set_file in set_files:
         if set_file.exists():
-            return _read_json(name, set_file, root)
+            return _read_json(name, set_file, root, dict)
     if split == "dev":
         raise _missing(name, set_files[0], root)
-    records = _read_json(name, root / "ori_pqal.json", root)
+    records = _read_json(name, root / "ori_pqal.json", root, dict)
     test_pmids = set(_read_json(name, root / "test_ground_truth.json", root))
     return {pmid: rec for pmid, rec in records.items() if (pmid in test_pmids) == (split == "test")}
 
@@ -216,11 +315,11 @@ _SLAKE_SPLITS = ("train", "validate", "test")
 
 def _slake_rows(name: str, root: PathLike, split: str) -> tuple[Path, list[dict[str, Any]]]:
     root = _root(name, root, split, _SLAKE_SPLITS)
-    return root, _read_json(name, root / f"{split}.json", root)
+    return root, _read_json(name, root / f"{split}.json", root, list)
 
 
 def _slake_image(name: str, root: Path, img_name: str) -> tuple[Path, str]:
-    path = _require(name, root / "imgs" / img_name, root)
+    path = _image(name, root / "imgs" / img_name, root)
     return path, f"slake/{Path(img_name).parent.as_posix()}"
 
 
@@ -255,8 +354,8 @@ def _slake_grounding(name: str, task: str, root: PathLike, split: str, limit: in
             detection = image.parent / "detection.json"
             if not detection.exists():
                 continue
-            size = _image_size(image)
-            for region in _read_json(name, detection, root):
+            size = _image_size(image, name)
+            for region in _read_json(name, detection, root, list):
                 for obj, xywh in region.items():
                     yield _grounding_sample(name, task, obj, xywh, size, image, image_id)
 
@@ -285,10 +384,32 @@ def load_slake_reg(root: PathLike, split: str = "train", limit: int | None = Non
 # --- Path-VQA -------------------------------------------------------------------------------------------------
 
 
+_SAFE_GLOBALS = {("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "str", "bytes", "int",
+                                            "float", "complex", "bool")}
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Builds only plain containers, strings and numbers: any other class or function is refused, so a
+    pickle cannot run code (``pickle.load`` would call whatever the file names)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused {module}.{name}: only plain containers, strings and numbers are "
+                                     "loaded (a pickle naming other objects can run code)")
+
+
 def _read_pickle(name: str, path: Path, root: Path) -> Any:
-    """Unpickle a file of the user's own data root (pickle runs code: only load releases you trust)."""
-    with _require(name, path, root).open("rb") as handle:
-        return pickle.load(handle)
+    """Annotations pickled as plain lists/dicts, read with `_PlainUnpickler` (never runs code from the file)."""
+    data = _require(name, path, root).read_bytes()
+    try:
+        value = _PlainUnpickler(io.BytesIO(data)).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, AttributeError) as error:
+        raise _malformed(name, path, f"not a plain pickled list of annotations ({type(error).__name__}: {error}); "
+                                     "convert it to plain lists/dicts") from None
+    if not isinstance(value, list):
+        raise _malformed(name, path, f"unpickled a {type(value).__name__}, not a list of annotation records")
+    return _records(value, name, path)
 
 
 def _pathvqa_rows(root: Path, split: str) -> list[tuple[str, str, str, str | None, Any]]:
@@ -310,8 +431,8 @@ def load_pathvqa(root: PathLike, split: str = "train", limit: int | None = None)
     Layout: ``<root>/qas/<split>_vqa.pkl`` (the LXMERT-style lists Uni-Med reads: ``{img_id, sent, label:
     {answer: score}, answer_type: "yes/no"|"other", question_id}``; the answer is the first label, as in the
     original) or, failing that, ``<root>/qas/<split>/<split>_qa.pkl`` (``{image, question, answer}``; closed =
-    answer is yes/no). Images: ``<root>/images/<split>/<img_id>.jpg``. The annotations are Python pickles,
-    unpickled as-is: load only a release you trust. ``meta``: ``answer_type``, ``question_id``.
+    answer is yes/no). Images: ``<root>/images/<split>/<img_id>.jpg``. The annotations are Python pickles, read
+    by a restricted unpickler that builds only plain containers and numbers (never runs code). ``meta``: ``answer_type``, ``question_id``.
     """
     name = "pathvqa"
     root = _root(name, root, split, ("train", "val", "test"))
@@ -319,7 +440,7 @@ def load_pathvqa(root: PathLike, split: str = "train", limit: int | None = None)
 
     def samples() -> Iterator[Sample]:
         for img_id, question, answer, answer_type, question_id in rows:
-            image = _require(name, root / "images" / split / f"{img_id}.jpg", root)
+            image = _image(name, root / "images" / split / f"{img_id}.jpg", root)
             closed = answer_type == "yes/no" if answer_type else _words(answer).lower() in ("yes", "no")
             yield Sample("vqa", {"question": _words(question)}, _answer(answer), str(image), f"pathvqa/{img_id}",
                          name, {"answer_type": "closed" if closed else "open", "question_id": question_id})
@@ -338,7 +459,7 @@ def _present_images(name: str, entries: Iterable[tuple[Path, str, str]], root: P
     for image, rel, text in entries:
         if image.exists():
             found = True
-            yield image, rel, text
+            yield _image(name, image, root), rel, text
         elif first_missing is None:
             first_missing = image
     if first_missing is not None and not found:
@@ -363,7 +484,7 @@ def load_mimic_cxr(root: PathLike, split: str = "train", image_root: PathLike | 
     name = "mimic_cxr"
     root = _root(name, root, split, ("train", "val", "test"))
     images = Path(image_root).expanduser() if image_root is not None else root
-    data = _read_json(name, root / annotation, root)
+    data = _read_json(name, root / annotation, root, dict)
     if split not in data:
         raise CMoEError(f"{name}: {root / annotation} has no {split!r} list (keys: {sorted(data)}); "
                         f"expected {LAYOUTS[name]}")
@@ -409,7 +530,7 @@ def _samed2d_classes(name: str, root: Path) -> dict[str, dict[int, str]]:
     """``dataset → class id → class name`` from the class mapping (``{dataset: {name: id}}``; an
     ``{id: name}`` inner mapping is accepted too). ``union_*`` names lose to a plain name for the same id."""
     classes: dict[str, dict[int, str]] = {}
-    for dataset, mapping in _read_json(name, root / "SAMed2D_v1_class_mapping_id.json", root).items():
+    for dataset, mapping in _read_json(name, root / "SAMed2D_v1_class_mapping_id.json", root, dict).items():
         by_id: dict[int, str] = {}
         for key, value in mapping.items():
             class_name, class_id = (value, key) if str(key).isdigit() and isinstance(value, str) else (key, value)
@@ -459,7 +580,7 @@ def _samed2d_grounding(name: str, task: str, root: PathLike, split: str, annotat
                        limit: int | None) -> list[Sample]:
     root = _root(name, root, split, ("train", "test", "all"))
     expect(0.0 <= test_fraction <= 1.0, f"{name}: test_fraction", "a fraction in [0, 1]", test_fraction)
-    image_masks: dict[str, list[str]] = _read_json(name, root / annotation, root)
+    image_masks: dict[str, list[str]] = _read_json(name, root / annotation, root, dict)
     classes = _samed2d_classes(name, root)
 
     def samples() -> Iterator[Sample]:
@@ -467,7 +588,7 @@ def _samed2d_grounding(name: str, task: str, root: PathLike, split: str, annotat
             stem = Path(image_rel).stem
             if not _samed2d_in_split(stem, split, test_fraction):
                 continue
-            image = _require(name, root / image_rel, root)
+            image = _image(name, root / image_rel, root)
             dataset = stem.split("--")[1] if "--" in stem else ""
             for mask_rel in mask_rels:
                 class_name = classes.get(dataset, {}).get(_mask_class_id(name, mask_rel))
@@ -516,14 +637,30 @@ def _medmnist(flag: str, root: PathLike, split: str, size: int | None, limit: in
     if path is None:
         raise _missing(flag, candidates[0], root)
     labels_official = OFFICIAL_LABELS[flag]
-    with np.load(path, allow_pickle=False) as archive:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise _malformed(flag, path, f"not a NumPy .npz archive ({type(error).__name__})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise _malformed(flag, path, "a single .npy array, not an .npz archive of arrays")
+    with archive:
         keys = (f"{split}_images", f"{split}_labels")
         absent = [key for key in keys if key not in archive.files]
         if absent:
-            raise CMoEError(f"{flag}: {path} lacks {absent}; expected {LAYOUTS[flag]}")
-        all_labels = archive[keys[1]]
-        images = archive[keys[0]] if limit is None else archive[keys[0]][:limit].copy()
+            raise MalformedDataError(f"{flag}: {path} lacks {absent}; expected {LAYOUTS[flag]}")
+        try:
+            all_labels = archive[keys[1]]
+            images = archive[keys[0]] if limit is None else archive[keys[0]][:limit].copy()
+        except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:
+            raise _malformed(flag, path, f"a damaged archive ({type(error).__name__}: {error})") from None
+        if len(all_labels) < len(images):
+            raise _malformed(flag, path, f"{keys[1]} has {len(all_labels)} labels for {len(images)} images")
         labels = all_labels.reshape(len(all_labels), -1)[:len(images), 0]
+    bad = [(i, label) for i, label in enumerate(labels)
+           if not float(label).is_integer() or not 0 <= int(label) < len(labels_official)]
+    if bad:
+        raise _malformed(flag, path, f"{keys[1]}[{bad[0][0]}] = {bad[0][1]!r} is not a class index in "
+                                     f"0..{len(labels_official) - 1}")
     samples = (Sample("cls", {"question": QUESTIONS[flag]}, answer_name(labels_official[int(label)]), images[i],
                       f"{flag}/{split}/{i}", flag, {"label": int(label), "label_name": labels_official[int(label)]})
                for i, label in enumerate(labels))
@@ -574,13 +711,19 @@ LOADERS: dict[str, Loader] = {name: Loader(function, task, LAYOUTS[name])
                               for name, (function, task) in _FUNCTIONS.items()}
 
 
-def load_dataset(name: str, root: PathLike, split: str = "train", **options: Any) -> list[Sample]:
+def load_dataset(name: str, root: PathLike, split: str = "train", /, **options: Any) -> list[Sample]:
     """The samples of dataset `name` (a key of `LOADERS`) read from `root`, with that loader's `options`."""
     if name not in LOADERS:
         raise UnknownNameError("dataset", name, LOADERS)
-    return LOADERS[name].function(root, split, **options)
+    function = LOADERS[name].function
+    accepted = [p for p in inspect.signature(function).parameters if p not in ("root", "split")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise CMoEError(f"{name}: unknown option(s) {unknown}; {name} accepts {', '.join(accepted)} "
+                        "(check the dataset entry's options in the config)")
+    return function(root, split, **options)
 
 
-__all__ = ["LAYOUTS", "LOADERS", "Loader", "MEDPIX_QUESTION", "MIMIC_QUESTION", "load_dataset", "load_dermamnist",
+__all__ = ["DataError", "LAYOUTS", "LOADERS", "Loader", "MalformedDataError", "MissingDataError", "MEDPIX_QUESTION", "MIMIC_QUESTION", "load_dataset", "load_dermamnist",
            "load_medpix", "load_medqa", "load_mimic_cxr", "load_organsmnist", "load_pathvqa", "load_pubmedqa",
            "load_samed2d_rec", "load_samed2d_reg", "load_slake_rec", "load_slake_reg", "load_slake_vqa"]
