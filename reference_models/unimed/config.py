@@ -193,9 +193,13 @@ class TrainSection:
 
 @dataclass
 class EvalSection:
+    """Greedy decoding limits; ``coco_caption`` scores reports with pycocoevalcap's Java PTB tokenizer, BLEU,
+    METEOR 1.5, ROUGE-L and CIDEr (the original's; METEOR's start-up takes seconds), false skips them."""
+
     max_new_tokens: int = 100
     batch_size: int = 8
     limit_per_task: int | None = None
+    coco_caption: bool = True
 
 
 @dataclass
