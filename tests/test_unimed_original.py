@@ -132,6 +132,7 @@ def test_every_preset_builds_and_trains_a_step_through_the_command_line(preset: 
     printed = capsys.readouterr()
     assert code == 0, printed.err
     assert "trained to step 1" in printed.out
+    assert printed.out.index("memory estimate per device:") < printed.out.index("trained to step 1")
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["step"] == 1 and record["loss"] > 0
     saved = json.loads((tmp_path / "step_00000001" / "state.json").read_text())

@@ -119,6 +119,18 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+def step_memory_estimate(model: UniMedModel, config: RecipeConfig):
+    """The memory one training step of `model` needs on one device (`paper_scale.estimate_memory`), for the
+    longest text the config allows."""
+    from cmoe.reference_models.unimed.paper_scale import estimate_memory
+
+    aggregation = config.model.aggregation
+    merged = {"reshape": aggregation.rate, "avg": aggregation.window ** 2, "max": aggregation.window ** 2}
+    visual = model.vision_encoder.num_patches // merged.get(aggregation.kind, 1)
+    return estimate_memory(model, config.train.batch_size, config.model.max_text_tokens, visual,
+                           config.model.gradient_checkpointing)
+
+
 @dataclass
 class TrainResult:
     output_dir: Path
@@ -201,6 +213,8 @@ class Trainer:
         torch.manual_seed(config.seed)
         model = build_model(config.model, self.tokenizer)
         self.fsdp = train.distributed == "fsdp" and ctx.world_size > 1
+        if ctx.is_main:
+            print(step_memory_estimate(model, config).format(), flush=True)
         if not self.fsdp:
             model = model.to(ctx.device)
         self.fingerprint = frozen_fingerprint(model)
