@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if not args.dry_run and not torch.cuda.is_available() and args.device in (None, "cpu"):
-        print("error: the paper-scale step needs a CUDA GPU (about 40 GB); use --dry-run on a CPU", file=sys.stderr)
+        print("error: the paper-scale step needs a CUDA GPU (about 30 GB free); use --dry-run on a CPU", file=sys.stderr)
         return 2
     result = run(DRY_RUN if args.dry_run else None, args.steps, args.warmup, args.batch_size, args.text_tokens,
                  args.answer_tokens, "cpu" if args.dry_run else args.device)
