@@ -18,6 +18,7 @@ from cmoe.reference_models.unimed.collate import IMAGE_TASKS
 from cmoe.reference_models.unimed.config import load_config, parse_overrides
 from cmoe.reference_models.unimed.convert import convert_original_checkpoint
 from cmoe.reference_models.unimed.evaluate import load_trained_model
+from cmoe.reference_models.unimed.model import connector_config
 from cmoe.reference_models.unimed.recipe_data import load_split
 from cmoe.reference_models.unimed.tokenizer import build_word_tokenizer
 from cmoe.reference_models.unimed.train import prompt_texts
@@ -60,6 +61,10 @@ def test_converted_connector_equals_the_original_rule(tmp_path: Path, router_typ
     connector = load_connector(result.connector_dir)
     assert connector.config.in_features == WIDTH and connector.config.aggregate_tokens == RATE
     _check_against_reference(connector, state, router_type, method, topk)
+    recipe = load_config("tiny", parse_overrides(result.overrides))  # the flags it prints rebuild the same connector
+    rebuilt = connector_config(recipe.model.connector.preset, WIDTH, HIDDEN, recipe.model.aggregation.rate,
+                               recipe.model.connector.options)
+    assert rebuilt.to_dict() == connector.config.to_dict()
     if router_type in ("hard", "constant"):  # the original builds a router it never uses: read, then dropped
         assert "router.fc1.weight" in result.dropped_keys and "task_tokens.vqa" in result.dropped_keys
     assert any(key.startswith("llm_proj.") for key in result.dropped_keys)

@@ -204,7 +204,7 @@ def _check_keys(state: dict[str, torch.Tensor], variant: OriginalVariant) -> tup
     for key in state:
         if key in expected:
             continue
-        if (key in router_keys or key in task_keys) and not (key in expected):
+        if key in router_keys or key in task_keys:  # built by the original but unused by this variant
             dropped.append(key)
         elif (m := _EXPERT_KEY.match(key)) and m[1] == "llm_proj" and f"moe_layers{key[len('llm_proj'):]}" in expected:
             if not torch.equal(state[key], state[f"moe_layers{key[len('llm_proj'):]}"]):
@@ -229,7 +229,7 @@ def _check_keys(state: dict[str, torch.Tensor], variant: OriginalVariant) -> tup
 
 def connector_options(variant: OriginalVariant, state: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The recipe's connector options (over the variant's preset) that rebuild the original's connector."""
-    options: dict[str, Any] = {"expert": variant.expert}
+    options: dict[str, Any] = {"expert": variant.expert, "expert_hidden": None}
     if variant.expert == "mlp":
         options["expert_hidden"] = int(state["moe_layers.0.0.weight"].shape[0])
     if variant.uses_router:
@@ -269,11 +269,16 @@ def connector_state(variant: OriginalVariant, state: dict[str, torch.Tensor]) ->
     return out
 
 
+def _yaml(value: Any) -> str:
+    """`value` as `parse_overrides` reads it back (YAML): strings bare, the rest as JSON (``null``, ``true``)."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def recipe_overrides(variant: OriginalVariant, options: dict[str, Any], lora: dict[str, str],
                      state: dict[str, torch.Tensor], model_config: dict[str, Any]) -> list[str]:
     """``key=value`` overrides that make a recipe config build the converted model."""
     items = [f"model.connector.preset={variant.preset}"]
-    items += [f"model.connector.options.{key}={value}" for key, value in options.items()]
+    items += [f"model.connector.options.{key}={_yaml(value)}" for key, value in options.items()]
     if variant.resample_method == "projection":
         items += ["model.aggregation.kind=reshape", f"model.aggregation.rate={variant.resample_rate}"]
     else:
