@@ -10,9 +10,15 @@ over the ``T = B·N`` flattened tokens. A learned router is three independent ch
 * its **gate**: a linear layer (light, the default) or an MLP (Uni-Med uses hidden = 4 × input);
 
 plus ``top_k`` (``None`` = dense: every expert weighted, as Uni-Med's soft router). With ``renormalize``
-the k chosen weights are rescaled to sum 1 — for ``k > 1`` only: at ``k = 1`` that would fix the weight at 1
-and cut the router off from the gradient, so the weight stays the probability (as in Switch Transformer). The built-in names are
-presets of these choices; ``hard_task`` and ``constant`` are Uni-Med's two fixed (parameter-free) routers.
+the k chosen weights are rescaled to sum 1; ``topk_weights`` names the convention at ``k = 1``:
+
+* ``"switch"`` (the default): rescale for ``k > 1`` only. At ``k = 1`` rescaling would fix the weight at 1
+  and cut the router off from the gradient, so the weight stays the probability (as in Switch Transformer).
+* ``"renormalized"``: rescale at every k. With the softmax rule this is a softmax over the k selected logits,
+  Uni-Med's sparse router, so at ``k = 1`` the weight is exactly 1.
+
+The built-in names are presets of these choices; ``hard_task`` and ``constant`` are Uni-Med's two fixed
+(parameter-free) routers.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ INPUTS = ("token", "task", "task_token")
 RULES = ("softmax", "sigmoid")
 GATES = ("linear", "mlp")
 FP16_WARN_ABOVE = 1024.0
+TOPK_WEIGHTS = ("switch", "renormalized")
 
 
 @dataclass
@@ -167,6 +174,7 @@ class Router(nn.Module):
         gate_hidden: int | None = None,
         task_embed_dim: int | None = None,
         renormalize: bool = True,
+        topk_weights: str = "switch",
         noise_std: float = 0.0,
         load_balance_coef: float = 0.0,
         z_loss_coef: float = 0.0,
@@ -185,6 +193,8 @@ class Router(nn.Module):
         self.top_k = _resolve_top_k(default_k if top_k is None else top_k, num_experts)
         self.num_tasks = num_tasks
         self.renormalize = renormalize
+        expect(topk_weights in TOPK_WEIGHTS, "topk_weights", f"one of {TOPK_WEIGHTS}", repr(topk_weights))
+        self.topk_weights = topk_weights
         self.noise_std = float(noise_std)
         self.load_balance_coef, self.z_loss_coef = float(load_balance_coef), float(z_loss_coef)
         self.check_finite = check_finite
@@ -250,7 +260,7 @@ class Router(nn.Module):
             index = torch.arange(self.num_experts, device=x.device).expand(probs.shape[0], -1)
         else:
             weight, index = torch.topk(probs, self.top_k, dim=-1)
-            if self.renormalize and self.top_k > 1:
+            if self.renormalize and (self.top_k > 1 or self.topk_weights == "renormalized"):
                 weight = weight / weight.sum(dim=-1, keepdim=True)
         aux: dict[str, torch.Tensor] = {}
         if self.load_balance_coef > 0:
@@ -317,22 +327,40 @@ class FixedRouter(nn.Module):
 
 
 class HardTaskRouter(FixedRouter):
-    """Uni-Med's hard router: task t always goes to expert ``t mod E`` with weight 1."""
+    """Uni-Med's hard router: every token of task t goes to one expert with weight 1.
+
+    ``task_experts[t]`` names that expert (Uni-Med maps its tasks by position in its own task list, see
+    ``cmoe.reference_models.unimed.original``); every index must be below ``num_experts``, as the original
+    fails when there are fewer experts than tasks. Without ``task_experts`` the documented default is
+    ``t mod E``: with fewer experts than tasks, several tasks share an expert.
+    """
 
     name = "hard_task"
 
     def __init__(self, in_features: int, num_experts: int, *, top_k: int | None = None, num_tasks: int = 0,
-                 **options: object):
+                 task_experts: list[int] | tuple[int, ...] | None = None, **options: object):
         expect(top_k in (None, 1), "top_k", f"None or 1 for router {self.name!r} (one expert per task)", top_k)
         expect(isinstance(num_tasks, int) and num_tasks >= 1, "num_tasks", "an int >= 1 for router 'hard_task'",
                num_tasks)
         super().__init__(in_features, num_experts, top_k=1, num_tasks=num_tasks, **options)
+        if task_experts is None:
+            task_experts = [t % num_experts for t in range(num_tasks)]
+        expect(isinstance(task_experts, (list, tuple)) and len(task_experts) == num_tasks
+               and all(isinstance(e, int) and not isinstance(e, bool) for e in task_experts),
+               "task_experts", f"a list of {num_tasks} expert indices (one per task)", repr(task_experts))
+        too_big = [e for e in task_experts if not 0 <= e < num_experts]
+        if too_big:
+            raise CMoEError(f"task_experts: expected expert indices in 0..{num_experts - 1} (num_experts="
+                            f"{num_experts}), got {too_big} in {list(task_experts)}; use at least "
+                            f"{max(task_experts) + 1} experts or map the tasks onto the existing ones")
+        self.task_experts = tuple(task_experts)
 
     def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> RoutingResult:
         expect(x.dim() == 3, "x", "a [batch, tokens, features] tensor", lambda: f"shape {list(x.shape)}")
         batch, tokens, _ = x.shape
         task_ids = _check_task_ids(task_ids, batch, self.num_tasks, self.name, x.device)
-        index = (task_ids % self.num_experts)[:, None].expand(batch, tokens).reshape(-1, 1)
+        experts = torch.tensor(self.task_experts, dtype=torch.long, device=x.device)
+        index = experts[task_ids][:, None].expand(batch, tokens).reshape(-1, 1)
         probs = F.one_hot(index[:, 0], self.num_experts).to(x.dtype)
         return self._result(probs, index, torch.ones(index.shape, dtype=x.dtype, device=x.device))
 

@@ -87,7 +87,7 @@ def test_experiment_runs_variants_over_seeds_and_writes_the_table_and_plots(tmp_
     spec.seeds = [0, 1]
     small = {"data": {"synthetic": {"num_images": 60, "qa_questions": 20, "eval_images": 10}},
              "train": {"steps": 2, "analyze_every": 2, "analyze_batches_per_task": 1, "batch_size": 4},
-             "eval": {"limit_per_task": 2, "max_new_tokens": 4}}
+             "eval": {"limit_per_task": 2, "max_new_tokens": 4, "coco_caption": False}}
     summary = run_experiment(spec, tmp_path, small, variants=["mlp", "cmoe_original"])
     assert set(summary["runs"]) == {"mlp", "cmoe_original"}
     assert [r["seed"] for r in summary["runs"]["mlp"]] == [0, 1]

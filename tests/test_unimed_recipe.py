@@ -205,7 +205,7 @@ def test_command_line_demo_train_and_eval(tmp_path: Path) -> None:
 
     small = ["--set", "data.synthetic.num_images=80", "--set", "data.synthetic.eval_images=10",
              "--set", "train.steps=3", "--set", "train.progress=false", "--set", "eval.limit_per_task=3",
-             "--set", "eval.max_new_tokens=6"]
+             "--set", "eval.max_new_tokens=6", "--set", "eval.coco_caption=false"]
     run = lambda *args: subprocess.run([sys.executable, "-m", "cmoe", "unimed", *args], capture_output=True,
                                        text=True, timeout=300)
     demo = run("demo", "--output-dir", str(tmp_path / "demo"), *small)

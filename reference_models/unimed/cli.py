@@ -1,4 +1,4 @@
-"""``cmoe unimed train | eval | analyze | experiment | data-stats | demo``: the recipe's command line
+"""``cmoe unimed train | eval | analyze | experiment | data-stats | convert-original | demo``: the recipe's command line
 (registered as a ``cmoe`` subcommand)."""
 
 from __future__ import annotations
@@ -112,6 +112,21 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from cmoe.reference_models.unimed.convert import convert_original_checkpoint
+
+    result = convert_original_checkpoint(args.checkpoint, args.output_dir, router_type=args.router_type,
+                                         router_method=args.router_method, tokenizer=args.tokenizer)
+    variant = result.variant
+    print(f"converted {variant.router_type} router ({variant.router_input} input, {variant.num_experts} "
+          f"{variant.expert} experts, {result.lora_tensors} LoRA tensors) → preset {variant.preset!r}")
+    print(f"connector (save_pretrained): {result.connector_dir}")
+    if result.dropped_keys:
+        print(f"read but unused by the original itself: {len(result.dropped_keys)} keys (see conversion.json)")
+    print(f"evaluate with: cmoe unimed eval --config paper --checkpoint {result.output_dir} {result.set_flags()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cmoe unimed", description="The Uni-Med recipe on cmoe.")
     commands = parser.add_subparsers(dest="command", metavar="<command>", required=True)
@@ -152,6 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--identity", default="image_id", choices=["image_id", "hash"],
                        help="how images are matched across datasets: their ids, or a hash of their pixels/bytes")
     stats.set_defaults(run=_data_stats)
+    convert = commands.add_parser("convert-original", help="convert the original Uni-Med's checkpoint_*.pth "
+                                  "into a CMoEConnector and a recipe checkpoint (eval / analyze run on it)")
+    convert.add_argument("checkpoint", help="the original's checkpoint_*.pth (read with weights_only=True)")
+    convert.add_argument("output_dir", help="where the connector/ folder and the recipe checkpoint go")
+    convert.add_argument("--router-type", choices=["soft", "sparse", "hard", "constant"],
+                         help="the original's router_type, when the checkpoint stores no config")
+    convert.add_argument("--router-method", choices=["router_task_token", "router_token", "router_task"],
+                         help="the original's router_method, when the checkpoint stores no config")
+    convert.add_argument("--tokenizer", help="a local tokenizer directory to copy next to the checkpoint")
+    convert.set_defaults(run=_convert)
     demo = commands.add_parser("demo", help="tiny train + eval on the synthetic set, prints the per-task table")
     _common(demo)
     demo.add_argument("--fresh", action="store_true", help="delete the output directory first")

@@ -109,6 +109,9 @@ class TokenizerSection:
 
 @dataclass
 class ModelSection:
+    """The model. ``connector_autocast: float16`` runs the connector under fp16 autocast in training and
+    generation, as the original does on a GPU (its ``maybe_autocast``); null keeps the connector's float32 outside
+    a training autocast."""
     _where: ClassVar[str] = "model"
 
     vision_encoder: ComponentConfig
@@ -122,11 +125,15 @@ class ModelSection:
     max_text_tokens: int = 1024
     dtype: str = "float32"
     gradient_checkpointing: bool = False
+    connector_autocast: str | None = None
 
     def __post_init__(self) -> None:
         check_field_types(self, self._where)
         expect(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", "float32, bfloat16 or float16",
                repr(self.dtype))
+        expect(self.connector_autocast in (None, "float16", "bfloat16"), "model.connector_autocast",
+               "null (the connector in its own float32), float16 (the original) or bfloat16",
+               repr(self.connector_autocast))
         expect(len(self.image_mean) == 3 and len(self.image_std) == 3, "model.image_mean/image_std",
                "three numbers each (RGB)", (self.image_mean, self.image_std))
 
@@ -224,11 +231,14 @@ class TrainSection:
 
 @dataclass
 class EvalSection:
+    """Greedy decoding limits; ``coco_caption`` scores reports with pycocoevalcap's Java PTB tokenizer, BLEU,
+    METEOR 1.5, ROUGE-L and CIDEr (the original's; METEOR's start-up takes seconds), false skips them."""
     _where: ClassVar[str] = "eval"
 
     max_new_tokens: int = 100
     batch_size: int = 8
     limit_per_task: int | None = None
+    coco_caption: bool = True
 
     def __post_init__(self) -> None:
         check_field_types(self, self._where)

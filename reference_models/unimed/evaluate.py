@@ -75,7 +75,8 @@ def evaluate_model(model: UniMedModel, samples: list, config: RecipeConfig, limi
     for task in [t for t in TASK_ORDER if t in groups]:
         group = groups[task][:limit] if limit is not None else groups[task]
         predictions = predict(model, group, config, device)
-        results[task] = evaluate_task(task, predictions, [s.answer for s in group], [s.meta for s in group])
+        results[task] = evaluate_task(task, predictions, [s.answer for s in group], [s.meta for s in group],
+                                      coco=config.eval.coco_caption)
         records.extend({"task": task, "source": s.source, "fields": s.fields, "reference": s.answer,
                         "prediction": p} for s, p in zip(group, predictions))
     return results, records
@@ -94,7 +95,7 @@ def format_results(results: dict[str, dict[str, Metric]]) -> str:
 HEADLINE = {
     "qa": [("accuracy", "all/accuracy")],
     "vqa": [("closed acc", "closed/accuracy"), ("open F1", "open/f1"), ("BLEU-1", "all/bleu1")],
-    "report": [("BLEU-4", "bleu4"), ("ROUGE-L", "rougeL"), ("METEOR", "meteor")],
+    "report": [("BLEU-4", "bleu4"), ("ROUGE-L", "rougeL"), ("METEOR", "meteor"), ("CIDEr", "cider")],
     "rec": [("mIoU", "miou"), ("Acc@0.5", "acc@0.5")],
     "reg": [("accuracy", "accuracy"), ("F1", "f1")],
     "cls": [("accuracy", "accuracy")],
@@ -103,16 +104,21 @@ HEADLINE = {
 
 
 def summary_table(results: dict[str, dict[str, Metric]]) -> str:
-    """One Markdown row per task with its headline metrics in percent (n/a where unavailable)."""
+    """One Markdown row per task with its headline metrics in percent; an unavailable one shows n/a, and why
+    (e.g. how to get the Java runtime the caption metrics need) is said once under the table."""
     lines = ["| task | n | headline metrics (%) |", "|---|---:|---|"]
+    notes: dict[str, list[str]] = {}
     for task, metrics in results.items():
         shown = []
         for label, key in HEADLINE.get(task, []):
             metric = metrics.get(key)
             if metric is not None:
                 shown.append(f"{label} {100 * metric.value:.1f}" if metric.value is not None else f"{label} n/a")
+                if metric.value is None and metric.note:
+                    notes.setdefault(metric.note, []).append(f"{task} {label}")
         count = max((m.count for m in metrics.values()), default=0)
         lines.append(f"| {task} | {count} | {', '.join(shown)} |")
+    lines += [f"\nn/a ({', '.join(where)}): {note}" for note, where in notes.items()]
     return "\n".join(lines)
 
 

@@ -1,8 +1,9 @@
 """Uni-Med's evaluation metrics, offline: pure functions over prediction and reference strings.
 
 Every metric is a `Metric`: a value in 0–1 over ``count`` samples, or ``value=None`` with a ``note`` saying why
-there is none (no samples, or missing data such as NLTK's WordNet for METEOR), so tables print
-``n/a (reason)`` instead of a wrong number. `evaluate_task` dispatches by task name (``qa``, ``vqa``,
+there is none (no samples, or a missing Java runtime for the COCO caption metrics), so tables print
+``n/a (reason)`` instead of a wrong number. Reports are scored as the original does, with pycocoevalcap
+(`coco_caption`: PTB tokenizer, BLEU, METEOR 1.5, ROUGE-L, CIDEr; Java programs). `evaluate_task` dispatches by task name (``qa``, ``vqa``,
 ``report``, ``rec``, ``reg``, ``cls``).
 
 Text is compared after `normalize_text` (lowercase, punctuation dropped, whitespace collapsed) and split on
@@ -125,7 +126,7 @@ def sentence_bleu_scores(predictions: Sequence[str], references: Sequence[str]) 
 
 
 def corpus_bleu4(predictions: Sequence[str], references: Sequence[str]) -> Metric:
-    """Corpus-level BLEU-4 with NLTK's ``corpus_bleu`` over `tokenize`'d text, smoothing method 1.
+    """(Not used by the evaluation tables: see `coco_caption_metrics`.) Corpus-level BLEU-4 with NLTK's ``corpus_bleu`` over `tokenize`'d text, smoothing method 1.
 
     The original used pycocoevalcap's BLEU on text tokenised by the (Java) PTB tokenizer, which we do not run:
     the numbers are comparable in spirit, not digit for digit.
@@ -169,7 +170,8 @@ def _wordnet() -> Any:
 
 
 def meteor(predictions: Sequence[str], references: Sequence[str]) -> Metric:
-    """NLTK's sentence METEOR (exact, Porter-stem and WordNet-synonym matches) averaged over the samples, or
+    """(Not used by the evaluation tables, which run METEOR 1.5 itself: see `coco_caption_metrics`.)
+    NLTK's sentence METEOR (exact, Porter-stem and WordNet-synonym matches) averaged over the samples, or
     unavailable with the reason when WordNet is not installed; a missing corpus never becomes a wrong number.
 
     The original ran pycocoevalcap's Java METEOR 1.5, so the values are comparable in spirit only.
@@ -225,10 +227,39 @@ def vqa_metrics(predictions: Sequence[str], references: Sequence[str],
     return results
 
 
-def report_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, Metric]:
-    """Report generation: corpus BLEU-4, METEOR (if WordNet is installed), ROUGE-1/2/L and unigram F1."""
-    return {"bleu4": corpus_bleu4(predictions, references), "meteor": meteor(predictions, references),
-            **rouge_scores(predictions, references), "f1": mean_unigram_f1(predictions, references)}
+COCO_OFF = "off in this run (eval.coco_caption: false)"
+
+
+def coco_caption_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, Metric]:
+    """The COCO caption evaluation (`coco_caption`): PTB tokenisation, BLEU-1..4, METEOR 1.5, ROUGE-L
+    (``coco_rougeL``) and CIDEr, as the original scores reports; each unavailable, with how to get Java or the
+    package, where they are missing."""
+    from cmoe.reference_models.unimed import coco_caption
+
+    _check_inputs(predictions, references)
+    if not predictions:
+        return {name: Metric.unavailable(NO_SAMPLES) for name in coco_caption.COCO_METRICS}
+    try:
+        scores = coco_caption.coco_caption_scores(predictions, references)
+    except RuntimeError as error:
+        return {name: Metric.unavailable(str(error)) for name in coco_caption.COCO_METRICS}
+    except (ValueError, OSError) as error:  # the Java process died (e.g. out of memory): say so, no number
+        coco_caption.close_meteor()
+        return {name: Metric.unavailable(f"pycocoevalcap failed: {error}") for name in coco_caption.COCO_METRICS}
+    return {name: Metric(value, len(predictions)) for name, value in scores.items()}
+
+
+def report_metrics(predictions: Sequence[str], references: Sequence[str], coco: bool = True) -> dict[str, Metric]:
+    """Report generation: the COCO caption metrics (BLEU-1..4, METEOR 1.5, ``coco_rougeL``, CIDEr; see
+    `coco_caption_metrics`), ROUGE-1/2/L F-measures per sample (``rouge_score``, as the original's ``rouge``
+    package) and unigram F1. ``coco=False`` skips the Java metrics (listed as unavailable)."""
+    if coco:
+        coco_scores = coco_caption_metrics(predictions, references)
+    else:
+        from cmoe.reference_models.unimed.coco_caption import COCO_METRICS
+
+        coco_scores = {name: Metric.unavailable(COCO_OFF) for name in COCO_METRICS}
+    return {**coco_scores, **rouge_scores(predictions, references), "f1": mean_unigram_f1(predictions, references)}
 
 
 def _reference_box(reference: Box | str, index: int) -> Box:
@@ -319,12 +350,15 @@ EVALUATORS: dict[str, Callable[[Sequence[str], Sequence[Any], Sequence[dict[str,
 
 
 def evaluate_task(task: str, predictions: Sequence[str], references: Sequence[Any],
-                  meta: Sequence[dict[str, Any]] | None = None) -> dict[str, Metric]:
+                  meta: Sequence[dict[str, Any]] | None = None, coco: bool = True) -> dict[str, Metric]:
     """All metrics of `task` (``qa``, ``vqa``, ``report``, ``rec``, ``reg``, ``cls``) as ``name → Metric``.
 
     `meta[i]` may hold ``answer_type`` (``open``/``closed``) for VQA and ``box`` (a `Box` or box text, used
-    instead of `references[i]`) for REC. Empty inputs give unavailable metrics, not an error.
+    instead of `references[i]`) for REC. Empty inputs give unavailable metrics, not an error. ``coco=False``
+    skips the Java COCO caption metrics of ``report``.
     """
     if task not in EVALUATORS:
         raise UnknownNameError("task", task, EVALUATORS)
+    if task == "report":
+        return report_metrics(predictions, references, coco)
     return EVALUATORS[task](predictions, references, meta)

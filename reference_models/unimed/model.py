@@ -7,6 +7,8 @@ covers the answer tokens only; generation is greedy.
 
 from __future__ import annotations
 
+import dataclasses
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,16 +23,20 @@ from cmoe.errors import CMoEError, UnknownNameError
 from cmoe.registry import get_llm, get_vision_encoder
 from cmoe.reference_models.unimed.collate import IMAGE_TASKS, Batch
 from cmoe.reference_models.unimed.config import AggregationConfig, ModelSection
+from cmoe.reference_models.unimed.original import original_task_experts
 from cmoe.reference_models.unimed.prompts import clean_answer
 
 IGNORE_INDEX = -100
 
-_ORIGINAL = dict(num_experts=5, router="task_token", router_gate="mlp", expert="mlp")
+_ORIGINAL = dict(num_experts=5, router="task_token", router_gate="mlp", expert="mlp",
+                 router_options={"topk_weights": "renormalized"})
+_ORIGINAL_FIXED = dict(num_experts=5, expert="mlp")  # hard / constant: no gate, hence no router_gate
 CONNECTOR_PRESETS: dict[str, dict[str, Any]] = {
     "original": _ORIGINAL,
     "original_sparse": {**_ORIGINAL, "top_k": 2, "router_rule": "softmax"},
-    "original_hard": {**_ORIGINAL, "router": "hard_task"},
-    "original_constant": {**_ORIGINAL, "router": "constant"},
+    "original_hard": {**_ORIGINAL_FIXED, "router": "hard_task",
+                      "router_options": {"task_experts": original_task_experts(IMAGE_TASKS)}},
+    "original_constant": {**_ORIGINAL_FIXED, "router": "constant"},
     "token_topk": dict(num_experts=5, router="token_topk", top_k=2, expert="mlp", load_balance_coef=0.01),
     "light": dict(num_experts=5, router="task_token", router_gate="linear", expert="mlp"),
     "task": dict(num_experts=5, router="task", expert="mlp"),
@@ -38,19 +44,51 @@ CONNECTOR_PRESETS: dict[str, dict[str, Any]] = {
 }
 """Connector presets: the original's soft task+token router over 5 MLP experts (5632→4096→4096 at paper
 scale, MLP router 11264→45056→5, sigmoid-normalised), its sparse / hard / constant variants, our token top-k
-and light (linear task+token gate) variants, and the plain MLP projector baseline (``mlp``)."""
+and light (linear task+token gate) variants, and the plain MLP projector baseline (``mlp``).
+
+The ``original*`` presets follow the original at every setting: top-k weights are a softmax over the k selected
+logits (``topk_weights="renormalized"``, so weight 1 at k = 1; the Switch-style convention is
+``router_options: {topk_weights: switch}``), and the hard router sends each task to the expert of its position
+in the original's task list (`original.ORIGINAL_TASKS`), failing when there are fewer experts than tasks."""
+
+_FIXED_ROUTERS = ("hard_task", "constant")
+_GATE_SIZES = ("router_hidden", "task_embed_dim")
+
+
+def _mlp_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """Options of a CMoE preset carried over to the MLP baseline: its own fields, and ``expert_hidden`` as its
+    ``hidden_features`` (the MLP is one expert); other CMoE fields are dropped, anything else is an error."""
+    mlp_fields = {f.name for f in dataclasses.fields(MLPConnectorConfig)}
+    cmoe_fields = {f.name for f in dataclasses.fields(CMoEConfig)}
+    unknown = sorted(set(fields) - mlp_fields - cmoe_fields)
+    if unknown:
+        raise CMoEError(f"model.connector.options: unknown field(s) {unknown} for preset 'mlp'; known: "
+                        f"{sorted(mlp_fields - {'in_features', 'out_features', 'aggregate_tokens'})}")
+    kept = {k: v for k, v in fields.items() if k in mlp_fields}
+    if fields.get("expert_hidden") is not None:
+        kept.setdefault("hidden_features", fields["expert_hidden"])
+    return kept
 
 
 def connector_config(preset: str, in_features: int, out_features: int, aggregate_tokens: int,
                      options: dict[str, Any] | None = None) -> ConnectorConfig:
     """The connector config of `preset` for an encoder of width `in_features` and an LLM of width
-    `out_features`, with `options` overriding preset fields."""
+    `out_features`, with `options` overriding preset fields (``router_options`` are merged key by key).
+
+    The fixed routers (``hard_task``, ``constant``) have no gate: the sizes of a gate in `options`
+    (``router_hidden``, ``task_embed_dim``, as the tiny config sets) are dropped for them, so one options block
+    serves every preset; ``router_gate: mlp`` with a fixed router stays an error."""
     if preset not in CONNECTOR_PRESETS:
         raise UnknownNameError("connector preset", preset, CONNECTOR_PRESETS)
-    fields = {**CONNECTOR_PRESETS[preset], **(options or {})}
+    options = dict(options or {})
+    fields = {**CONNECTOR_PRESETS[preset], **options}
+    if "router_options" in options and "router_options" in CONNECTOR_PRESETS[preset]:
+        fields["router_options"] = {**CONNECTOR_PRESETS[preset]["router_options"], **options["router_options"]}
     common = dict(in_features=in_features, out_features=out_features, aggregate_tokens=aggregate_tokens)
     if preset == "mlp":
-        return MLPConnectorConfig(**common, **fields)
+        return MLPConnectorConfig(**common, **_mlp_fields(fields))
+    if fields.get("router") in _FIXED_ROUTERS:
+        fields = {k: v for k, v in fields.items() if k not in _GATE_SIZES}
     return CMoEConfig(**common, num_tasks=len(IMAGE_TASKS), **fields)
 
 
@@ -69,11 +107,18 @@ class UniMedModel(nn.Module):
     """The assembled model. Only the connector and the LLM's LoRA weights train; the encoder is frozen."""
 
     def __init__(self, vision_encoder: nn.Module, connector: PretrainedConnector, llm: nn.Module, tokenizer,
-                 aggregation: AggregationConfig):
+                 aggregation: AggregationConfig, connector_autocast: str | None = None):
         super().__init__()
         self.vision_encoder, self.connector, self.llm = vision_encoder, connector, llm
         self.tokenizer = tokenizer
         self.aggregation = aggregation
+        self.connector_autocast = connector_autocast
+
+    def _connector_context(self, device: torch.device):
+        """Autocast for the connector when ``model.connector_autocast`` asks for it (the original's fp16)."""
+        if self.connector_autocast is None:
+            return nullcontext()
+        return torch.autocast(device.type, dtype=getattr(torch, self.connector_autocast))
 
     def visual_embeddings(self, pixel_values: torch.Tensor, task_ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """``[images, tokens, llm width]`` embeddings of the images, and the connector's output."""
@@ -81,8 +126,9 @@ class UniMedModel(nn.Module):
             features = self.vision_encoder(pixel_values)
         if self.aggregation.kind in ("avg", "max"):
             features = pool_tokens(features, self.aggregation.window, self.aggregation.kind)
-        connector_dtype = next(self.connector.parameters()).dtype
-        out = self.connector(features.to(connector_dtype), task_ids)
+        connector_dtype = next(self.connector.parameters(), features).dtype
+        with self._connector_context(features.device):
+            out = self.connector(features.to(connector_dtype), task_ids)
         return out.hidden_states, out
 
     def _sequences(self, batch: Batch, with_answers: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], Any]:
@@ -190,4 +236,4 @@ def build_model(section: ModelSection, tokenizer) -> UniMedModel:
     rate = section.aggregation.rate if section.aggregation.kind == "reshape" else 1
     config = connector_config(section.connector.preset, width, llm.hidden_size, rate, section.connector.options)
     connector = build_connector(config)
-    return UniMedModel(encoder, connector, llm, tokenizer, section.aggregation)
+    return UniMedModel(encoder, connector, llm, tokenizer, section.aggregation, section.connector_autocast)

@@ -129,6 +129,18 @@ def _metric_step(line: str) -> int | None:
     return step if isinstance(step, int) else None
 
 
+def step_memory_estimate(model: UniMedModel, config: RecipeConfig):
+    """The memory one training step of `model` needs on one device (`paper_scale.estimate_memory`), for the
+    longest text the config allows."""
+    from cmoe.reference_models.unimed.paper_scale import estimate_memory
+
+    aggregation = config.model.aggregation
+    merged = {"reshape": aggregation.rate, "avg": aggregation.window ** 2, "max": aggregation.window ** 2}
+    visual = model.vision_encoder.num_patches // merged.get(aggregation.kind, 1)
+    return estimate_memory(model, config.train.batch_size, config.model.max_text_tokens, visual,
+                           config.model.gradient_checkpointing)
+
+
 @dataclass
 class TrainResult:
     output_dir: Path
@@ -212,6 +224,8 @@ class Trainer:
         torch.manual_seed(config.seed)
         model = build_model(config.model, self.tokenizer)
         self.fsdp = train.distributed == "fsdp" and ctx.world_size > 1
+        if ctx.is_main:
+            print(step_memory_estimate(model, config).format(), flush=True)
         if not self.fsdp:
             model = model.to(ctx.device)
         self.fingerprint = frozen_fingerprint(model)

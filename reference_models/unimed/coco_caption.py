@@ -1,0 +1,93 @@
+"""The COCO caption evaluation the original scores report generation with: ``pycocoevalcap``'s Stanford PTB
+tokenizer, BLEU-1..4, METEOR 1.5, ROUGE-L and CIDEr (one reference per sample).
+
+The tokenizer and METEOR are Java programs shipped inside ``pycocoevalcap``; they need a Java runtime on the
+PATH (Debian: ``apt-get install -y default-jre-headless``). Without Java, or without the package, every metric
+here is unavailable with a note saying how to get it, never a substitute number. METEOR's JVM loads a 60 MB
+paraphrase table when it starts (seconds), so one METEOR process is kept for the life of this process.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import shutil
+import subprocess
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+JAVA_MISSING = ("needs a Java runtime for pycocoevalcap (PTB tokenizer, METEOR 1.5): apt-get install -y "
+                "default-jre-headless (Debian/Ubuntu, as root), or put any Java 8+ `java` on the PATH")
+PACKAGE_MISSING = "needs pycocoevalcap: pip install pycocoevalcap (or pip install -e '.[unimed]')"
+COCO_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "coco_rougeL", "cider")
+
+_meteor: Any = None
+_meteor_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=1)
+def java_available() -> bool:
+    """Whether a ``java`` that runs is on the PATH (checked once per process)."""
+    java = shutil.which("java")
+    if java is None:
+        return False
+    try:
+        return subprocess.run([java, "-version"], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def unavailable_reason() -> str | None:
+    """Why the COCO caption metrics cannot run here (package or Java missing), or None when they can."""
+    try:
+        import pycocoevalcap  # noqa: F401
+    except ImportError:
+        return PACKAGE_MISSING
+    return None if java_available() else JAVA_MISSING
+
+
+def _shared_meteor() -> Any:
+    """One METEOR 1.5 process for this Python process (closed at exit)."""
+    global _meteor
+    with _meteor_lock:
+        if _meteor is None:
+            from pycocoevalcap.meteor.meteor import Meteor
+
+            _meteor = Meteor()
+            atexit.register(close_meteor)
+        return _meteor
+
+
+def close_meteor() -> None:
+    """Stop the shared METEOR process, if one runs (the next score starts a new one)."""
+    global _meteor
+    with _meteor_lock:
+        meteor, _meteor = _meteor, None
+    if meteor is not None:
+        meteor.meteor_p.stdin.close()
+        meteor.meteor_p.kill()
+        meteor.meteor_p.wait()
+
+
+def coco_caption_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Corpus scores of `predictions` against one reference each, as ``COCOEvalCap`` computes them: both sides
+    PTB-tokenised (lower-cased, punctuation dropped), then BLEU-1..4, METEOR, ROUGE-L and CIDEr(-D). Raises
+    `RuntimeError` with `unavailable_reason` when the package or Java is missing."""
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(reason)
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({i: [{"caption": text}] for i, text in enumerate(references)})
+    res = tokenizer.tokenize({i: [{"caption": text}] for i, text in enumerate(predictions)})
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    meteor, _ = _shared_meteor().compute_score(gts, res)
+    rouge, _ = Rouge().compute_score(gts, res)
+    cider, _ = Cider().compute_score(gts, res)
+    return {**{f"bleu{n + 1}": float(bleu[n]) for n in range(4)}, "meteor": float(meteor),
+            "coco_rougeL": float(rouge), "cider": float(cider)}
