@@ -9,7 +9,8 @@ Each entry maps a ``config.model_type`` to:
   Linear-act-Linear") would pick the wrong one;
 - ``rows`` (optional): how the rows the projection sees map to images, for task ids (see
   `cmoe.plugins.attachers.RowMapper`): ``"auto"`` (default: one row per image, an even split, or split in
-  proportion to ``image_grid_thw`` / ``image_sizes``), ``"per_call"`` (the projection runs once per image);
+  proportion to ``image_grid_thw`` / ``image_sizes``), ``"per_call"`` (the projection runs once per image),
+  ``"tokens"`` (all images' tokens side by side in one grid, the same number of slots each);
 - ``image_count_field`` (optional): the config field holding the number of image tokens per image, which
   ``aggregate_tokens > 1`` must update (only families whose prompt length follows that field allow it);
 - ``adapter`` (optional): the name of a small adapter in `cmoe.plugins.attach_adapters` for connectors
@@ -45,7 +46,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "internvl": {"connector": "model.multi_modal_projector"},
     "janus": {"connector": "model.aligner"},
     "kimi_k25": {"connector": "model.mm_projector"},
-    "lfm2_vl": {"connector": "model.multi_modal_projector", "rows": "per_call"},
+    "lfm2_vl": {"connector": "model.multi_modal_projector", "rows": "tokens"},
     "lighton_ocr": {"connector": "model.vision_projection"},
     "llama4": {"connector": "model.multi_modal_projector"},
     "llava": {"connector": "model.multi_modal_projector", "image_count_field": "image_seq_length"},

@@ -206,12 +206,13 @@ class AttachedProjection(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         width = x.shape[-1]
-        rows = x.reshape(-1, x.shape[-2], width) if x.dim() >= 3 else x.reshape(-1, 1, width)
+        per_row = x.dim() >= 3 and self.state.rows != "tokens"
+        rows = x.reshape(-1, x.shape[-2], width) if per_row else x.reshape(-1, 1, width)
         task_ids = self.state.row_task_ids(rows.shape[0], x.device)
         out = self.connector(rows.to(next(self.connector.parameters()).dtype), task_ids)
         self.state.outputs.append(out)
         hidden = out.hidden_states.to(x.dtype)
-        if x.dim() >= 3:
+        if per_row:
             return hidden.reshape(*x.shape[:-2], hidden.shape[-2], hidden.shape[-1])
         return hidden.reshape(*x.shape[:-1], hidden.shape[-1])
 
@@ -244,7 +245,11 @@ def _install_model_hooks(model: nn.Module, state: AttachState) -> list:
         return args, kwargs
 
     def after(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any):
+        ids, calls = state.current_task_ids(), state.calls
         state.task_ids, state.calls = None, 0
+        if state.rows == "per_call" and ids is not None and calls:
+            expect(calls == ids.shape[0], "task_ids", f"one task id per image, shape [{calls}]",
+                   f"shape {list(ids.shape)}")
         if not state.outputs or not hasattr(output, "keys"):
             return output
         aux = sum(o.aux_loss for o in state.outputs) / len(state.outputs)
@@ -302,10 +307,12 @@ class FamilyAttacher:
     def attach(self, model: nn.Module, connector: PretrainedConnector) -> None:
         found = self.projection(model)
         config = connector.config
+        fix = "; leave the widths out and cmoe.attach reads them off the replaced projection"
         expect(config.in_features == found.in_features, "connector in_features",
-               f"the vision feature width {found.in_features} ({found.description})", config.in_features)
+               f"the vision feature width {found.in_features}", f"{config.in_features} (the input width of "
+               f"{found.description} in {found.connector_path}){fix}")
         expect(config.out_features == found.out_features, "connector out_features",
-               f"the LLM width {found.out_features}", config.out_features)
+               f"the LLM width {found.out_features}", f"{config.out_features}{fix}")
         spec = self._spec(model)
         state = AttachState(self.family, rows=spec.get("rows", "auto"), projection=found.description)
         aggregate = getattr(config, "aggregate_tokens", 1)
@@ -397,22 +404,19 @@ def _patchifies_pixels(module: nn.Module) -> bool:
 
 
 def find_connector_by_dry_run(model: nn.Module, inputs: dict[str, Any]) -> str:
-    """The dotted path of `model`'s connector found by one forward on `inputs`: the outermost module outside
-    the language model whose output has the text width, among those that do not patchify pixels themselves
-    (a vision tower ending in a merger has the text width too). For families the table does not know yet."""
+    """The dotted path of `model`'s connector found by one forward on `inputs`: among the modules outside the
+    language model whose output has the text width, the last to finish (so the outermost of the nested ones),
+    leaving out those that patchify pixels themselves (a vision tower ending in a merger has the text width too).
+    For families the table does not know yet: put the path it finds into the table."""
     width = text_width(model)
     skip = _language_model_paths(model)
-    seen: list[str] = []
+    finished: list[str] = []
     names = {module: name for name, module in model.named_modules()}
     top = {model, getattr(model, "model", None)}
 
     def record(module: nn.Module, args: tuple, output: Any) -> None:
-        out = output if isinstance(output, torch.Tensor) else next(
-            (o for o in (output.values() if hasattr(output, "values") else output if isinstance(output, tuple)
-                         else ()) if isinstance(o, torch.Tensor)), None)
-        name = names[module]
-        if isinstance(out, torch.Tensor) and out.shape[-1] == width and name not in seen:
-            seen.append(name)
+        if isinstance(output, torch.Tensor) and output.shape[-1] == width:
+            finished.append(names[module])
 
     handles = [m.register_forward_hook(record) for name, m in model.named_modules()
                if m not in top and name and not _under(name, skip) and not isinstance(m, nn.Embedding)
@@ -423,7 +427,6 @@ def find_connector_by_dry_run(model: nn.Module, inputs: dict[str, Any]) -> str:
     finally:
         for handle in handles:
             handle.remove()
-    outermost = [n for n in seen if not any(n.startswith(o + ".") for o in seen if o != n)]
-    expect(bool(outermost), "model", f"a module outside the language model with output width {width} during a "
+    expect(bool(finished), "model", f"a module outside the language model with output width {width} during a "
            "forward with images", "none (pass inputs that carry images)")
-    return outermost[0]
+    return finished[-1]

@@ -9,6 +9,7 @@ the model's own ``get_image_features`` once, so the prompts always match what th
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -61,7 +62,12 @@ def _model(config) -> nn.Module:
     from transformers import AutoModelForImageTextToText
 
     torch.manual_seed(0)
-    return AutoModelForImageTextToText.from_config(config).eval()
+    model = AutoModelForImageTextToText.from_config(config).eval()
+    with torch.no_grad():  # zero-initialised gates and projections would hide the image path from the checks
+        for name, param in model.named_parameters():
+            if param.dim() >= 1 and not name.endswith("bias") and float(param.abs().max()) < 1e-6:
+                param.normal_(0.0, 0.2)
+    return model
 
 
 def _count_features(features: Any) -> int:
@@ -152,9 +158,23 @@ def _qwen_like(family: str, vision: dict | None = None, text: dict | None = None
         merge = kernel[0] * kernel[1] if kernel else config.spatial_merge_size ** 2
         counts = [int(g.prod()) // merge for g in grid]
         batch = prompt(counts, IMAGE_TOKEN, prefix=[IMAGE_TOKEN + 2], suffix=[IMAGE_TOKEN + 3])
-        batch["mm_token_type_ids"] = (batch["input_ids"] == IMAGE_TOKEN).int()
+        if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+            batch["mm_token_type_ids"] = (batch["input_ids"] == IMAGE_TOKEN).int()
         return model, {**batch, "pixel_values": pixels, "image_grid_thw": grid}
     return build
+
+
+def _mllama() -> tuple[nn.Module, dict]:
+    """Mllama: tiles ``[B, images, tiles, 3, H, W]`` read through cross-attention; one image token per image."""
+    model = _model(tiny_config("mllama", text=dict(cross_attention_layers=[1]),
+                               vision=dict(num_global_layers=1, attention_heads=4, vision_output_dim=64, max_num_tiles=2,
+                                           intermediate_layers_indices=[0], supported_aspect_ratios=[[1, 1], [1, 2]]),
+                               image_token_index=IMAGE_TOKEN))
+    batch = prompt([1] * BATCH)
+    pixels = _pixels().unsqueeze(1).unsqueeze(1).expand(-1, 1, 2, -1, -1, -1).contiguous()
+    cross = torch.ones(BATCH, batch["input_ids"].shape[1], 1, 2, dtype=torch.long)
+    return model, {**batch, "pixel_values": pixels, "aspect_ratio_ids": torch.full((BATCH, 1), 2),
+                   "aspect_ratio_mask": torch.ones(BATCH, 1, 2, dtype=torch.long), "cross_attention_mask": cross}
 
 
 BUILDERS: dict[str, Callable[[], tuple[nn.Module, dict]]] = {
@@ -207,7 +227,7 @@ BUILDERS: dict[str, Callable[[], tuple[nn.Module, dict]]] = {
                            vision=dict(patch_size=8, pos_emb_height=4, pos_emb_width=4, pos_emb_time=1,
                                        merge_kernel_size=[2, 2]),
                            text=dict(kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=16, v_head_dim=32, num_key_value_heads=4,
-                                     qk_nope_head_dim=32)),
+                                     qk_nope_head_dim=32, n_group=1, topk_group=1)),
     "paddleocr_vl": _qwen_like("paddleocr_vl", grids=((1, 4, 4), (1, 4, 8)), square_patches=True,
                                vision=dict(patch_size=8, spatial_merge_size=2), text=MROPE),
     "glm4v": _qwen_like("glm4v", vision=dict(hidden_size=32, out_hidden_size=64, intermediate_size=64, patch_size=4,
@@ -219,6 +239,17 @@ BUILDERS: dict[str, Callable[[], tuple[nn.Module, dict]]] = {
                             text=dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0,
                                                            mrope_section=[1, 1, 2], partial_rotary_factor=0.5)),
                             image_start_token_id=IMAGE_TOKEN + 2, image_end_token_id=IMAGE_TOKEN + 3),
+    "fuyu": _custom("fuyu", lambda m: dict(pixel_values=torch.randn(BATCH, 16, 3 * 8 * 8)), patch_size=8,
+                    image_size=32),
+    "lfm2_vl": _custom("lfm2_vl", lambda m: dict(pixel_values=torch.randn(BATCH, 16, 3 * 8 * 8),
+                                                 spatial_shapes=torch.tensor([[4, 4]] * BATCH),
+                                                 pixel_attention_mask=torch.ones(BATCH, 16, dtype=torch.long)),
+                       vision=dict(num_patches=16, patch_size=8), projector_hidden_size=64, downsample_factor=2),
+    "mllama": _mllama,
+    "llama4": _plain("llama4", vision=dict(vision_output_dim=64, projector_input_dim=64, projector_output_dim=64,
+                                           intermediate_size=128, pixel_shuffle_ratio=0.5),
+                     text=dict(intermediate_size_mlp=128, num_local_experts=2, interleave_moe_layer_step=1,
+                               no_rope_layers=[1, 1])),
 }
 
 
