@@ -227,8 +227,10 @@ def _images_in_call(kwargs: dict[str, Any]) -> tuple[int | None, torch.Tensor | 
     if isinstance(sizes, torch.Tensor) and sizes.dim() == 2:
         return sizes.shape[0], sizes.prod(-1).double()
     pixels = kwargs.get("pixel_values")
-    if isinstance(pixels, torch.Tensor) and pixels.dim() == 4:
+    if isinstance(pixels, torch.Tensor) and pixels.dim() in (3, 4):  # [images, C, H, W] or [images, patches, d]
         return pixels.shape[0], None
+    if isinstance(pixels, torch.Tensor) and pixels.dim() in (5, 6):  # [batch, images, (tiles,) C, H, W]
+        return pixels.shape[0] * pixels.shape[1], None
     return None, None
 
 
