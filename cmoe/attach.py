@@ -31,7 +31,9 @@ Layers = list[tuple[torch.Tensor, "torch.Tensor | None"]]
 
 
 class Attacher(Protocol):
-    """What an attacher plugin provides for one MLLM family."""
+    """What an attacher plugin provides for one MLLM family. Optional: ``upcycle_source(model)`` returning
+    ``([(weight [out, in], bias or None), ...], activation name or None)`` of the projection it replaces (for
+    ``init="upcycle"``), and ``fallback = True`` for attachers asked only after all the others."""
 
     def matches(self, model: nn.Module) -> bool: ...
 

@@ -406,7 +406,12 @@ def _patchifies_pixels(module: nn.Module) -> bool:
 
 
 def find_connector_by_dry_run(model: nn.Module, inputs: dict[str, Any]) -> str:
-    """The dotted path of `model`'s connector found by one forward on `inputs`: among the modules outside the
+    """The dotted path of `model`'s connector found by one forward on `inputs` (see `dry_run`)."""
+    return dry_run(model, inputs)[0]
+
+
+def dry_run(model: nn.Module, inputs: dict[str, Any]) -> tuple[str, Any]:
+    """``(connector path, the forward's output)``: the dotted path of `model`'s connector found by one forward on `inputs`: among the modules outside the
     language model whose output has the text width, the last to finish (so the outermost of the nested ones),
     leaving out those that patchify pixels themselves (a vision tower ending in a merger has the text width too).
     For families the table does not know yet: put the path it finds into the table."""
@@ -425,10 +430,10 @@ def find_connector_by_dry_run(model: nn.Module, inputs: dict[str, Any]) -> str:
                and not _patchifies_pixels(m)]
     try:
         with torch.no_grad():
-            model(**inputs)
+            output = model(**inputs)
     finally:
         for handle in handles:
             handle.remove()
     expect(bool(finished), "model", f"a module outside the language model with output width {width} during a "
            "forward with images", "none (pass inputs that carry images)")
-    return finished[-1]
+    return finished[-1], output

@@ -22,7 +22,7 @@ import torch
 import cmoe
 from cmoe import CMoEError
 from cmoe.plugins.attach_families import FAMILIES, UNSUPPORTED
-from cmoe.plugins.attachers import FamilyAttacher, find_connector_by_dry_run
+from cmoe.plugins.attachers import FamilyAttacher, dry_run
 from cmoe.plugins.tiny_families import BUILDERS, build
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "attach.md"
@@ -34,14 +34,14 @@ RESULTS: dict[str, dict] = {}
 
 @functools.cache
 def tiny(family: str):
-    """``(model, inputs, reference logits)``, or a string saying why transformers itself cannot run it."""
+    """``(model, inputs, reference logits, connector path found by a dry run)``, or a string saying why
+    transformers itself cannot run the family."""
     model, inputs = build(family)
     try:
-        with torch.no_grad():
-            logits = model(**inputs).logits
+        path, output = dry_run(model, inputs)
     except Exception as error:  # the family's own forward, before cmoe touches anything
         return f"transformers' own forward fails: {type(error).__name__}: {str(error)[:120]}"
-    return model, inputs, logits
+    return model, inputs, output.logits, path
 
 
 def built(family: str):
@@ -67,10 +67,10 @@ def snapshot(model: torch.nn.Module) -> dict:
 
 @pytest.mark.parametrize("family", sorted(BUILDERS))
 def test_upcycled_attach_equals_original_and_detach_restores(family: str) -> None:
-    model, inputs, reference = built(family)
+    model, inputs, reference, found = built(family)
     attacher = FamilyAttacher(family)
     path = attacher._connector_path(model)
-    assert find_connector_by_dry_run(model, inputs) == path
+    assert found == path
     record(family, "dry run")
     before = snapshot(model)
     RESULTS[family]["connector"] = path
@@ -97,11 +97,14 @@ def test_upcycled_attach_equals_original_and_detach_restores(family: str) -> Non
 
 @pytest.mark.parametrize("family", sorted(BUILDERS))
 def test_task_routed_loss_grads_generate(family: str) -> None:
-    model, inputs, _ = built(family)
+    model, inputs, reference, _ = built(family)
     connector = cmoe.attach(model, **TASK_OPTIONS)
     try:
         out = model(**inputs, task_ids=[0, 1])
-        lm = model.loss_function(logits=out.logits, labels=inputs["labels"], vocab_size=out.logits.shape[-1])
+        torch.testing.assert_close(out.logits.detach(), reference, rtol=1e-4, atol=1e-5)  # upcycled, task router
+        labels = inputs["labels"]
+        shift = {"shift_labels": labels} if model.config.is_encoder_decoder else {}  # as Florence-2 computes it
+        lm = model.loss_function(logits=out.logits, labels=labels, vocab_size=out.logits.shape[-1], **shift)
         assert torch.isfinite(out.loss) and out.cmoe_aux_loss > 0
         torch.testing.assert_close(out.loss, lm + out.cmoe_aux_loss)
         record(family, "loss = LM + aux")
