@@ -2,7 +2,8 @@
 
 An adapter gives the projection's weights (``layers(connector)``, for the CMoE's widths and upcycling) and
 wraps the connector so that its own pre-processing runs and the CMoE replaces only the projection
-(``wrap(connector, projection)`` returns the module to put in the connector's place).
+(``wrap(connector, projection)`` returns the module to put in the connector's place; it keeps the attached
+projection as its ``projection`` attribute, where ``detach`` finds the connector).
 """
 
 from __future__ import annotations

@@ -391,7 +391,7 @@ class NamedConnectorAttacher(FamilyAttacher):
         return None
 
     def matches(self, model: nn.Module) -> bool:
-        return isinstance(getattr(model, "config", None), object) and self._find(model) is not None
+        return hasattr(model, "config") and self._find(model) is not None
 
     def _spec(self, model: nn.Module) -> dict[str, Any]:
         path = self._find(model)
@@ -411,10 +411,10 @@ def find_connector_by_dry_run(model: nn.Module, inputs: dict[str, Any]) -> str:
 
 
 def dry_run(model: nn.Module, inputs: dict[str, Any]) -> tuple[str, Any]:
-    """``(connector path, the forward's output)``: the dotted path of `model`'s connector found by one forward on `inputs`: among the modules outside the
-    language model whose output has the text width, the last to finish (so the outermost of the nested ones),
-    leaving out those that patchify pixels themselves (a vision tower ending in a merger has the text width too).
-    For families the table does not know yet: put the path it finds into the table."""
+    """``(connector path, the forward's output)`` from one forward on `inputs`. The connector is, among the
+    modules outside the language model whose output has the text width, the last to finish (so the outermost
+    of nested ones), leaving out those that patchify pixels themselves (a vision tower ending in a merger has the
+    text width too). For families the table does not know yet: put the path it finds into the table."""
     width = text_width(model)
     skip = _language_model_paths(model)
     finished: list[str] = []

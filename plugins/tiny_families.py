@@ -152,7 +152,8 @@ def _qwen_like(family: str, vision: dict | None = None, text: dict | None = None
         config = model.config.vision_config
         grid = torch.tensor(grids)
         channels = getattr(config, "in_channels", 3) * getattr(config, "temporal_patch_size", 1)
-        shape = (channels, config.patch_size, config.patch_size) if square_patches else (channels * config.patch_size ** 2,)
+        side = config.patch_size
+        shape = (channels, side, side) if square_patches else (channels * side ** 2,)
         pixels = torch.randn(int(grid.prod(-1).sum()), *shape, generator=torch.Generator().manual_seed(1))
         kernel = getattr(config, "merge_kernel_size", None)
         merge = kernel[0] * kernel[1] if kernel else config.spatial_merge_size ** 2
@@ -167,8 +168,9 @@ def _qwen_like(family: str, vision: dict | None = None, text: dict | None = None
 def _mllama() -> tuple[nn.Module, dict]:
     """Mllama: tiles ``[B, images, tiles, 3, H, W]`` read through cross-attention; one image token per image."""
     model = _model(tiny_config("mllama", text=dict(cross_attention_layers=[1]),
-                               vision=dict(num_global_layers=1, attention_heads=4, vision_output_dim=64, max_num_tiles=2,
-                                           intermediate_layers_indices=[0], supported_aspect_ratios=[[1, 1], [1, 2]]),
+                               vision=dict(num_global_layers=1, attention_heads=4, vision_output_dim=64,
+                                           max_num_tiles=2, intermediate_layers_indices=[0],
+                                           supported_aspect_ratios=[[1, 1], [1, 2]]),
                                image_token_index=IMAGE_TOKEN))
     batch = prompt([1] * BATCH)
     pixels = _pixels().unsqueeze(1).unsqueeze(1).expand(-1, 1, 2, -1, -1, -1).contiguous()
@@ -226,8 +228,8 @@ BUILDERS: dict[str, Callable[[], tuple[nn.Module, dict]]] = {
     "kimi_k25": _qwen_like("kimi_k25", grids=((1, 4, 4), (1, 4, 4)), projection_hidden_size=32, square_patches=True,
                            vision=dict(patch_size=8, pos_emb_height=4, pos_emb_width=4, pos_emb_time=1,
                                        merge_kernel_size=[2, 2]),
-                           text=dict(kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=16, v_head_dim=32, num_key_value_heads=4,
-                                     qk_nope_head_dim=32, n_group=1, topk_group=1)),
+                           text=dict(kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=16, v_head_dim=32,
+                                     num_key_value_heads=4, qk_nope_head_dim=32, n_group=1, topk_group=1)),
     "paddleocr_vl": _qwen_like("paddleocr_vl", grids=((1, 4, 4), (1, 4, 8)), square_patches=True,
                                vision=dict(patch_size=8, spatial_merge_size=2), text=MROPE),
     "glm4v": _qwen_like("glm4v", vision=dict(hidden_size=32, out_hidden_size=64, intermediate_size=64, patch_size=4,
