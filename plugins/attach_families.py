@@ -10,7 +10,8 @@ Each entry maps a ``config.model_type`` to:
 - ``rows`` (optional): how the rows the projection sees map to images, for task ids (see
   `cmoe.plugins.attachers.RowMapper`): ``"auto"`` (default: one row per image, an even split, or split in
   proportion to ``image_grid_thw`` / ``image_sizes``), ``"per_call"`` (the projection runs once per image),
-  ``"tokens"`` (all images' tokens side by side in one grid, the same number of slots each);
+  ``"tokens"`` (all images' tokens side by side in one grid, the same number of slots each), ``"anyres"``
+  (LLaVA-NeXT-style crops: base image + tiles, counted from ``image_sizes`` and ``image_grid_pinpoints``);
 - ``image_count_field`` (optional): the config field holding the number of image tokens per image, which
   ``aggregate_tokens > 1`` must update (only families whose prompt length follows that field allow it);
 - ``adapter`` (optional): the name of a small adapter in `cmoe.plugins.attach_adapters` for connectors
@@ -50,9 +51,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "lighton_ocr": {"connector": "model.vision_projection"},
     "llama4": {"connector": "model.multi_modal_projector"},
     "llava": {"connector": "model.multi_modal_projector", "image_count_field": "image_seq_length"},
-    "llava_next": {"connector": "model.multi_modal_projector"},
-    "llava_next_video": {"connector": "model.multi_modal_projector"},
-    "llava_onevision": {"connector": "model.multi_modal_projector"},
+    "llava_next": {"connector": "model.multi_modal_projector", "rows": "anyres"},
+    "llava_next_video": {"connector": "model.multi_modal_projector", "rows": "anyres"},
+    "llava_onevision": {"connector": "model.multi_modal_projector", "rows": "anyres"},
     "mistral3": {"connector": "model.multi_modal_projector"},
     "mllama": {"connector": "model.multi_modal_projector"},
     "paddleocr_vl": {"connector": "model.projector", "rows": "per_call"},

@@ -157,6 +157,7 @@ class AttachState:
     task_ids: torch.Tensor | None = None
     sticky_task_ids: torch.Tensor | None = None
     image_weights: torch.Tensor | None = None
+    image_rows: torch.Tensor | None = None
     calls: int = 0
     outputs: list[ConnectorOutput] = field(default_factory=list)
     hooks: list = field(default_factory=list)
@@ -181,6 +182,8 @@ class AttachState:
             return ids[call].expand(rows)
         if rows == images:
             return ids
+        if self.image_rows is not None and self.image_rows.shape[0] == images and int(self.image_rows.sum()) == rows:
+            return ids.repeat_interleave(self.image_rows.to(device))
         weights = self.image_weights
         if weights is not None and weights.shape[0] == images:
             counts = weights * rows / weights.sum()
@@ -234,12 +237,24 @@ def _images_in_call(kwargs: dict[str, Any]) -> tuple[int | None, torch.Tensor | 
     return None, None
 
 
+def _anyres_crops(config: Any, sizes: Any) -> torch.Tensor | None:
+    """Crops per image of LLaVA-NeXT-style anyres tiling (base image + grid tiles), from ``image_sizes``."""
+    if not isinstance(sizes, torch.Tensor) or sizes.dim() != 2:
+        return None
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    return torch.tensor([image_size_to_num_patches(size.tolist(), config.image_grid_pinpoints,
+                                                   config.vision_config.image_size) for size in sizes])
+
+
 def _install_model_hooks(model: nn.Module, state: AttachState) -> list:
     def before(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
         task_ids = kwargs.pop("task_ids", None)
         state.task_ids = None if task_ids is None else torch.as_tensor(task_ids).reshape(-1)
         state.outputs, state.calls = [], 0
         images, state.image_weights = _images_in_call(kwargs)
+        if state.rows == "anyres" and kwargs.get("pixel_values") is not None:
+            state.image_rows = _anyres_crops(module.config, kwargs.get("image_sizes"))
         ids = state.current_task_ids()
         if ids is not None and images is not None:
             expect(ids.shape[0] == images, "task_ids", f"one task id per image, shape [{images}]",

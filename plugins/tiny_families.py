@@ -102,10 +102,14 @@ def _pixels(size: int = 32, batch: int = BATCH, seed: int = 1) -> torch.Tensor:
 
 
 def _measured(model: nn.Module, image_kwargs: dict[str, Any], images: int = BATCH) -> list[int]:
+    """Image tokens per image, from the model's own ``get_image_features`` (per image where it says so)."""
     inner = getattr(model, "model", model)
     with torch.no_grad():
-        total = _count_features(inner.get_image_features(**image_kwargs))
-    return [total // images] * images
+        features = inner.get_image_features(**image_kwargs)
+    pooled = getattr(features, "pooler_output", None)
+    if isinstance(pooled, (list, tuple)) and len(pooled) == images:
+        return [_count_features(f) for f in pooled]
+    return [_count_features(features) // images] * images
 
 
 def _plain(family: str, size: int = 32, text: dict | None = None, vision: dict | None = None,
@@ -255,6 +259,14 @@ BUILDERS: dict[str, Callable[[], tuple[nn.Module, dict]]] = {
                      text=dict(intermediate_size_mlp=128, num_local_experts=2, interleave_moe_layer_step=1,
                                no_rope_layers=[1, 1])),
 }
+
+
+def llava_next_mixed_sizes() -> tuple[nn.Module, dict[str, Any]]:
+    """LLaVA-NeXT with a 32×32 image (base + 1 tile) and a 32×64 image (base + 2 tiles): crops per image differ."""
+    model = _model(tiny_config("llava_next", image_grid_pinpoints=[[32, 32], [32, 64], [64, 32]]))
+    image = dict(pixel_values=_pixels().unsqueeze(1).expand(-1, 3, -1, -1, -1).contiguous(),
+                 image_sizes=torch.tensor([[32, 32], [32, 64]]))
+    return model, {**prompt(_measured(model, image), model.config.image_token_id), **image}
 
 
 def build(family: str) -> tuple[nn.Module, dict[str, Any]]:

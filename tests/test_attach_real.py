@@ -118,3 +118,17 @@ def test_bad_input_errors_name_the_fix() -> None:
     with pytest.raises(CMoEError, match=r"expected a multimodal model a registered attacher knows.*got "
                                         r"LlamaForCausalLM; add the family to cmoe.plugins.attach_families"):
         cmoe.attach(text_only)
+
+
+def test_anyres_task_ids_per_image_reach_every_crop() -> None:
+    from cmoe.plugins.tiny_families import llava_next_mixed_sizes
+
+    model, inputs = llava_next_mixed_sizes()
+    connector = cmoe.attach(model, router="task", num_tasks=3, num_experts=3)
+    seen = []
+    handle = connector.register_forward_pre_hook(lambda module, args: seen.append(args[1].clone()))
+    out = model(**inputs, task_ids=[2, 1])
+    handle.remove()
+    assert torch.isfinite(out.loss)
+    assert seen[0].tolist() == [2, 2, 1, 1, 1]  # 2 crops of the 32×32 image, 3 of the 32×64 one
+    cmoe.detach(model)
