@@ -2,7 +2,12 @@
 
 Which module is "the connector" differs per model family; attachers registered by plugins
 (`cmoe_register_attachers`) know each family. ``attach`` asks every registered attacher whether it
-``matches`` the model and lets the first that does replace the connector. Task ids are given per image.
+``matches`` the model (attachers marked ``fallback = True`` last) and lets the first that does replace the
+connector. Task ids are given per image.
+
+Upcycling (sparse upcycling, as MoE-LLaVA initialises its experts from the dense FFN): an attacher that
+exposes ``upcycle_source(model)`` lets `attach` copy the projection it replaces into every expert, so the
+model starts exactly where it was (routing weights sum to one, so identical experts give the original output).
 """
 
 from __future__ import annotations
@@ -16,14 +21,19 @@ from torch import nn
 
 from cmoe.config import CMoEConfig, ConnectorConfig
 from cmoe.connector import PretrainedConnector, build_connector
-from cmoe.errors import CMoEError
+from cmoe.errors import CMoEError, expect
+from cmoe.experts import StackedExperts
 from cmoe.registry import ATTACHERS
 
 STATE_ATTRIBUTE = "_cmoe_attached"
+INITS = ("auto", "upcycle", "random")
+Layers = list[tuple[torch.Tensor, "torch.Tensor | None"]]
 
 
 class Attacher(Protocol):
-    """What an attacher plugin provides for one MLLM family."""
+    """What an attacher plugin provides for one MLLM family. Optional: ``upcycle_source(model)`` returning
+    ``([(weight [out, in], bias or None), ...], activation name or None)`` of the projection it replaces (for
+    ``init="upcycle"``), and ``fallback = True`` for attachers asked only after all the others."""
 
     def matches(self, model: nn.Module) -> bool: ...
 
@@ -40,13 +50,37 @@ def find_attacher(model: nn.Module, name: str | None = None) -> tuple[str, Attac
     """The attacher named `name`, or the first registered one that matches `model`."""
     if name is not None:
         return name, ATTACHERS.get(name)
-    for candidate in ATTACHERS.names():
+    names = sorted(ATTACHERS.names(), key=lambda n: bool(getattr(ATTACHERS.get(n), "fallback", False)))
+    for candidate in names:
         attacher = ATTACHERS.get(candidate)
         if attacher.matches(model):
             return candidate, attacher
     raise CMoEError(f"model: expected a multimodal model a registered attacher knows "
                     f"(attachers: {', '.join(ATTACHERS.names()) or 'none'}), got {type(model).__name__}; "
-                    "register an attacher plugin for this family")
+                    "add the family to cmoe.plugins.attach_families.FAMILIES or register an attacher plugin")
+
+
+def upcycle_fits(connector: PretrainedConnector, layers: Layers, activation: str | None) -> bool:
+    """Whether `connector`'s experts have exactly the shapes (and activation) of the projection `layers`."""
+    experts = getattr(connector, "experts", None)
+    if not isinstance(experts, StackedExperts) or len(experts.layers) != len(layers):
+        return False
+    if len(layers) > 1 and experts.activation_name != activation:
+        return False
+    return all(w.shape[1:] == src.shape and (b is not None or src_b is None)
+               for (w, b), (src, src_b) in zip(experts.layers, layers))
+
+
+def upcycle(connector: PretrainedConnector, layers: Layers, noise: float = 0.0) -> None:
+    """Copy the projection `layers` (``[(weight [out, in], bias or None), ...]``) into every expert; with
+    ``noise > 0`` add Gaussian noise of that many times each weight's standard deviation to break symmetry."""
+    with torch.no_grad():
+        for (weight, bias), (src, src_bias) in zip(connector.experts.layers, layers):
+            weight.copy_(src.to(weight).expand_as(weight))
+            if noise:
+                weight.add_(torch.randn_like(weight) * noise * src.float().std().to(weight.dtype))
+            if bias is not None:
+                bias.copy_(src_bias.to(bias).expand_as(bias) if src_bias is not None else torch.zeros_like(bias))
 
 
 def attach(
@@ -54,6 +88,8 @@ def attach(
     connector: PretrainedConnector | ConnectorConfig | None = None,
     *,
     attacher: str | None = None,
+    init: str = "auto",
+    init_noise: float = 0.0,
     **config_overrides: Any,
 ) -> PretrainedConnector:
     """Replace `model`'s connector in place with a CMoE (or any cmoe connector) and return the connector.
@@ -62,10 +98,18 @@ def attach(
     widths read off the model and `config_overrides` (e.g. ``num_experts=4, top_k=2``). After attaching,
     ``model(..., task_ids=...)`` routes by task, ``output.loss`` includes the connector's aux loss, and
     ``output.cmoe_aux_loss`` / ``output.cmoe_routing`` expose it; `detach` restores the original.
+
+    `init`: ``"upcycle"`` copies the replaced projection into every expert (``init_noise`` adds noise of that
+    many weight standard deviations); ``"random"`` keeps the experts' fresh initialisation (to train a
+    connector from scratch, e.g. for ablations or a different expert shape); ``"auto"`` (default) upcycles a
+    connector built here when its shapes allow and leaves a given connector's weights as they are.
     """
     if getattr(model, STATE_ATTRIBUTE, None) is not None:
         raise CMoEError("model: already has a cmoe connector attached; call cmoe.detach(model) first")
+    expect(init in INITS, "init", f"one of {INITS}", repr(init))
+    expect(isinstance(init_noise, (int, float)) and init_noise >= 0, "init_noise", "a number >= 0", repr(init_noise))
     name, found = find_attacher(model, attacher)
+    built_here = not isinstance(connector, PretrainedConnector)
     if connector is None:
         connector = build_connector(found.default_config(model, **config_overrides))
     elif config_overrides:
@@ -75,6 +119,15 @@ def attach(
         connector = build_connector(connector)
     if not isinstance(connector, PretrainedConnector):
         raise CMoEError(f"connector: expected a cmoe connector or config, got {type(connector).__name__}")
+    if init == "upcycle" or (init == "auto" and built_here):
+        source = found.upcycle_source(model) if hasattr(found, "upcycle_source") else None
+        fits = source is not None and upcycle_fits(connector, *source)
+        if init == "upcycle" and not fits:
+            raise CMoEError("init: expected a connector whose experts have the replaced projection's shapes "
+                            "(the attacher's default expert type, hidden width and activation, aggregate_tokens=1), "
+                            "got one that does not fit; drop the overrides that change them or pass init='random'")
+        if fits:
+            upcycle(connector, source[0], init_noise)
     reference = next(model.parameters(), None)
     if reference is not None:
         connector.to(device=reference.device)

@@ -21,6 +21,7 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
     "relu": F.relu,
     "silu": F.silu,
+    "quick_gelu": lambda t: t * torch.sigmoid(1.702 * t),
 }
 
 

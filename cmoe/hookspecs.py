@@ -58,7 +58,8 @@ def cmoe_register_llms(register: Register) -> None:
 @hookspec
 def cmoe_register_attachers(register: Register) -> None:
     """Register attachers: ``register("name", attacher)``; an attacher knows where one MLLM family keeps its
-    connector (``attacher.matches(model)``, ``attacher.attach(model, connector)``, ``attacher.detach(model)``)."""
+    connector (``attacher.matches(model)``, ``attacher.attach(model, connector)``, ``attacher.detach(model)``;
+    optionally ``upcycle_source(model)`` for upcycled experts and ``fallback = True`` to be asked last)."""
 
 
 @hookspec

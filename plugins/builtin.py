@@ -39,7 +39,9 @@ def cmoe_register_llms(register: Register) -> None:
 
 @hookimpl
 def cmoe_register_attachers(register: Register) -> None:
-    from cmoe.plugins.attachers import LlavaAttacher, Qwen2VLAttacher
+    from cmoe.plugins.attach_families import FAMILIES
+    from cmoe.plugins.attachers import FamilyAttacher, NamedConnectorAttacher
 
-    register("llava", LlavaAttacher())
-    register("qwen2_vl", Qwen2VLAttacher())
+    for family in FAMILIES:
+        register(family, FamilyAttacher(family))
+    register("auto", NamedConnectorAttacher())
