@@ -102,13 +102,25 @@ def _demo(args: argparse.Namespace) -> int:
     config = _load(args)
     if args.fresh and Path(config.output_dir).exists():
         shutil.rmtree(config.output_dir)
+    origin = "pretrained" if "path" in config.model.vision_encoder.options else "random-init"
     print(f"Uni-Med tiny demo: training {config.model.connector.preset!r} connector for {config.train.steps} "
-          f"steps on the built-in synthetic set (random-init tiny CLIP + tiny LLaMA, nothing downloaded)")
+          f"steps on the built-in synthetic set ({origin} frozen encoder and LLM, nothing downloaded)")
     Trainer(config, resume="auto").train()
     results = run_evaluation(config)
     print(summary_table(results))
     print(f"\nEvery metric: {Path(config.output_dir) / 'eval' / 'eval.md'}; checkpoints, metrics.jsonl (per-task "
           f"loss, routing weights per task) and predictions in {config.output_dir}")
+    return 0
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from cmoe.reference_models.unimed.pretrain import pretrain, pretrain_config
+
+    if args.config != "tiny":
+        raise CMoEError(f"--config: expected tiny (the only config whose encoder and LLM are pretrained on the "
+                        f"synthetic set), got {args.config!r}")
+    record = pretrain(args.out, pretrain_config(args.overrides), probes=not args.no_probes)
+    print(f"wrote {args.out} in {sum(record['seconds'].values()):.0f} s")
     return 0
 
 
@@ -152,6 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--identity", default="image_id", choices=["image_id", "hash"],
                        help="how images are matched across datasets: their ids, or a hash of their pixels/bytes")
     stats.set_defaults(run=_data_stats)
+    pre = commands.add_parser("pretrain", help="pretrain the tiny vision encoder and LLM on the synthetic set "
+                                               "(the weights the tiny config loads); prints the probe table")
+    pre.add_argument("--config", default="tiny", help="only tiny")
+    pre.add_argument("--out", default=None, help="output folder (default: the shipped reference_models/unimed/"
+                                                 "pretrained, overwritten)")
+    pre.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="a PretrainConfig field, e.g. --set encoder_steps=200 (repeatable)")
+    pre.add_argument("--no-probes", action="store_true", help="skip the linear-probe table")
+    pre.set_defaults(run=_pretrain)
     demo = commands.add_parser("demo", help="tiny train + eval on the synthetic set, prints the per-task table")
     _common(demo)
     demo.add_argument("--fresh", action="store_true", help="delete the output directory first")
