@@ -114,13 +114,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
+    from cmoe.reference_models.unimed.config import PRETRAINED_DIR
     from cmoe.reference_models.unimed.pretrain import pretrain, pretrain_config
 
     if args.config != "tiny":
         raise CMoEError(f"--config: expected tiny (the only config whose encoder and LLM are pretrained on the "
                         f"synthetic set), got {args.config!r}")
     record = pretrain(args.out, pretrain_config(args.overrides), probes=not args.no_probes)
-    print(f"wrote {args.out} in {sum(record['seconds'].values()):.0f} s")
+    print(f"wrote {args.out or PRETRAINED_DIR} in {sum(record['seconds'].values()):.0f} s")
     return 0
 
 

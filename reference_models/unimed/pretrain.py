@@ -323,13 +323,19 @@ def majority_accuracies(train: SceneSet, test: SceneSet) -> dict[str, float]:
             for name, (labels, test_labels) in pairs.items()}
 
 
-def probe_table(encoder: nn.Module, config: PretrainConfig) -> dict[str, dict[str, float]]:
-    """``{attribute: {majority, random_init, pretrained}}`` on fresh probe images (a stream start past the
-    pretraining images), the random-init encoder drawn from the same seed as the one trained."""
+def probe_sets(config: PretrainConfig) -> tuple[SceneSet, SceneSet]:
+    """The probes' training and held-out images: the scenes after the pretraining ones in the same stream."""
     start = config.encoder_images
     train = make_scene_set(config.probe_train_images, config.data_seed, start, config.image_size)
     test = make_scene_set(config.probe_test_images, config.data_seed, start + config.probe_train_images,
                           config.image_size)
+    return train, test
+
+
+def probe_table(encoder: nn.Module, config: PretrainConfig) -> dict[str, dict[str, float]]:
+    """``{attribute: {majority, random_init, pretrained}}`` on fresh probe images (a stream start past the
+    pretraining images), the random-init encoder drawn from the same seed as the one trained."""
+    train, test = probe_sets(config)
     majority = majority_accuracies(train, test)
     random_init = probe_accuracies(build_encoder(config.seed), train, test, config.probe_steps)
     pretrained = probe_accuracies(encoder, train, test, config.probe_steps)
