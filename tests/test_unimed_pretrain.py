@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cmoe.errors import CMoEError
 from cmoe.plugins.vision_encoders import build_hf_clip
 from cmoe.reference_models.unimed.config import PRETRAINED_DIR, load_config
 from cmoe.reference_models.unimed.data.synthetic import SyntheticConfig, generate
@@ -23,6 +24,7 @@ from cmoe.reference_models.unimed.pretrain import (
     make_scene_set,
     probe_accuracies,
     probe_sets,
+    pretrain_config,
 )
 from cmoe.reference_models.unimed.train import make_tokenizer, prompt_texts
 
@@ -112,3 +114,11 @@ def test_pretrained_encoder_learns_the_visual_task_where_a_random_one_does_not(t
     pretrained = _cls_accuracy(tmp_path, "pretrained")
     random_init = _cls_accuracy(tmp_path, "random", **random_encoder)
     assert pretrained >= 0.8 and pretrained > random_init + 0.3, (pretrained, random_init)
+
+
+def test_pretrain_overrides_are_checked() -> None:
+    assert pretrain_config(["encoder_steps=10", "encoder_lr=1e-3"]).encoder_steps == 10
+    with pytest.raises(CMoEError, match="--set: expected key=value with a key among"):
+        pretrain_config(["encoder_stepz=10"])
+    with pytest.raises(CMoEError, match="--set encoder_steps: expected a number, got 'many'"):
+        pretrain_config(["encoder_steps=many"])

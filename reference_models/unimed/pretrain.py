@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmoe.errors import expect
+from cmoe.errors import CMoEError, expect
 from cmoe.reference_models.unimed.config import CLIP_MEAN, CLIP_STD, PRETRAINED_DIR
 from cmoe.reference_models.unimed.data.synthetic import (
     LESION_LEVELS,
@@ -103,7 +103,10 @@ def pretrain_config(items: list[str]) -> PretrainConfig:
     for item in items:
         key, sep, value = item.partition("=")
         expect(sep == "=" and key in known, "--set", f"key=value with a key among {sorted(known)}", repr(item))
-        values[key] = float(value) if "." in value or "e" in value else int(value)
+        try:
+            values[key] = float(value) if "." in value or "e" in value else int(value)
+        except ValueError:
+            raise CMoEError(f"--set {key}: expected a number, got {value!r}") from None
     return PretrainConfig(**values)
 
 
