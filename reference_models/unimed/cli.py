@@ -1,4 +1,4 @@
-"""``cmoe unimed train | eval | analyze | experiment | data-stats | demo``: the recipe's command line
+"""``cmoe unimed train | eval | analyze | experiment | data-stats | demo | pretrain``: the recipe's command line
 (registered as a ``cmoe`` subcommand)."""
 
 from __future__ import annotations
