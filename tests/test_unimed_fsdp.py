@@ -57,7 +57,8 @@ def test_fsdp_matches_unsharded_training_and_resumes(tmp_path: Path, mode: str) 
     optimizer, meta = _load(tmp_path, "optimizer_rank0")
     reference_optimizer, reference_meta = _load(tmp_path, "reference_optimizer")
     assert meta == reference_meta
-    _assert_same(optimizer, reference_optimizer, rtol=1e-3, atol=1e-10)
+    # Moments of near-zero gradient coordinates differ by float noise (~1e-9 with the pretrained tiny LLM).
+    _assert_same(optimizer, reference_optimizer, rtol=1e-3, atol=1e-8)
     other, other_meta = _load(tmp_path, "optimizer_rank1")
     assert other_meta == meta
     _assert_same(optimizer, other)

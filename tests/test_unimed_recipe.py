@@ -17,8 +17,7 @@ from cmoe.reference_models.unimed.config import TrainSection, config_from_dict, 
 from cmoe.reference_models.unimed.evaluate import run_evaluation
 from cmoe.reference_models.unimed.model import CONNECTOR_PRESETS, build_model, connector_config
 from cmoe.reference_models.unimed.recipe_data import load_split
-from cmoe.reference_models.unimed.train import Trainer, learning_rate, parameter_groups, prompt_texts
-from cmoe.reference_models.unimed.tokenizer import build_word_tokenizer
+from cmoe.reference_models.unimed.train import Trainer, learning_rate, make_tokenizer, parameter_groups
 
 from unimed_tiny import test_config as tiny_config
 
@@ -34,7 +33,8 @@ def test_built_in_configs_load_and_paper_config_has_the_original_settings() -> N
     assert (paper.model.lora.r, paper.model.lora.alpha, paper.model.lora.dropout) == (8, 16, 0.05)
     assert paper.model.aggregation.kind == "reshape" and paper.model.aggregation.rate == 4
     assert {d.name for d in paper.data.datasets} >= {"slake_vqa", "mimic_cxr", "medqa", "dermamnist"}
-    assert load_config("tiny").model.tokenizer.kind == "word_level"
+    assert load_config("tiny").model.tokenizer.kind == "pretrained"  # the shipped pretrained tiny LLM's
+    assert load_config("tiny_random").model.tokenizer.kind == "word_level"
 
 
 def test_config_inheritance_merges_mappings_and_replace_swaps_one_whole(tmp_path: Path) -> None:
@@ -99,7 +99,7 @@ def test_original_connector_preset_matches_the_paper_shapes() -> None:
 def tiny_model(tmp_path_factory):
     config = tiny_config(tmp_path_factory.mktemp("model"))
     samples = load_split(config.data, "train")
-    tokenizer = build_word_tokenizer(prompt_texts(samples))
+    tokenizer = make_tokenizer(config, samples)
     torch.manual_seed(0)
     return config, samples, build_model(config.model, tokenizer)
 
@@ -144,7 +144,11 @@ def test_tiny_training_lowers_loss_on_every_task_resumes_bit_exactly_and_evaluat
             first.setdefault(task, loss)
             last[task] = loss
     assert set(first) == TASKS
-    assert all(last[t] < first[t] for t in TASKS), (first, last)
+    # Every image task's loss falls. QA starts near zero (the pretrained tiny LLM knows the facts: 0.07 here) and
+    # the first LoRA updates for the image tasks disturb it a little (0.78 after 24 steps), far below the ~5.6 of
+    # an untrained LLM; the demo's 300 steps end at 100 % QA accuracy.
+    assert all(last[t] < first[t] for t in TASKS - {"qa"}), (first, last)
+    assert first["qa"] < 0.5 and last["qa"] < 1.5, (first, last)
     routed = {t: w for record in straight.history for t, w in record.get("routing", {}).items()}
     assert set(routed) == TASKS - {"qa"} and all(math.isclose(sum(w), 1, rel_tol=1e-4) for w in routed.values())
 
@@ -184,7 +188,7 @@ def test_starting_fresh_over_an_existing_run_is_refused(tmp_path: Path) -> None:
 def test_checkpoint_refuses_another_base_model(tmp_path: Path) -> None:
     result = Trainer(tiny_config(tmp_path, train__steps=1, train__save_every=1)).train()
     other = tiny_config(tmp_path)
-    other.seed = 7
+    other.model.vision_encoder.options = load_config("tiny_random").model.vision_encoder.options  # random init
     with pytest.raises(CMoEError, match="frozen weights differ"):
         run_evaluation(other, result.checkpoint)
     assert not list(tmp_path.glob(".step_*"))

@@ -1,5 +1,5 @@
-"""``cmoe unimed train | eval | analyze | experiment | data-stats | convert-original | demo``: the recipe's command line
-(registered as a ``cmoe`` subcommand)."""
+"""``cmoe unimed train | eval | analyze | experiment | data-stats | convert-original | demo | pretrain``:
+the recipe's command line (registered as a ``cmoe`` subcommand)."""
 
 from __future__ import annotations
 
@@ -102,8 +102,9 @@ def _demo(args: argparse.Namespace) -> int:
     config = _load(args)
     if args.fresh and Path(config.output_dir).exists():
         shutil.rmtree(config.output_dir)
+    origin = "pretrained" if "path" in config.model.vision_encoder.options else "random-init"
     print(f"Uni-Med tiny demo: training {config.model.connector.preset!r} connector for {config.train.steps} "
-          f"steps on the built-in synthetic set (random-init tiny CLIP + tiny LLaMA, nothing downloaded)")
+          f"steps on the built-in synthetic set ({origin} frozen encoder and LLM, nothing downloaded)")
     Trainer(config, resume="auto").train()
     results = run_evaluation(config)
     print(summary_table(results))
@@ -124,6 +125,18 @@ def _convert(args: argparse.Namespace) -> int:
     if result.dropped_keys:
         print(f"read but unused by the original itself: {len(result.dropped_keys)} keys (see conversion.json)")
     print(f"evaluate with: cmoe unimed eval --config paper --checkpoint {result.output_dir} {result.set_flags()}")
+    return 0
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from cmoe.reference_models.unimed.config import PRETRAINED_DIR
+    from cmoe.reference_models.unimed.pretrain import pretrain, pretrain_config
+
+    if args.config != "tiny":
+        raise CMoEError(f"--config: expected tiny (the only config whose encoder and LLM are pretrained on the "
+                        f"synthetic set), got {args.config!r}")
+    record = pretrain(args.out, pretrain_config(args.overrides), probes=not args.no_probes)
+    print(f"wrote {args.out or PRETRAINED_DIR} in {sum(record['seconds'].values()):.0f} s")
     return 0
 
 
@@ -177,6 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the original's router_method, when the checkpoint stores no config")
     convert.add_argument("--tokenizer", help="a local tokenizer directory to copy next to the checkpoint")
     convert.set_defaults(run=_convert)
+    pre = commands.add_parser("pretrain", help="pretrain the tiny vision encoder and LLM on the synthetic set "
+                                               "(the weights the tiny config loads); prints the probe table")
+    pre.add_argument("--config", default="tiny", help="only tiny")
+    pre.add_argument("--out", default=None, help="output folder (default: the shipped reference_models/unimed/"
+                                                 "pretrained, overwritten)")
+    pre.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="a PretrainConfig field, e.g. --set encoder_steps=200 (repeatable)")
+    pre.add_argument("--no-probes", action="store_true", help="skip the linear-probe table")
+    pre.set_defaults(run=_pretrain)
     demo = commands.add_parser("demo", help="tiny train + eval on the synthetic set, prints the per-task table")
     _common(demo)
     demo.add_argument("--fresh", action="store_true", help="delete the output directory first")

@@ -19,7 +19,10 @@ from cmoe.errors import CMoEError, expect
 from cmoe.validation import check_field_types, check_values, parse_bool
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-BUILTIN_CONFIGS = {"tiny": "tiny.yaml", "paper": "unimed_paper.yaml"}
+BUILTIN_CONFIGS = {"tiny": "tiny.yaml", "paper": "unimed_paper.yaml", "tiny_random": "tiny_random.yaml"}
+PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+"""The shipped pretrained tiny encoder and LLM (``cmoe unimed pretrain``); configs name it ``${UNIMED_PRETRAINED}``
+(the environment variable of that name, when set, points elsewhere)."""
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -378,7 +381,8 @@ def load_config(name_or_path: str | os.PathLike, overrides: dict[str, Any] | Non
 
 def _expand(value: Any) -> Any:
     if isinstance(value, str):
-        return os.path.expandvars(value)
+        default = os.environ.get("UNIMED_PRETRAINED", str(PRETRAINED_DIR))
+        return os.path.expandvars(value.replace("${UNIMED_PRETRAINED}", default))
     if isinstance(value, dict):
         return {key: _expand(item) for key, item in value.items()}
     if isinstance(value, list):
