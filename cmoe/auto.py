@@ -24,7 +24,8 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -300,6 +301,26 @@ def configure_auto(cache_path: str | os.PathLike | None = None, timer: Timer | N
     global _SELECTOR
     _SELECTOR = AutoSelector(cache_path=cache_path, timer=timer, rounds=rounds, mode=mode)
     return _SELECTOR
+
+
+@contextmanager
+def choices_recorded_in(path: str | os.PathLike) -> Iterator[AutoSelector]:
+    """Within the block, ``auto`` reads its choices from and records new ones in `path`.
+
+    A training run keeps this file in its folder so that a resumed run (a new process) uses the backends the
+    run started with: timing noise could otherwise pick another backend and break bit-exact resume. A cache
+    the user set (``CMOE_AUTO_CACHE`` or `configure_auto`) is kept instead, and the mode and timer carry over.
+    """
+    global _SELECTOR
+    previous = _SELECTOR
+    if previous._cache_file() is not None:
+        yield previous
+        return
+    _SELECTOR = AutoSelector(cache_path=path, timer=previous.timer, rounds=previous.rounds, mode=previous.mode)
+    try:
+        yield _SELECTOR
+    finally:
+        _SELECTOR = previous
 
 
 def auto_choices() -> dict[str, Choice]:

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cmoe.auto import choices_recorded_in
 from cmoe.errors import CMoEError
 from cmoe.io import atomic_write, write_json
 from cmoe.reference_models.unimed.analyze import REPORT_DIR, TugOfWarProbe, report_meta
@@ -50,6 +51,7 @@ from cmoe.reference_models.unimed.tokenizer import build_word_tokenizer, load_to
 from cmoe.reference_models.unimed.tug_of_war import TugOfWarReport, write_report
 
 METRICS_FILE = "metrics.jsonl"
+AUTO_CHOICES_FILE = "auto_backends.json"  # cmoe.auto's measured backend choices for this run
 
 
 def learning_rate(step: int, train: TrainSection) -> float:
@@ -338,30 +340,32 @@ class Trainer:
             write_json(self.output_dir / "config.json", config.to_dict())
             if self.step == 0:
                 save_connector_init(self.output_dir, self.model.connector)
-        batches = self._batches()
-        history: list[dict[str, Any]] = []
-        checkpoint = None
-        self.wrapped.train()
-        window, started = _Window(), time.perf_counter()
-        bar = tqdm(total=total, initial=self.step, disable=not (ctx.is_main and train.progress), desc="train")
-        if self.probe is not None and self.step == 0:
-            self._analyze()
-        while self.step < total:
-            grad_norm = self._optimizer_step(batches, window)
-            self.step += 1
-            bar.update(1)
-            if self.step % train.log_every == 0 or self.step == total:
-                record = window.record(self.step, self.scheduler.get_last_lr()[0], time.perf_counter() - started,
-                                       grad_norm)
-                history.append(record)
-                self._log(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}")
-                window, started = _Window(), time.perf_counter()
-            if self.probe is not None and (self.step % train.analyze_every == 0 or self.step == total):
+        # auto's backend choices live in the run folder, so a resumed run computes with the same backends.
+        with choices_recorded_in(self.output_dir / AUTO_CHOICES_FILE):
+            batches = self._batches()
+            history: list[dict[str, Any]] = []
+            checkpoint = None
+            self.wrapped.train()
+            window, started = _Window(), time.perf_counter()
+            bar = tqdm(total=total, initial=self.step, disable=not (ctx.is_main and train.progress), desc="train")
+            if self.probe is not None and self.step == 0:
                 self._analyze()
-            if self.step % train.save_every == 0 or self.step == total:
-                checkpoint = self.save() or checkpoint
-        bar.close()
+            while self.step < total:
+                grad_norm = self._optimizer_step(batches, window)
+                self.step += 1
+                bar.update(1)
+                if self.step % train.log_every == 0 or self.step == total:
+                    record = window.record(self.step, self.scheduler.get_last_lr()[0],
+                                           time.perf_counter() - started, grad_norm)
+                    history.append(record)
+                    self._log(record)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}")
+                    window, started = _Window(), time.perf_counter()
+                if self.probe is not None and (self.step % train.analyze_every == 0 or self.step == total):
+                    self._analyze()
+                if self.step % train.save_every == 0 or self.step == total:
+                    checkpoint = self.save() or checkpoint
+            bar.close()
         return TrainResult(self.output_dir, self.step, checkpoint, history)
 
     def _optimizer_step(self, batches, window: _Window) -> float | None:
