@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import cmoe
-from benchmarks.peers import PEER_NAMES, peer, reference_check, skip_reason
+from benchmarks.peers import PEER_NAMES, peer, reference_check, skip_reason, sorted_grouped_layers
 from cmoe.auto import Choice, auto_choices, shape_class
 from cmoe.experts import StackedExperts
 from cmoe.routers import expert_counts
@@ -276,22 +276,9 @@ def _check_optional_backends(workload: Workload) -> None:
 def torch_grouped_mm(x: torch.Tensor, experts: StackedExperts, index: torch.Tensor,
                      weight: torch.Tensor) -> torch.Tensor:
     """Sort pairs by expert, copy their rows, ``torch._grouped_mm`` per layer, weighted ``index_add_`` back."""
-    top_k = index.shape[1]
-    flat = index.reshape(-1)
-    order = torch.argsort(flat, stable=True)
     offsets = torch.cumsum(expert_counts(index, experts.num_experts), 0, dtype=torch.int32)
-    rows = order // top_k
-    expert_of_row = flat[order]
-    hidden = x.index_select(0, rows)
-    layers = experts.layers
-    for depth, (w, b) in enumerate(layers):
-        hidden = torch._grouped_mm(hidden, w.transpose(1, 2), offs=offsets)
-        if b is not None:
-            hidden = hidden + b.index_select(0, expert_of_row)
-        if depth < len(layers) - 1:
-            hidden = experts.activation(hidden)
-    scaled = hidden * weight.reshape(-1)[order, None]
-    return x.new_zeros(x.shape[0], experts.out_features).index_add_(0, rows, scaled)
+    return sorted_grouped_layers(x, experts, index, weight,
+                                 lambda rows, w: torch._grouped_mm(rows, w.transpose(1, 2), offs=offsets))
 
 
 def hf_import_error() -> str | None:

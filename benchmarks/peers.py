@@ -66,26 +66,35 @@ def skip_reason(peer: Peer, device: torch.device, in_features: int, out_features
     return None
 
 
-def grouped_gemm_forward(x: torch.Tensor, experts: StackedExperts, index: torch.Tensor,
-                         weight: torch.Tensor) -> torch.Tensor:
-    """Our exact computation with MegaBlocks' ``gmm`` for the GEMMs (expert counts read to the host per call)."""
-    from grouped_gemm import ops
-
+def sorted_grouped_layers(x: torch.Tensor, experts: StackedExperts, index: torch.Tensor, weight: torch.Tensor,
+                          grouped_matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Our exact computation around someone else's grouped GEMM: sort the (token, expert) pairs by expert, copy
+    their rows, ``grouped_matmul(rows, w)`` per layer (``w`` is ``[E, out, in]``, rows in expert order), bias and
+    activation, then the weighted ``index_add_`` back to token order."""
     top_k = index.shape[1]
     flat = index.reshape(-1)
     expert_of_row, order = torch.sort(flat, stable=True)
-    batch_sizes = expert_counts(index, experts.num_experts).cpu()
     rows = order // top_k
     hidden = x.index_select(0, rows)
     layers = experts.layers
     for depth, (w, b) in enumerate(layers):
-        hidden = ops.gmm(hidden, w, batch_sizes, trans_b=True)
+        hidden = grouped_matmul(hidden, w)
         if b is not None:
             hidden = hidden + b.index_select(0, expert_of_row)
         if depth < len(layers) - 1:
             hidden = experts.activation(hidden)
     scaled = hidden * weight.reshape(-1)[order, None]
     return x.new_zeros(x.shape[0], experts.out_features).index_add_(0, rows, scaled)
+
+
+def grouped_gemm_forward(x: torch.Tensor, experts: StackedExperts, index: torch.Tensor,
+                         weight: torch.Tensor) -> torch.Tensor:
+    """Our exact computation with MegaBlocks' ``gmm`` for the GEMMs (expert counts read to the host per call)."""
+    from grouped_gemm import ops
+
+    batch_sizes = expert_counts(index, experts.num_experts).cpu()
+    return sorted_grouped_layers(x, experts, index, weight,
+                                 lambda rows, w: ops.gmm(rows, w, batch_sizes, trans_b=True))
 
 
 def _build_grouped_gemm(x, experts, index, weight, top_k):

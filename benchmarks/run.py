@@ -37,7 +37,7 @@ from benchmarks.cases import (
     make_callable,
     quick_cases,
 )
-from cmoe.auto import configure_auto
+from cmoe.auto import configure_auto, default_timer
 
 COLUMNS = ("impl", "fwd ms", "fwd+bwd ms", "fwd × roofline", "fwd+bwd × roofline", "GFLOP/s fwd",
            "timed calls fwd / fwd+bwd", "spread fwd / fwd+bwd", "peak MiB fwd / fwd+bwd")
@@ -96,16 +96,7 @@ def _synchronize(device: torch.device) -> None:
 
 
 def _elapsed_ms(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    begin = time.perf_counter()
-    fn()
-    return (time.perf_counter() - begin) * 1e3
+    return default_timer("", fn, device)
 
 
 def _peak_mib(fn: Callable[[], torch.Tensor], device: torch.device) -> float | None:

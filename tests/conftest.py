@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -17,6 +18,17 @@ if not torch.cuda.is_available():
 def _deterministic() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(2)
+
+
+@pytest.fixture
+def fresh_selector(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The measuring ``auto`` without the environment's mode or cache file, and a fresh one afterwards."""
+    from cmoe import auto  # imported late: TRITON_INTERPRET is set above, before any kernel is compiled
+
+    monkeypatch.delenv(auto.ENV_MODE, raising=False)
+    monkeypatch.delenv(auto.ENV_CACHE, raising=False)
+    yield
+    auto.configure_auto()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

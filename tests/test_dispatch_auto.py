@@ -4,7 +4,6 @@ the choice follows the measured times. A fake timer makes the choice determinist
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -25,14 +24,6 @@ class FakeTimer:
         call()
         self.calls.append(name)
         return self.ms[name]
-
-
-@pytest.fixture
-def fresh_selector(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.delenv(auto.ENV_MODE, raising=False)
-    monkeypatch.delenv(auto.ENV_CACHE, raising=False)
-    yield
-    auto.configure_auto()
 
 
 def _inputs(tokens: int = 40, num_experts: int = 4, top_k: int = 2, dtype: torch.dtype = torch.float32):

@@ -4,10 +4,7 @@ run folder, so timing noise in the new process cannot switch backends (and break
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from cmoe import auto
 from cmoe.reference_models.unimed.train import AUTO_CHOICES_FILE, Trainer
@@ -24,14 +21,6 @@ class PreferringTimer:
         call()
         self.calls += 1
         return 1.0 if name == self.fastest else 5.0
-
-
-@pytest.fixture
-def fresh_selector(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.delenv(auto.ENV_MODE, raising=False)
-    monkeypatch.delenv(auto.ENV_CACHE, raising=False)
-    yield
-    auto.configure_auto()
 
 
 def test_resumed_training_reuses_the_run_s_backend_choices(tmp_path: Path, fresh_selector: None) -> None:
