@@ -9,11 +9,12 @@ import sys
 from pathlib import Path
 
 from cmoe.errors import CMoEError
+from cmoe.reference_models.unimed.config import BUILTIN_CONFIGS
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="tiny",
-                        help="a YAML file, or a built-in config: tiny, paper (default: tiny)")
+                        help=f"a YAML file, or a built-in config: {', '.join(BUILTIN_CONFIGS)} (default: tiny)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.steps=100 (repeatable)")
     parser.add_argument("--output-dir", help="where checkpoints, metrics and tables go (default: the config's)")
