@@ -20,6 +20,7 @@ work (``E <= 2·k``), since elsewhere it computes every expert for every token.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -89,10 +90,17 @@ def tokens_bucket(tokens: int) -> int:
     return 1 << max(tokens - 1, 0).bit_length()
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_device_name(index: int) -> str:
+    """The GPU's name, asked of the driver once per device (`choose` builds a shape class on every call)."""
+    return torch.cuda.get_device_name(index)
+
+
 def device_label(device: torch.device) -> str:
     """The device as a choice depends on it: the CUDA device's name or the CPU thread count, and torch's version."""
     if device.type == "cuda":
-        name = f"cuda:{torch.cuda.get_device_name(device)}"
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        name = f"cuda:{_cuda_device_name(index)}"
     elif device.type == "cpu":
         name = f"cpu:{torch.get_num_threads()}threads"
     else:
