@@ -312,19 +312,27 @@ def configure_auto(cache_path: str | os.PathLike | None = None, timer: Timer | N
 
 
 @contextmanager
-def choices_recorded_in(path: str | os.PathLike) -> Iterator[AutoSelector]:
+def choices_recorded_in(path: str | os.PathLike, mode: str | None = None) -> Iterator[AutoSelector]:
     """Within the block, ``auto`` reads its choices from and records new ones in `path`.
 
     A training run keeps this file in its folder so that a resumed run (a new process) uses the backends the
     run started with: timing noise could otherwise pick another backend and break bit-exact resume. A cache
     the user set (``CMOE_AUTO_CACHE`` or `configure_auto`) is kept instead, and the mode and timer carry over.
+    `mode` (``measure`` or ``table``), when given, overrides the current mode within the block.
     """
     global _SELECTOR
     previous = _SELECTOR
+    if mode is not None and mode not in MODES:
+        raise CMoEError(f"auto mode: expected one of {', '.join(MODES)}, got {mode!r}")
     if previous._cache_file() is not None:
-        yield previous
+        saved, previous.mode = previous.mode, mode or previous.mode
+        try:
+            yield previous
+        finally:
+            previous.mode = saved
         return
-    _SELECTOR = AutoSelector(cache_path=path, timer=previous.timer, rounds=previous.rounds, mode=previous.mode)
+    _SELECTOR = AutoSelector(cache_path=path, timer=previous.timer, rounds=previous.rounds,
+                             mode=mode or previous.mode)
     try:
         yield _SELECTOR
     finally:

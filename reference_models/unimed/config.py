@@ -207,6 +207,7 @@ class TrainSection:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     max_grad_norm: float | None = None
     precision: str = "fp32"
+    backend_choice: str = "measure"
     log_every: int = 10
     save_every: int = 1_000
     keep_checkpoints: int = 2
@@ -227,6 +228,9 @@ class TrainSection:
             expect(isinstance(value, (int, float)) and value >= 0, f"train.{name}", "a number >= 0", repr(value))
         expect(self.precision in ("fp32", "bf16", "fp16"), "train.precision", "fp32, bf16 or fp16",
                repr(self.precision))
+        expect(self.backend_choice in ("measure", "table"), "train.backend_choice",
+               "measure (time each dispatch backend on first use, the fastest) or table (a fixed rule: two runs "
+               "of one config and seed give the same bits)", repr(self.backend_choice))
         expect(self.distributed in ("ddp", "fsdp"), "train.distributed", "ddp or fsdp", repr(self.distributed))
         expect(self.analyze_every is None or (isinstance(self.analyze_every, int) and self.analyze_every >= 1),
                "train.analyze_every", "None or an int >= 1", repr(self.analyze_every))

@@ -341,7 +341,7 @@ class Trainer:
             if self.step == 0:
                 save_connector_init(self.output_dir, self.model.connector)
         # auto's backend choices live in the run folder, so a resumed run computes with the same backends.
-        with choices_recorded_in(self.output_dir / AUTO_CHOICES_FILE):
+        with choices_recorded_in(self.output_dir / AUTO_CHOICES_FILE, mode=train.backend_choice):
             batches = self._batches()
             history: list[dict[str, Any]] = []
             checkpoint = None
