@@ -13,6 +13,9 @@ tested tolerance, so the choice changes speed, not results beyond that tolerance
   compile another one). While a CUDA graph is captured, nothing is timed either: a class measured before
   (warm up first) keeps its choice, else the table rule answers.
 
+Each candidate is timed in 3 round-robin rounds (the minimum counts); candidates within 10 % of the fastest
+are a near tie and get 6 more rounds before the choice, since a noisy CPU cannot separate them in 3.
+
 Candidates are the registered backends whose `Backend.auto_candidate` accepts the device, that are available
 there and accept the inputs (`Backend.input_problem`); ``dense`` only where it does at most twice the routed
 work (``E <= 2·k``), since elsewhere it computes every expert for every token.
@@ -38,6 +41,11 @@ from cmoe.registry import BACKENDS
 ENV_MODE = "CMOE_AUTO"
 ENV_CACHE = "CMOE_AUTO_CACHE"
 MODES = ("measure", "table")
+TIE_MARGIN = 0.10
+"""Candidates within this fraction of the fastest after the first rounds are a near tie and get timed again."""
+TIE_ROUNDS = 6
+"""Extra round-robin rounds for a near tie: 3 rounds on a noisy CPU could not tell apart backends ~10 % apart
+(RESULTS-cpu.md: two forward picks 9-10 % off the fastest as the benchmark timed them)."""
 CACHE_FORMAT = 1
 
 # (backend name, a zero-argument call running it once, device) -> milliseconds for that call.
@@ -184,10 +192,12 @@ class AutoSelector:
     """Measured choices per shape class, in memory and optionally in a JSON file."""
 
     def __init__(self, cache_path: str | os.PathLike | None = None, timer: Timer | None = None,
-                 rounds: int = 3, mode: str | None = None):
+                 rounds: int = 3, mode: str | None = None, tie_margin: float = TIE_MARGIN,
+                 tie_rounds: int = TIE_ROUNDS):
         self.cache_path = Path(cache_path) if cache_path is not None else None
         self.timer = timer or default_timer
         self.rounds = rounds
+        self.tie_margin, self.tie_rounds = tie_margin, tie_rounds
         self.mode = mode
         self.choices: dict[str, Choice] = {}
         self._disk_loaded = False
@@ -255,11 +265,27 @@ class AutoSelector:
         if not calls:
             return Choice(fallback, skipped=skipped, source="table")
         times: dict[str, list[float]] = {name: [] for name in calls}
-        for round_ in range(self.rounds):
-            for name in (list(calls) if round_ % 2 == 0 else list(calls)[::-1]):
-                times[name].append(float(self.timer(name, calls[name], x.device)))
+        self._rounds(calls, times, self.rounds, x.device)
+        tied = near_ties({name: min(values) for name, values in times.items()}, self.tie_margin)
+        if len(tied) > 1 and self.tie_rounds > 0:  # a near tie: time only the tied ones again, more often
+            self._rounds({name: calls[name] for name in tied}, times, self.tie_rounds, x.device)
         best = {name: min(values) for name, values in times.items()}
         return Choice(min(best, key=lambda name: (best[name], name)), best, skipped)
+
+    def _rounds(self, calls: dict[str, Callable[[], object]], times: dict[str, list[float]], rounds: int,
+                device: torch.device) -> None:
+        """`rounds` round-robin passes over `calls`, alternating the order (so drift hurts no one backend)."""
+        for round_ in range(rounds):
+            for name in (list(calls) if round_ % 2 == 0 else list(calls)[::-1]):
+                times[name].append(float(self.timer(name, calls[name], device)))
+
+
+def near_ties(best: dict[str, float], margin: float) -> list[str]:
+    """The candidates whose best time is within `margin` (a fraction) of the fastest one's."""
+    if not best:
+        return []
+    fastest = min(best.values())
+    return [name for name, value in best.items() if value <= fastest * (1 + margin)]
 
 
 def read_cache_file(path: Path) -> dict[str, dict]:
@@ -300,14 +326,18 @@ def selector() -> AutoSelector:
 
 
 def configure_auto(cache_path: str | os.PathLike | None = None, timer: Timer | None = None,
-                   rounds: int = 3, mode: str | None = None) -> AutoSelector:
+                   rounds: int = 3, mode: str | None = None, tie_margin: float = TIE_MARGIN,
+                   tie_rounds: int = TIE_ROUNDS) -> AutoSelector:
     """Replace the process-wide selector (forgetting its in-memory choices) and return it.
 
+    Each candidate is timed `rounds` times (the minimum counts); candidates within `tie_margin` of the fastest
+    are timed `tie_rounds` more times before the choice.
     `cache_path` overrides ``CMOE_AUTO_CACHE``; `timer` replaces the wall-clock timer (tests pass a fake one);
     `mode` (``measure`` or ``table``) overrides ``CMOE_AUTO``.
     """
     global _SELECTOR
-    _SELECTOR = AutoSelector(cache_path=cache_path, timer=timer, rounds=rounds, mode=mode)
+    _SELECTOR = AutoSelector(cache_path=cache_path, timer=timer, rounds=rounds, mode=mode, tie_margin=tie_margin,
+                             tie_rounds=tie_rounds)
     return _SELECTOR
 
 
@@ -332,7 +362,8 @@ def choices_recorded_in(path: str | os.PathLike, mode: str | None = None) -> Ite
             previous.mode = saved
         return
     _SELECTOR = AutoSelector(cache_path=path, timer=previous.timer, rounds=previous.rounds,
-                             mode=mode or previous.mode)
+                             mode=mode or previous.mode, tie_margin=previous.tie_margin,
+                             tie_rounds=previous.tie_rounds)
     try:
         yield _SELECTOR
     finally:

@@ -45,6 +45,42 @@ def test_auto_runs_the_backend_the_timer_says_is_fastest(fastest: str, fresh_sel
     assert f"{fastest} (fastest measured: {fastest} 1 ms" in choice.explain()
 
 
+class SequenceTimer:
+    """Returns each backend's listed milliseconds in turn (the last one repeats), counting calls per backend."""
+
+    def __init__(self, ms: dict[str, list[float]]):
+        self.ms = {name: list(values) for name, values in ms.items()}
+        self.calls: dict[str, int] = {}
+
+    def __call__(self, name, call, device) -> float:
+        call()
+        count = self.calls[name] = self.calls.get(name, 0) + 1
+        values = self.ms[name]
+        return values[min(count, len(values)) - 1]
+
+
+def test_a_near_tie_is_timed_again_before_the_choice(fresh_selector: None) -> None:
+    # After 3 rounds sorted leads grouped_mm by 5 %: within the 10 % tie margin, so both get 6 more rounds,
+    # in which grouped_mm is clearly faster; dense, far behind, is not timed again.
+    timer = auto.configure_auto(timer=SequenceTimer({"sorted": [1.0], "grouped_mm": [1.05] * 3 + [0.8],
+                                                     "dense": [5.0]})).timer
+    experts, x, index, weight = _inputs()
+    cmoe.moe_project(x, experts, index, weight)
+    (choice,) = auto.auto_choices().values()
+    assert choice.backend == "grouped_mm" and choice.times_ms["grouped_mm"] == 0.8
+    assert timer.calls == {"sorted": 3 + auto.TIE_ROUNDS, "grouped_mm": 3 + auto.TIE_ROUNDS, "dense": 3}
+    assert auto.near_ties({"a": 1.0, "b": 1.1, "c": 1.2}, 0.10) == ["a", "b"]
+
+
+def test_no_extra_rounds_when_the_fastest_is_clear_or_tie_rounds_is_zero(fresh_selector: None) -> None:
+    timer = auto.configure_auto(timer=SequenceTimer({"sorted": [1.0], "grouped_mm": [1.05], "dense": [5.0]}),
+                                tie_rounds=0).timer
+    experts, x, index, weight = _inputs()
+    cmoe.moe_project(x, experts, index, weight)
+    assert timer.calls == {"sorted": 3, "grouped_mm": 3, "dense": 3}
+    assert auto.auto_choices()[next(iter(auto.auto_choices()))].backend == "sorted"
+
+
 def test_choice_is_cached_per_shape_class(fresh_selector: None) -> None:
     timer = auto.configure_auto(timer=FakeTimer({"sorted": 1.0, "grouped_mm": 2.0, "dense": 3.0}), rounds=2).timer
     experts, x, index, weight = _inputs(tokens=40)
