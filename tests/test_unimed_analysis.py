@@ -79,25 +79,48 @@ def test_mlp_connector_analysis_has_projector_group_and_no_routing(tmp_path: Pat
 
 
 @pytest.mark.slow
-def test_experiment_runs_variants_over_seeds_and_writes_the_table_and_plots(tmp_path: Path) -> None:
-    from cmoe.reference_models.unimed.experiment import format_experiment, load_experiment, run_experiment
+def test_experiment_runs_variants_over_seeds_and_writes_the_table_and_plots(tmp_path: Path, monkeypatch) -> None:
+    """The tug_of_war experiment end to end at a tiny budget: variants (one a plugin's router), paired tests,
+    routing maps, the task study (a nested pair and single-task runs), the plots; a second call reuses every
+    finished run."""
+    from cmoe.reference_models.unimed import train
+    from cmoe.reference_models.unimed.experiment import load_experiment, run_experiment
+    from cmoe.reference_models.unimed.experiment_report import format_experiment
 
-    spec = load_experiment("cmoe_vs_mlp")
-    assert set(spec.variants) == {"mlp", "cmoe_original", "cmoe_token_topk", "cmoe_task"} and len(spec.seeds) >= 3
+    assert set(load_experiment("cmoe_vs_mlp").variants) == {"mlp", "cmoe_original", "cmoe_token_topk", "cmoe_task"}
+    spec = load_experiment("tug_of_war")
     spec.seeds = [0, 1]
-    small = {"data": {"synthetic": {"num_images": 60, "qa_questions": 20, "eval_images": 10}},
-             "train": {"steps": 2, "analyze_every": 2, "analyze_batches_per_task": 1, "batch_size": 4},
+    spec.task_study["nested"] = ["cls", "report"]
+    small = {"data": {"synthetic": {"num_images": 30, "qa_questions": 10, "eval_images": 6}},
+             "train": {"steps": 4, "warmup_steps": 2, "analyze_every": 2, "analyze_batches_per_task": 1,
+                       "batch_size": 4},
              "eval": {"limit_per_task": 2, "max_new_tokens": 4, "coco_caption": False}}
-    summary = run_experiment(spec, tmp_path, small, variants=["mlp", "cmoe_original"])
-    assert set(summary["runs"]) == {"mlp", "cmoe_original"}
+    summary = run_experiment(spec, tmp_path, small, variants=["mlp", "cmoe_original", "lsh_hash"])
+    assert set(summary["runs"]) == {"mlp", "cmoe_original", "lsh_hash"}
     assert [r["seed"] for r in summary["runs"]["mlp"]] == [0, 1]
     agg = summary["aggregate"]
     assert agg["cmoe_original"]["connector_params"] > agg["mlp"]["connector_params"]
     assert set(agg["mlp"]["tasks"]) == {"qa", "vqa", "report", "rec", "reg", "cls"}
     assert "routing_entropy" in agg["cmoe_original"]["tug_of_war"] and "routing_entropy" not in agg["mlp"]["tug_of_war"]
+    assert set(summary["comparisons"]) == {"cmoe_original", "lsh_hash"}  # mlp_wide did not run: one baseline
+    assert summary["comparisons"]["lsh_hash"]["mlp"]["average"]["n"] == 2
+    study = summary["task_study"]
+    assert study["conflict_by_tasks"]["2"]["tasks"] == ["cls", "report"]
+    assert set(study["single_task"]) == {"cls", "report"} and study["single_task"]["cls"]["steps"] == 1
+    assert (tmp_path / "task_study" / "single_cls" / "seed1" / "experiment_run.json").is_file()
     table = format_experiment(summary)
-    assert "| mlp |" in table and "| cmoe_original |" in table and "conflict index" in table
-    assert {"results.md", "results.json", "scores.png", "conflict.png"} <= {p.name for p in tmp_path.iterdir()}
+    for row in ("| mlp |", "| cmoe_original |", "| lsh_hash |", "conflict index", "| cmoe_original | cls |",
+                "| 2 | cls, report |", "| cls (accuracy) | 1 |"):
+        assert row in table
+    assert {"results.md", "results.json", "scores.png", "conflict.png", "routing.png", "task_study.png"} <= \
+        {p.name for p in tmp_path.iterdir()}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(train.Trainer, "train", no_training)
+    again = run_experiment(spec, tmp_path, small, variants=["mlp", "cmoe_original", "lsh_hash"])
+    assert again["aggregate"] == summary["aggregate"]
     with pytest.raises(Exception, match="not in experiment"):
         run_experiment(spec, tmp_path, small, variants=["nope"])
 

@@ -66,19 +66,20 @@ def _analyze(args: argparse.Namespace) -> int:
 
 def _experiment(args: argparse.Namespace) -> int:
     from cmoe.reference_models.unimed.config import parse_overrides
-    from cmoe.reference_models.unimed.experiment import format_experiment, load_experiment, run_experiment
+    from cmoe.reference_models.unimed.experiment import load_experiment, run_experiment
+    from cmoe.reference_models.unimed.experiment_report import format_experiment
 
     spec = load_experiment(args.experiment)
     if args.seeds:
         spec.seeds = [int(seed) for seed in args.seeds.split(",")]
     out = Path(args.output_dir or f"runs/experiments/{spec.name}")
-    variants = args.variants.split(",") if args.variants else None
+    variants = [v for item in (args.variants or []) for v in item.split(",") if v] or None
     summary = run_experiment(spec, out, parse_overrides(args.overrides), variants)
     print(format_experiment(summary))
     if args.report_dir:
         report = Path(args.report_dir)
         report.mkdir(parents=True, exist_ok=True)
-        for name in ("results.md", "results.json", "scores.png", "conflict.png"):
+        for name in ("results.md", "results.json", "scores.png", "conflict.png", "routing.png", "task_study.png"):
             if (out / name).is_file():
                 shutil.copy2(out / name, report / name)
         print(f"results copied to {report}")
@@ -166,11 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     experiment = commands.add_parser("experiment", help="train, evaluate and analyse variants over seeds "
                                                         "(CMoE vs MLP, IMAX vs DMAX); prints the comparison table")
     experiment.add_argument("--experiment", default="cmoe_vs_mlp",
-                            help="an experiment YAML or a built-in one: cmoe_vs_mlp, imax, paper")
+                            help="an experiment YAML or a built-in one: cmoe_vs_mlp, imax, paper, tug_of_war")
     experiment.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                             help="override a config value in every run, e.g. --set train.steps=100")
     experiment.add_argument("--seeds", help="comma-separated seeds (default: the experiment's)")
-    experiment.add_argument("--variants", help="comma-separated subset of the variants")
+    experiment.add_argument("--variant", "--variants", dest="variants", action="append", metavar="NAME",
+                            help="run only these variants (repeat, or comma-separated); a registered router's "
+                                 "name runs that router as a variant, e.g. --variant lsh_hash")
     experiment.add_argument("--output-dir", help="where the runs go (default: runs/experiments/<name>)")
     experiment.add_argument("--report-dir", help="also copy results.md/json and the plots here")
     experiment.set_defaults(run=_experiment)
