@@ -64,7 +64,10 @@ def build_hf_causal_lm(
         if not os.path.isdir(path):
             raise CMoEError(f"path: expected a local checkpoint directory, got {str(path)!r} (not found); "
                             "nothing is downloaded — download the weights yourself and pass their folder")
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+        # Inside a meta device context (`paper_scale.build_on_meta`) transformers refuses from_pretrained unless
+        # told the target: the same model, config and generation config, weights left unloaded on meta.
+        device_map = "meta" if torch.empty(()).is_meta else None
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype, device_map=device_map)
     else:
         options = dict(config)
         model_type = options.pop("model_type", None)

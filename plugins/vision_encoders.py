@@ -158,7 +158,9 @@ def _load_hf_vision_model(kind: str, path: str | None, config: dict | None) -> n
         expect(os.path.isdir(path), "path", "an existing local directory holding config.json and the weights",
                f"{os.fspath(path)!r}, which " + ("is not a directory" if os.path.exists(path) else "does not exist"))
         try:
-            return model_class.from_pretrained(os.fspath(path), local_files_only=True)
+            # In a meta device context: the same model, weights left on meta (see build_hf_causal_lm).
+            device_map = "meta" if torch.empty(()).is_meta else None
+            return model_class.from_pretrained(os.fspath(path), local_files_only=True, device_map=device_map)
         except (OSError, ValueError, KeyError) as error:
             raise CMoEError(f"path: cannot load a {model_class.__name__} from the local directory "
                             f"{os.fspath(path)!r}: {error}") from error

@@ -1,6 +1,7 @@
 """FSDP2 (``train.distributed: fsdp``) on two CPU processes (gloo): the sharded tiny model trains like an unsharded
 one fed both ranks' batches (allclose in fp32), both ranks gather the same full state, and that state, in the DDP
-checkpoint format, resumes into a fresh sharded model that then trains identically."""
+checkpoint format, resumes into a fresh sharded model that then trains identically. The sharded model comes from
+`build_sharded_model`: rank 1 builds it on the meta device and receives its shards from rank 0."""
 
 from __future__ import annotations
 
@@ -43,6 +44,22 @@ def test_fsdp_matches_unsharded_training_and_resumes(tmp_path: Path, mode: str) 
     reports = [json.loads((tmp_path / f"report_rank{r}.json").read_text()) for r in (0, 1)]
     assert reports[0]["world"] == 2 and reports[0]["kinds"] == ["DTensor", "Parameter"]
     assert reports[0]["generated"] == reports[0]["reference_generated"] == reports[1]["generated"]
+
+    # build_sharded_model: rank 1 built everything on the meta device (never the full LLM), allocated only its
+    # shards, and ended with rank 0's values everywhere, non-persistent buffers (RoPE, position ids) included.
+    assert reports[0]["meta_at_sharding"] == {"llm": [False], "vision_encoder": [False], "connector": [False]}
+    assert reports[1]["meta_at_sharding"] == {"llm": [True], "vision_encoder": [True], "connector": [True]}
+    shards = [reports[r]["local_shards"] for r in (0, 1)]
+    assert all(shard["expected"] for shard in shards)
+    assert shards[0]["full"] == shards[1]["full"] == shards[0]["local"] + shards[1]["local"]
+    assert 0.4 < shards[1]["local"] / shards[1]["full"] < 0.6
+    initial = [load_file(str(tmp_path / f"initial_rank{r}.safetensors")) for r in (0, 1)]
+    initial_reference = load_file(str(tmp_path / "initial_reference.safetensors"))
+    assert any(".inv_freq" in name for name in initial_reference)
+    assert any("position_ids" in name for name in initial_reference)
+    _assert_same(initial[0], initial_reference)
+    _assert_same(initial[1], initial_reference)
+    assert reports[0]["fingerprint"] == reports[1]["fingerprint"] == reports[0]["reference_fingerprint"]
 
     full = [load_file(str(tmp_path / f"full_rank{r}.safetensors")) for r in (0, 1)]
     reference = load_file(str(tmp_path / "reference.safetensors"))

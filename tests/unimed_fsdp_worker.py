@@ -21,15 +21,23 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
-from cmoe.reference_models.unimed.checkpoint import _flatten_optimizer, _unflatten_optimizer  # noqa: E402
+from cmoe.reference_models.unimed import distributed  # noqa: E402
+from cmoe.reference_models.unimed.checkpoint import (  # noqa: E402
+    _flatten_optimizer,
+    _unflatten_optimizer,
+    frozen_fingerprint,
+)
 from cmoe.reference_models.unimed.collate import Collator  # noqa: E402
 from cmoe.reference_models.unimed.distributed import (  # noqa: E402
     FSDPGradScaler,
+    build_sharded_model,
     clip_grad_norm_,
     full_optimizer_state,
     full_trainable_state,
+    is_sharded,
     load_full_state,
     no_sync,
     shard_model,
@@ -135,15 +143,52 @@ def save_optimizer(state: dict[str, Any], name: str) -> None:
     (out / f"{name}.json").write_text(json.dumps(meta))
 
 
-model = fresh_model()
+def record_shard_model_input(model: UniMedModel, device: torch.device) -> UniMedModel:
+    """Spy on what `build_sharded_model` hands to `shard_model`: which parts are still on the meta device."""
+    report["meta_at_sharding"] = {part: sorted({p.is_meta for p in getattr(model, part).parameters()})
+                                  for part in ("llm", "vision_encoder", "connector")}
+    return shard_model(model, device)
+
+
+def local_shards(model: UniMedModel) -> dict[str, Any]:
+    """The LLM's local shard sizes against FSDP2's dim-0 ``torch.chunk`` split of the full parameters."""
+    local = full = 0
+    expected = True
+    for parameter in model.llm.parameters():
+        rows = torch.empty(parameter.shape[0], device="meta").chunk(world)
+        shape = (rows[rank].numel() if rank < len(rows) else 0, *parameter.shape[1:])
+        expected &= isinstance(parameter, DTensor) and tuple(parameter.to_local().shape) == shape
+        local += parameter.to_local().numel()
+        full += parameter.numel()
+    return {"expected": expected, "local": local, "full": full}
+
+
+def full_values(model: UniMedModel) -> dict[str, torch.Tensor]:
+    """Every parameter and persistent buffer (gathered when sharded), and every buffer as ``buffer:name``."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)) if is_sharded(model) \
+        else model.state_dict()
+    state.update({f"buffer:{name}": value for name, value in model.named_buffers()})
+    return {name: value.detach().clone().contiguous() for name, value in state.items()}
+
+
+report: dict = {"world": world}
+distributed.shard_model = record_shard_model_input
+model, fingerprint = build_sharded_model(config, tokenizer, ctx.device)
+distributed.shard_model = shard_model
+model.train()
+report["local_shards"] = local_shards(model)
+report["fingerprint"] = fingerprint
+save_file(full_values(model), str(out / f"initial_rank{rank}.safetensors"))
 collator = Collator(tokenizer, model.vision_encoder.image_size, config.model.image_mean, config.model.image_std,
                     config.model.max_text_tokens)
 prompts = Collator(tokenizer, model.vision_encoder.image_size, config.model.image_mean, config.model.image_std,
                    config.model.max_text_tokens, with_answers=False)
 reference = fresh_model() if rank == 0 else None
-shard_model(model, ctx.device)
+if reference is not None:
+    save_file(full_values(reference), str(out / "initial_reference.safetensors"))
+    report["reference_fingerprint"] = frozen_fingerprint(reference)
 optimizer, scheduler = optimizer_for(model)
-report: dict = {"world": world, "kinds": sorted({type(p).__name__ for p in model.parameters()})}
+report["kinds"] = sorted({type(p).__name__ for p in model.parameters()})
 
 model.eval()
 report["generated"] = model.generate(prompts(images[:2] + qa[:1]), max_new_tokens=4)

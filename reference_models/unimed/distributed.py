@@ -14,6 +14,14 @@ unused on some ranks gets the mean with zeros, one unused on every rank keeps ``
 weight decay included). At paper scale the connector is ~0.7B fp32 parameters; replicated with its AdamW state it
 costs ~11 GB per GPU next to the 7B LLM's shard.
 
+Building it (`build_sharded_model`): rank 0 builds the model as an unsharded run does (same seed, weights, LoRA
+init) and loads any checkpoint into it; the other ranks build the same architecture on the meta device
+(`paper_scale.build_on_meta`), so only rank 0 ever holds the full LLM on the host. Every rank then applies
+`shard_model`, the meta ranks allocate only their local shards and the replicated modules (``to_empty``), and
+torch's ``set_model_state_dict(..., broadcast_from_rank0=True)`` sends rank 0's values tensor by tensor, each rank
+keeping its shard; the non-persistent buffers (RoPE frequencies, position ids), which no state dict holds, are
+broadcast after it. Every rank ends with rank 0's values: its shards of the LLM, bit-identical replicated modules.
+
 Checkpoints keep the DDP format: `full_trainable_state` gathers the trainable parameters under their
 ``named_parameters()`` names and `full_optimizer_state` the optimiser state in ``optimizer.state_dict()`` form
 (integer parameter indices), both unsharded and on the CPU; `load_full_state` puts them back into a sharded model.
@@ -28,8 +36,9 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from itertools import chain
 from typing import Any
 
 import torch
@@ -47,6 +56,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forwar
 from torch.distributed.tensor import DTensor
 
 from cmoe.errors import CMoEError
+from cmoe.reference_models.unimed.config import RecipeConfig
 from cmoe.reference_models.unimed.model import UniMedModel
 
 BLOCK_SUFFIX = "DecoderLayer"
@@ -82,7 +92,8 @@ def shard_model(model: UniMedModel, device: torch.device) -> UniMedModel:
     module docstring for what stays replicated). Returns `model`, now an `FSDPModule`.
 
     Call it on the model as built (CPU is fine: each rank then copies only its shards to `device`), after
-    loading any checkpointed weights into it and before creating the optimiser."""
+    loading any checkpointed weights into it and before creating the optimiser; or through
+    `build_sharded_model`, which calls it on a meta-built model on the ranks other than 0."""
     if not dist.is_initialized():
         raise CMoEError("train.distributed=fsdp: torch.distributed is not initialised; launch with torchrun "
                         "(torchrun --nproc_per_node N -m cmoe unimed train ...)")
@@ -92,7 +103,8 @@ def shard_model(model: UniMedModel, device: torch.device) -> UniMedModel:
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     replicated = [model.vision_encoder, model.connector]
     for module in replicated:
-        module.to(device)
+        if not _on_meta(module):  # a meta-built model is allocated later (`build_sharded_model`)
+            module.to(device)
     ignored = {p for module in replicated for p in module.parameters()}
     layers = decoder_layers(model)
     in_layers = {p for layer in layers for p in layer.parameters()}
@@ -109,6 +121,75 @@ def shard_model(model: UniMedModel, device: torch.device) -> UniMedModel:
     warnings.filterwarnings("ignore", message=rf"FSDP2-wrapped module \({type(model).__name__}\) returned a view",
                             category=UserWarning)
     return model
+
+
+def _on_meta(module: nn.Module) -> bool:
+    return any(t.is_meta for t in chain(module.parameters(), module.buffers()))
+
+
+@torch.no_grad()
+def _broadcast_non_persistent_buffers(model: nn.Module) -> None:
+    """Rank 0's non-persistent buffers to every rank (no state dict holds them), in ``named_buffers`` order."""
+    rank = dist.get_rank()
+    for module in model.modules():
+        for name in sorted(module._non_persistent_buffers_set):
+            buffer = getattr(module, name, None)
+            if not isinstance(buffer, torch.Tensor):
+                continue
+            sent = buffer.contiguous() if rank == 0 else torch.empty(buffer.shape, dtype=buffer.dtype,
+                                                                     device=buffer.device)
+            dist.broadcast(sent, src=0)
+            if rank != 0:
+                buffer.copy_(sent)
+
+
+def build_sharded_model(config: RecipeConfig, tokenizer: Any, device: torch.device,
+                        prepare: Callable[[UniMedModel], None] | None = None) -> tuple[UniMedModel, str]:
+    """The Uni-Med model of `config`, sharded over all ranks by `shard_model`, without any rank but 0 holding
+    the full LLM (see the module docstring). Rank 0 seeds with ``config.seed``, builds the model and calls
+    `prepare` on it (e.g. loading a checkpoint's trainable weights) before its values are broadcast. A
+    collective: every rank calls it with the same config and tokenizer.
+
+    Returns the sharded model and `frozen_fingerprint` of the unsharded one, as rank 0 computed it (the
+    meta-built ranks have no values to hash). An error in rank 0's build or `prepare` is raised on every rank."""
+    from cmoe.reference_models.unimed.checkpoint import frozen_fingerprint
+    from cmoe.reference_models.unimed.model import build_model
+    from cmoe.reference_models.unimed.paper_scale import build_on_meta
+
+    if not dist.is_initialized():
+        raise CMoEError("train.distributed=fsdp: torch.distributed is not initialised; launch with torchrun "
+                        "(torchrun --nproc_per_node N -m cmoe unimed train ...)")
+    rank = dist.get_rank()
+    outcome: list[Any] = [None, None]  # fingerprint, error message
+    error: BaseException | None = None
+    if rank == 0:
+        try:
+            torch.manual_seed(config.seed)
+            model = build_model(config.model, tokenizer)
+            if prepare is not None:
+                prepare(model)
+            outcome[0] = frozen_fingerprint(model)
+            full_state = model.state_dict()
+        except Exception as caught:  # every rank must leave the collective below, then raise
+            error = caught
+            outcome[1] = f"{type(caught).__name__}: {caught}"
+    else:
+        model = build_on_meta(config, tokenizer)
+        full_state = {}
+    dist.broadcast_object_list(outcome, src=0)
+    if error is not None:
+        raise error
+    if outcome[1] is not None:
+        raise CMoEError(f"build_sharded_model: rank 0 failed to build or prepare the model ({outcome[1]}); "
+                        "see rank 0's error")
+    shard_model(model, device)
+    if rank != 0:
+        model.to_empty(device=device)
+    set_model_state_dict(model, full_state,
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full_state
+    _broadcast_non_persistent_buffers(model)
+    return model, outcome[0]
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -223,18 +223,20 @@ class Trainer:
         else:
             self.tokenizer = make_tokenizer(config, self.train_samples)
         train = config.train
-        torch.manual_seed(config.seed)
-        model = build_model(config.model, self.tokenizer)
         self.fsdp = train.distributed == "fsdp" and ctx.world_size > 1
-        if ctx.is_main:
-            print(step_memory_estimate(model, config).format(), flush=True)
-        if not self.fsdp:
-            model = model.to(ctx.device)
-        self.fingerprint = frozen_fingerprint(model)
-        if parts is not None:
-            load_trainable(model, parts, str(resume_from))
         if self.fsdp:
-            distributed.shard_model(model, ctx.device)
+            # Rank 0 builds the model and loads the checkpoint; the others build it on the meta device and
+            # receive their shards from rank 0.
+            prepare = None if parts is None else partial(load_trainable, parts=parts, where=str(resume_from))
+            model, self.fingerprint = distributed.build_sharded_model(config, self.tokenizer, ctx.device, prepare)
+        else:
+            torch.manual_seed(config.seed)
+            model = build_model(config.model, self.tokenizer).to(ctx.device)
+            self.fingerprint = frozen_fingerprint(model)
+            if parts is not None:
+                load_trainable(model, parts, str(resume_from))
+        if ctx.is_main:  # shapes and dtypes only: a sharded model's DTensors count their full size
+            print(step_memory_estimate(model, config).format(), flush=True)
         self.model: UniMedModel = model
         self.optimizer = torch.optim.AdamW(parameter_groups(model, train.weight_decay), lr=train.lr,
                                            betas=tuple(train.betas), fused=False)
