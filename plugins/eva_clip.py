@@ -388,12 +388,13 @@ def build_eva_clip_g(path: str | None = None, config: dict | EVAViTConfig | None
     float32; random init takes a while on CPU). `path` is an optional LOCAL checkpoint (`load_eva_checkpoint`)
     loaded by `load_eva_state_dict`; without it the weights are random. Both may be given, e.g.
     ``config={"img_size": 448}`` with BLIP-2's 224 px weights (MiniGPT-v2), whose position embeddings are then
-    interpolated. With a checkpoint the model is built on the meta device and skips the random init.
+    interpolated. With a checkpoint the model is built on the meta device and skips the random init; built inside
+    a meta device context (`paper_scale.build_on_meta`) it stays there, without reading the checkpoint.
     """
     if not isinstance(config, EVAViTConfig):
         config = EVAViTConfig.from_dict({} if config is None else config)
     options = dict(drop_cls=drop_cls, final_norm=final_norm, feature_layer=feature_layer)
-    if path is None:
+    if path is None or torch.empty(()).is_meta:  # inside a meta device context the checkpoint is not read
         encoder = EVACLIPEncoder(config, **options)
     else:
         weights = load_eva_checkpoint(path)

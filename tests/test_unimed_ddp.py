@@ -1,6 +1,6 @@
 """Two processes through torchrun (gloo on CPU), DDP and FSDP: both ranks end with identical (full) weights while
 each rank reads its own batches, rank 0 writes the checkpoint in the one format, and the live tug-of-war
-analysis runs under both."""
+analysis runs under both; an FSDP trainer resumes the checkpoint on every rank."""
 
 from __future__ import annotations
 
@@ -37,3 +37,9 @@ def test_two_process_torchrun_ranks_agree(tmp_path: Path, mode: str) -> None:
     last = report["steps"][-1]
     assert last["parameters"]["router"]["update_norm"] > 0
     assert all(abs(last["gradients"]["all"]["cosine"][i][i] - 1) < 1e-9 for i in range(5))
+    if mode == "fsdp":
+        for r in (0, 1):
+            resumed = load_file(str(tmp_path / f"resumed_rank{r}.safetensors"))
+            assert resumed.keys() == a.keys() and all(torch.equal(resumed[k], a[k]) for k in a)
+            state = json.loads((tmp_path / f"resumed_rank{r}.json").read_text())
+            assert state["step"] == 4 and state["fingerprint"] == state["trained_fingerprint"]

@@ -1,6 +1,7 @@
 """Run by `test_unimed_ddp.py` under torchrun (``worker.py OUT ddp|fsdp``): train the test config, then write
 this rank's (full) trainable weights and the sources of its first batch, so the test can check that ranks agree
-and saw different data. The live tug-of-war analysis runs every 2 steps (every rank measures, rank 0 writes)."""
+and saw different data. The live tug-of-war analysis runs every 2 steps (every rank measures, rank 0 writes).
+Under fsdp, a second trainer then resumes from the last checkpoint and writes its (full) trainable weights."""
 
 from __future__ import annotations
 
@@ -30,4 +31,11 @@ if mode == "fsdp":
 else:
     weights = {n: p.detach().contiguous() for n, p in trainer.model.named_parameters() if p.requires_grad}
 save_file(weights, str(out / f"weights_rank{rank}.safetensors"))
+if mode == "fsdp":  # resume: rank 0 loads the checkpoint into its model before the others receive their shards
+    resumed = Trainer(trainer.config, resume="auto")
+    resumed.setup()
+    save_file(full_trainable_state(resumed.model, rank0_only=False), str(out / f"resumed_rank{rank}.safetensors"))
+    (out / f"resumed_rank{rank}.json").write_text(json.dumps({"step": resumed.step,
+                                                              "fingerprint": resumed.fingerprint,
+                                                              "trained_fingerprint": trainer.fingerprint}))
 (out / f"world_rank{rank}.txt").write_text(os.environ["WORLD_SIZE"])
