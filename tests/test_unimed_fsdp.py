@@ -60,6 +60,8 @@ def test_fsdp_matches_unsharded_training_and_resumes(tmp_path: Path, mode: str) 
     _assert_same(initial[0], initial_reference)
     _assert_same(initial[1], initial_reference)
     assert reports[0]["fingerprint"] == reports[1]["fingerprint"] == reports[0]["reference_fingerprint"]
+    assert reports[0]["prepare_error"] == "checkpoint: the frozen weights differ (raised on purpose)"
+    assert "rank 0 failed" in reports[1]["prepare_error"] and "raised on purpose" in reports[1]["prepare_error"]
 
     full = [load_file(str(tmp_path / f"full_rank{r}.safetensors")) for r in (0, 1)]
     reference = load_file(str(tmp_path / "reference.safetensors"))

@@ -24,6 +24,8 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
+from cmoe.errors import CMoEError  # noqa: E402
+
 from cmoe.reference_models.unimed import distributed  # noqa: E402
 from cmoe.reference_models.unimed.checkpoint import (  # noqa: E402
     _flatten_optimizer,
@@ -245,5 +247,16 @@ if reference is not None:
     save_file({n: p.detach().contiguous() for n, p in reference.named_parameters() if p.requires_grad},
               str(out / "reference.safetensors"))
     save_optimizer(reference_optimizer.state_dict(), "reference_optimizer")
+
+
+def failing_prepare(model: UniMedModel) -> None:
+    raise CMoEError("checkpoint: the frozen weights differ (raised on purpose)")
+
+
+try:  # an error in rank 0's prepare (e.g. a checkpoint that does not fit) must reach every rank, not hang it
+    build_sharded_model(config, tokenizer, ctx.device, failing_prepare)
+    report["prepare_error"] = None
+except CMoEError as error:
+    report["prepare_error"] = str(error)
 (out / f"report_rank{rank}.json").write_text(json.dumps(report))
 dist.destroy_process_group()
