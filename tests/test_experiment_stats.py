@@ -11,7 +11,7 @@ import pytest
 
 from cmoe.errors import CMoEError
 from cmoe.reference_models.unimed.experiment import aggregate, compare, load_experiment, resolve_variants, run_config
-from cmoe.reference_models.unimed.experiment_report import format_experiment, routing_by_variant
+from cmoe.reference_models.unimed.experiment_report import format_experiment, routing_by_variant, task_separation
 from cmoe.reference_models.unimed.experiment_stats import mean_std, paired_test
 from cmoe.reference_models.unimed.experiment_tasks import subset_overrides
 
@@ -89,18 +89,27 @@ def test_aggregate_and_compare_pair_runs_by_seed() -> None:
     assert math.isclose(average["mean_diff"], 0.1) and average["t"] is None and average["p_sign_flip"] == 0.25
     conflict = result["moe"]["mlp"]["conflict_mean"]  # −0.1, −0.1, −0.05
     assert math.isclose(conflict["mean_diff"], -0.25 / 3)
+    both = compare(runs, ["mlp", "moe"])  # two baselines: their pair is compared once, not both ways
+    assert set(both) == {"moe"} and set(both["moe"]) == {"mlp"}
     table = format_experiment({"name": "x", "seeds": [0, 1, 2], "runs": runs, "aggregate": agg,
                                "comparisons": result})
     assert "| moe | mlp | **+10.0 (p n/a / 0.250)** |" in table
 
 
-def test_routing_maps_are_averaged_over_seeds() -> None:
-    runs = {"moe": [_run(0, {"cls": 1.0}, 0.1, {"cls": {"weights": [1.0, 0.0], "normalized_entropy": 0.0}}),
-                    _run(1, {"cls": 1.0}, 0.1, {"cls": {"weights": [0.5, 0.5], "normalized_entropy": 1.0}})],
-            "mlp": [_run(0, {"cls": 1.0}, 0.1)]}
+def test_routing_maps_come_from_one_seed_and_separation_is_the_mean_pairwise_total_variation() -> None:
+    one_hot = {"cls": {"weights": [1.0, 0.0], "normalized_entropy": 0.0},
+               "vqa": {"weights": [0.0, 1.0], "normalized_entropy": 0.0}}
+    alike = {"cls": {"weights": [0.5, 0.5], "normalized_entropy": 1.0},
+             "vqa": {"weights": [0.5, 0.5], "normalized_entropy": 1.0}}
+    runs = {"moe": [_run(3, {"cls": 1.0}, 0.1, one_hot), _run(4, {"cls": 1.0}, 0.1, alike)],
+            "mlp": [_run(3, {"cls": 1.0}, 0.1)]}
     routing = routing_by_variant({"runs": runs})
-    assert set(routing) == {"moe"} and routing["moe"]["cls"]["weights"] == [0.75, 0.25]
-    assert routing["moe"]["cls"]["entropy"] == (0.5, math.sqrt(0.5))
+    assert set(routing) == {"moe"} and routing["moe"]["seed"] == 3
+    assert routing["moe"]["tasks"]["cls"]["weights"] == [1.0, 0.0]  # seed 3's map, not an average over seeds
+    assert routing["moe"]["tasks"]["cls"]["entropy"] == (0.5, math.sqrt(0.5))
+    assert routing["moe"]["separation"] == (0.5, math.sqrt(0.5))  # TV 1 (disjoint) and 0 (alike)
+    three = {t: {"weights": w} for t, w in (("a", [1, 0, 0]), ("b", [0, 1, 0]), ("c", [0.5, 0.5, 0]))}
+    assert math.isclose(task_separation(three), (1 + 0.5 + 0.5) / 3)
 
 
 def test_the_tug_of_war_experiment_is_what_the_issue_asks(tmp_path: Path) -> None:

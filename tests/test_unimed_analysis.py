@@ -95,21 +95,21 @@ def test_experiment_runs_variants_over_seeds_and_writes_the_table_and_plots(tmp_
              "train": {"steps": 4, "warmup_steps": 2, "analyze_every": 2, "analyze_batches_per_task": 1,
                        "batch_size": 4},
              "eval": {"limit_per_task": 2, "max_new_tokens": 4, "coco_caption": False}}
-    summary = run_experiment(spec, tmp_path, small, variants=["mlp", "cmoe_original", "lsh_hash"])
-    assert set(summary["runs"]) == {"mlp", "cmoe_original", "lsh_hash"}
+    summary = run_experiment(spec, tmp_path, small, variants=["mlp", "lsh_hash"])
+    assert set(summary["runs"]) == {"mlp", "lsh_hash"}
     assert [r["seed"] for r in summary["runs"]["mlp"]] == [0, 1]
     agg = summary["aggregate"]
-    assert agg["cmoe_original"]["connector_params"] > agg["mlp"]["connector_params"]
+    assert agg["lsh_hash"]["connector_params"] > agg["mlp"]["connector_params"]
     assert set(agg["mlp"]["tasks"]) == {"qa", "vqa", "report", "rec", "reg", "cls"}
-    assert "routing_entropy" in agg["cmoe_original"]["tug_of_war"] and "routing_entropy" not in agg["mlp"]["tug_of_war"]
-    assert set(summary["comparisons"]) == {"cmoe_original", "lsh_hash"}  # mlp_wide did not run: one baseline
+    assert "routing_entropy" in agg["lsh_hash"]["tug_of_war"] and "routing_entropy" not in agg["mlp"]["tug_of_war"]
+    assert set(summary["comparisons"]) == {"lsh_hash"}  # mlp_wide did not run: one baseline
     assert summary["comparisons"]["lsh_hash"]["mlp"]["average"]["n"] == 2
     study = summary["task_study"]
     assert study["conflict_by_tasks"]["2"]["tasks"] == ["cls", "report"]
     assert set(study["single_task"]) == {"cls", "report"} and study["single_task"]["cls"]["steps"] == 1
     assert (tmp_path / "task_study" / "single_cls" / "seed1" / "experiment_run.json").is_file()
     table = format_experiment(summary)
-    for row in ("| mlp |", "| cmoe_original |", "| lsh_hash |", "conflict index", "| cmoe_original | cls |",
+    for row in ("| mlp |", "| lsh_hash |", "conflict index", "| lsh_hash (0) | cls |", "| lsh_hash | mlp |",
                 "| 2 | cls, report |", "| cls (accuracy) | 1 |"):
         assert row in table
     assert {"results.md", "results.json", "scores.png", "conflict.png", "routing.png", "task_study.png"} <= \
@@ -119,7 +119,7 @@ def test_experiment_runs_variants_over_seeds_and_writes_the_table_and_plots(tmp_
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(train.Trainer, "train", no_training)
-    again = run_experiment(spec, tmp_path, small, variants=["mlp", "cmoe_original", "lsh_hash"])
+    again = run_experiment(spec, tmp_path, small, variants=["mlp", "lsh_hash"])
     assert again["aggregate"] == summary["aggregate"]
     with pytest.raises(Exception, match="not in experiment"):
         run_experiment(spec, tmp_path, small, variants=["nope"])

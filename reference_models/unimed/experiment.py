@@ -263,9 +263,9 @@ def _paired(runs_a: list[dict[str, Any]], runs_b: list[dict[str, Any]], value) -
 def compare(runs: dict[str, list[dict[str, Any]]], baselines: list[str]) -> dict[str, dict[str, Any]]:
     """Every variant against every baseline, paired by seed: the average, each task, and the conflict index."""
     result: dict[str, dict[str, Any]] = {}
-    for baseline in baselines:
+    for position, baseline in enumerate(baselines):
         for variant, seeds in runs.items():
-            if variant == baseline:
+            if variant == baseline or variant in baselines[:position]:  # a pair of baselines is compared once
                 continue
             tasks = [t for t in TASK_SCORE if any(t in run["scores"] for run in seeds)]
             conflict = lambda run: (run["tug_of_war"] or {}).get("conflict_mean")

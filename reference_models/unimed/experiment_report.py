@@ -79,19 +79,34 @@ def format_tug_of_war(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def routing_by_variant(summary: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
-    """Per routed variant and task: the mean routing weight per expert and the normalised entropy at the end of
-    training, averaged over seeds."""
-    result: dict[str, dict[str, dict[str, Any]]] = {}
+def task_separation(routing: dict[str, dict[str, Any]]) -> float | None:
+    """How differently a run's tasks route: the mean over task pairs of the total-variation distance between
+    their mean routing weights (0 = every task uses the experts alike, 1 = disjoint experts)."""
+    tasks = list(routing)
+    pairs = [(a, b) for i, a in enumerate(tasks) for b in tasks[i + 1:]]
+    if not pairs:
+        return None
+    tv = lambda p, q: 0.5 * sum(abs(x - y) for x, y in zip(p, q))
+    return sum(tv(routing[a]["weights"], routing[b]["weights"]) for a, b in pairs) / len(pairs)
+
+
+def routing_by_variant(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per routed variant: each task's mean routing weight per expert in the first seed's run (expert numbers
+    mean nothing across seeds, so weights are not averaged over them), each task's normalised entropy and the
+    task separation, mean ± std over seeds."""
+    result: dict[str, dict[str, Any]] = {}
     for variant, runs in summary["runs"].items():
-        routed = [run["tug_of_war"]["routing"] for run in runs if (run.get("tug_of_war") or {}).get("routing")]
+        routed = [(run["seed"], run["tug_of_war"]["routing"]) for run in runs
+                  if (run.get("tug_of_war") or {}).get("routing")]
         if not routed:
             continue
-        for task in routed[0]:
-            weights = [r[task]["weights"] for r in routed if task in r]
-            result.setdefault(variant, {})[task] = {
-                "weights": [sum(col) / len(col) for col in zip(*weights)],
-                "entropy": mean_std([r[task]["normalized_entropy"] for r in routed if task in r])}
+        seed, first = routed[0]
+        result[variant] = {
+            "seed": seed,
+            "tasks": {task: {"weights": first[task]["weights"],
+                             "entropy": mean_std([r[task]["normalized_entropy"] for _, r in routed if task in r])}
+                      for task in first},
+            "separation": mean_std([task_separation(r) for _, r in routed])}
     return result
 
 
@@ -99,13 +114,24 @@ def format_routing(summary: dict[str, Any]) -> list[str]:
     routing = routing_by_variant(summary)
     if not routing:
         return []
-    lines = ["", "Routing specialisation at the end of training (mean routing weight per expert over each task's "
-             "visual tokens, and its entropy normalised by ln E: 1 = uniform, 0 = one expert), mean over seeds:", "",
-             "| variant | task | weight per expert | entropy (norm.) |", "|---|---|---|---|"]
-    for variant, tasks in routing.items():
-        for task, r in tasks.items():
-            weights = " ".join(f"{w:.2f}" for w in r["weights"])
-            lines.append(f"| {variant} | {task} | {weights} | {_cell(r['entropy'], scale=1.0, digits=3)} |")
+    lines = ["", "Routing at the end of training. Task separation: mean over task pairs of the total-variation "
+             "distance between their mean routing weights (0 = all tasks use the experts alike, 1 = disjoint "
+             "experts); entropy of each task's mean routing weight, normalised by ln E (1 = uniform, 0 = one "
+             "expert); both mean ± std over seeds:", "",
+             "| variant | task separation | entropy (norm.), mean over tasks |", "|---|---|---|"]
+    for variant, r in routing.items():
+        entropies = [t["entropy"][0] for t in r["tasks"].values() if t["entropy"][0] is not None]
+        mean_entropy = sum(entropies) / len(entropies) if entropies else None
+        lines.append(f"| {variant} | {_cell(r['separation'], scale=1.0, digits=3)} | "
+                     f"{'n/a' if mean_entropy is None else f'{mean_entropy:.3f}'} |")
+    lines += ["", "Mean routing weight per expert for each task, in the first seed's run (expert numbers differ "
+              "between seeds):", "", "| variant (seed) | task | weight per expert | entropy (norm.) over seeds |",
+              "|---|---|---|---|"]
+    for variant, r in routing.items():
+        for task, t in r["tasks"].items():
+            weights = " ".join(f"{w:.2f}" for w in t["weights"])
+            lines.append(f"| {variant} ({r['seed']}) | {task} | {weights} | "
+                         f"{_cell(t['entropy'], scale=1.0, digits=3)} |")
     return lines
 
 
@@ -211,14 +237,15 @@ def _plot_routing(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     if not routing:
         return []
     fig = _figure(3.2 * len(routing), 3.2)
-    for i, (variant, tasks) in enumerate(routing.items()):
+    for i, (variant, r) in enumerate(routing.items()):
+        tasks = r["tasks"]
         ax = fig.add_subplot(1, len(routing), i + 1)
         names = list(tasks)
         image = ax.imshow([tasks[t]["weights"] for t in names], vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_yticks(range(len(names)), names)
         ax.set_xticks(range(len(tasks[names[0]]["weights"])))
         ax.set_xlabel("expert")
-        ax.set_title(variant, fontsize=9)
+        ax.set_title(f"{variant} (seed {r['seed']})", fontsize=9)
     fig.colorbar(image, ax=fig.axes, shrink=0.8, label="mean routing weight")
     path = out_dir / "routing.png"
     fig.savefig(path, dpi=120, bbox_inches="tight")
