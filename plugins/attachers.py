@@ -247,10 +247,26 @@ def _anyres_crops(config: Any, sizes: Any) -> torch.Tensor | None:
                                                    config.vision_config.image_size) for size in sizes])
 
 
+_IMAGE_INPUTS = ("pixel_values", "pixel_values_images")
+_VIDEO_INPUTS = ("pixel_values_videos",)
+
+
+def _check_not_mixed(kwargs: dict[str, Any]) -> None:
+    """Task ids are per image; a call carrying images *and* videos projects them in separate connector calls
+    whose rows this attacher cannot assign to the right ids, so it refuses rather than route silently wrong."""
+    if any(kwargs.get(k) is not None for k in _IMAGE_INPUTS) and any(kwargs.get(k) is not None
+                                                                      for k in _VIDEO_INPUTS):
+        raise CMoEError("task_ids: this call carries images and videos together, and task ids cannot be mapped "
+                        "onto a mixed call's image and video rows; run images and videos in separate calls, "
+                        "each with one task id per image (or per video), or drop task_ids for the mixed call")
+
+
 def _install_model_hooks(model: nn.Module, state: AttachState) -> list:
     def before(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
         task_ids = kwargs.pop("task_ids", None)
         state.task_ids = None if task_ids is None else torch.as_tensor(task_ids).reshape(-1)
+        if state.current_task_ids() is not None:
+            _check_not_mixed(kwargs)
         state.outputs, state.calls = [], 0
         images, state.image_weights = _images_in_call(kwargs)
         if state.rows == "anyres" and kwargs.get("pixel_values") is not None:

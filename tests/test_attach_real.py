@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import cmoe
 from cmoe import CMoEError
@@ -132,3 +133,20 @@ def test_anyres_task_ids_per_image_reach_every_crop() -> None:
     assert torch.isfinite(out.loss)
     assert seen[0].tolist() == [2, 2, 1, 1, 1]  # 2 crops of the 32×32 image, 3 of the 32×64 one
     cmoe.detach(model)
+
+
+def test_task_ids_on_a_call_mixing_images_and_videos_are_refused_not_misrouted() -> None:
+    from cmoe.plugins.attachers import AttachState, _install_model_hooks
+
+    class Model(nn.Module):
+        def forward(self, pixel_values=None, pixel_values_videos=None):
+            return {"logits": torch.zeros(1)}
+
+    model, state = Model(), AttachState("video_llava")
+    state.hooks = _install_model_hooks(model, state)
+    images, videos = torch.zeros(2, 3, 8, 8), torch.zeros(1, 4, 3, 8, 8)
+    with pytest.raises(CMoEError, match="images and videos together.*separate calls"):
+        model(pixel_values=images, pixel_values_videos=videos, task_ids=[0, 1])
+    model(pixel_values=images, pixel_values_videos=videos)  # without task ids a mixed call is fine
+    model(pixel_values_videos=videos, task_ids=[1])         # and so are task ids on videos alone
+    model(pixel_values=images, task_ids=[0, 1])
