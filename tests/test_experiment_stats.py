@@ -149,6 +149,28 @@ def test_a_registered_router_is_a_variant_and_an_unknown_name_lists_both(tmp_pat
     spec = load_experiment("tug_of_war")
     assert resolve_variants(spec, ["mlp", "lsh_hash"]) == ["mlp", "lsh_hash"]  # the example plugin's router
     connector = run_config(spec, "lsh_hash", 0, tmp_path).model.connector
-    assert connector.options["router"] == "lsh_hash" and connector.options["expert_hidden"] == 16
+    assert connector.options["router"] == "lsh_hash" and connector.options["expert_hidden"] == 8
     with pytest.raises(CMoEError, match=r"not registered routers.*variants: \[.*'mlp'.*routers: \[.*'token_topk'"):
         resolve_variants(spec, ["no_such_router"])
+
+
+def test_a_run_folder_of_another_config_is_refused_not_resumed_or_reused(tmp_path: Path) -> None:
+    import json
+
+    from cmoe.io import write_json
+    from cmoe.reference_models.unimed.experiment import RUN_RECORD, run_one
+
+    spec = load_experiment("tug_of_war")
+    config = run_config(spec, "mlp", 0, tmp_path)
+    run_dir = Path(config.output_dir)
+    other = run_config(spec, "mlp", 0, tmp_path, {"train": {"lr": 1e-4}}).to_dict()
+    write_json(run_dir / "config.json", other)  # an interrupted run with another learning rate
+    with pytest.raises(CMoEError, match=r"holds a run of another config \(differs in \['train.lr'\]\)"):
+        run_one(config, 0)
+    (run_dir / "config.json").unlink()
+    write_json(run_dir / RUN_RECORD, {"config": other, "scores": {}})  # a finished one
+    with pytest.raises(CMoEError, match="another --output-dir"):
+        run_one(config, 0)
+    record = {"config": config.to_dict(), "scores": {"cls": 0.5}, "seed": 0}
+    write_json(run_dir / RUN_RECORD, record)
+    assert run_one(config, 0) == json.loads((run_dir / RUN_RECORD).read_text())  # the same config: reused

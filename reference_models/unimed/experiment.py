@@ -180,10 +180,14 @@ def run_one(config, seed: int) -> dict[str, Any]:
 
     run_dir = Path(config.output_dir)
     record_path = run_dir / RUN_RECORD
+    wanted = config.to_dict()
     if record_path.is_file():
         record = json.loads(record_path.read_text())
-        if record.get("config") == config.to_dict():
+        if record.get("config") == wanted:
             return record
+        _refuse_other_config(run_dir, record.get("config"), wanted)
+    if (run_dir / "config.json").is_file():  # an interrupted run: resume it only if it is this config's
+        _refuse_other_config(run_dir, json.loads((run_dir / "config.json").read_text()), wanted)
     Trainer(config, resume="auto").train()
     results = run_evaluation(config)
     record = {"seed": seed, "scores": {t: _score(results, t) for t in TASK_SCORE if t in results},
@@ -191,6 +195,22 @@ def run_one(config, seed: int) -> dict[str, Any]:
               "connector_params": _trainable_connector_params(run_dir), "config": config.to_dict()}
     write_json(record_path, record)
     return record
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def _refuse_other_config(run_dir: Path, found: Any, wanted: dict[str, Any]) -> None:
+    """A run folder holding another config's run is never resumed or reused under this one."""
+    if found == wanted:
+        return
+    have, want = _flat(found or {}), _flat(wanted)
+    keys = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    raise CMoEError(f"experiment: {run_dir} holds a run of another config (differs in {keys[:6]}); remove that "
+                    "folder or run the experiment into another --output-dir")
 
 
 def run_experiment(spec: ExperimentSpec, out_dir: str | os.PathLike, overrides: dict[str, Any] | None = None,
