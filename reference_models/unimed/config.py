@@ -319,14 +319,16 @@ _NESTED: dict[tuple[type, str], Any] = {
 }
 
 
-def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """`overrides` merged into `base` key by key; a mapping with ``_replace: true`` replaces instead."""
+def _merge(base: dict[str, Any], overrides: dict[str, Any], keep_marks: bool = False) -> dict[str, Any]:
+    """`overrides` merged into `base` key by key; a mapping with ``_replace: true`` replaces instead. With
+    `keep_marks` (layering overrides on overrides) such a mapping keeps its mark, so that it still replaces the
+    config's mapping when the layers are finally applied to it."""
     merged = dict(base)
     for key, value in overrides.items():
         if isinstance(value, dict) and value.get("_replace"):
-            merged[key] = {k: v for k, v in value.items() if k != "_replace"}
+            merged[key] = dict(value) if keep_marks else {k: v for k, v in value.items() if k != "_replace"}
         elif isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = _merge(merged[key], value, keep_marks)
         else:
             merged[key] = value
     return merged

@@ -9,6 +9,7 @@ from typing import Any
 
 from cmoe.reference_models.unimed.experiment import TASK_SCORE
 from cmoe.reference_models.unimed.experiment_stats import mean_std
+from cmoe.reference_models.unimed.tug_of_war import agg_figure, save_png
 
 
 def _cell(pair: Any, scale: float = 100.0, digits: int = 1) -> str:
@@ -162,22 +163,13 @@ def format_experiment(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def plot_experiment(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     """``scores.png`` (per-task score of each variant, error bars over seeds), ``conflict.png`` (conflict index
     over training, mean over seeds), ``routing.png`` (task × expert weight maps) and, with a task study,
     ``task_study.png`` (conflict by number of tasks; single-task vs joint)."""
     agg = summary["aggregate"]
     tasks = _tasks(agg) + ["average"]
-    fig = _figure(1.3 * len(tasks) + 3, 4)
+    fig = agg_figure(1.3 * len(tasks) + 3, 4)
     ax = fig.add_subplot()
     width = 0.8 / max(1, len(agg))
     for i, (variant, a) in enumerate(agg.items()):
@@ -190,7 +182,7 @@ def plot_experiment(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_title(f"{summary['name']}: per-task score, mean ± std over {len(summary['seeds'])} seeds")
     ax.legend(title="variant", fontsize=7)
     paths = [out_dir / "scores.png"]
-    fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+    save_png(fig, paths[-1])
     paths += _plot_conflict_curves(summary, out_dir)
     paths += _plot_routing(summary, out_dir)
     paths += _plot_task_study(summary, out_dir)
@@ -218,7 +210,7 @@ def _plot_conflict_curves(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     curves = _curves(summary, out_dir)
     if not curves:
         return []
-    fig = _figure(6, 4)
+    fig = agg_figure(6, 4)
     ax = fig.add_subplot()
     for variant, by_step in curves.items():
         steps = sorted(by_step)
@@ -228,7 +220,7 @@ def _plot_conflict_curves(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_title("Gradient conflict between tasks at the connector (mean over seeds)")
     ax.legend(title="variant", fontsize=7)
     path = out_dir / "conflict.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    save_png(fig, path)
     return [path]
 
 
@@ -236,7 +228,7 @@ def _plot_routing(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     routing = routing_by_variant(summary)
     if not routing:
         return []
-    fig = _figure(3.2 * len(routing), 3.2)
+    fig = agg_figure(3.2 * len(routing), 3.2)
     for i, (variant, r) in enumerate(routing.items()):
         tasks = r["tasks"]
         ax = fig.add_subplot(1, len(routing), i + 1)
@@ -248,7 +240,7 @@ def _plot_routing(summary: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.set_title(f"{variant} (seed {r['seed']})", fontsize=9)
     fig.colorbar(image, ax=fig.axes, shrink=0.8, label="mean routing weight")
     path = out_dir / "routing.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    save_png(fig, path)
     return [path]
 
 
@@ -256,7 +248,7 @@ def _plot_task_study(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     study = summary.get("task_study")
     if not study or not study["conflict_by_tasks"]:
         return []
-    fig = _figure(10, 3.8)
+    fig = agg_figure(10, 3.8)
     ax = fig.add_subplot(1, 2, 1)
     sizes = sorted(study["conflict_by_tasks"], key=int)
     for size in sizes:
@@ -279,5 +271,5 @@ def _plot_task_study(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_title("single-task vs joint connector (equal exposure)")
     ax.legend(fontsize=8)
     path = out_dir / "task_study.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    save_png(fig, path)
     return [path]

@@ -47,6 +47,7 @@ _GRAM_CHUNK = 1 << 22  # columns per float64 block when forming the task Gram ma
 
 __all__ = [
     "ALL", "DirectionIndex", "GradientAnalysis", "GroupMember", "Histogram", "MagnitudeIndex", "PROJECTOR",
+    "agg_figure", "save_png",
     "ParameterStats", "REPORT_JSON", "ROUTER", "TaskRouting", "TugOfWarReport", "TugOfWarStep",
     "analyze_gradients", "connector_parameter_groups", "cosine_matrix", "direction_index", "distribution_entropy",
     "flat_group_gradients", "flat_group_values", "magnitude_index", "magnitude_index_from_norms",
@@ -588,7 +589,7 @@ class TugOfWarReport:
 # Plots
 # --------------------------------------------------------------------------------------------------------------
 
-def _figure(width: float, height: float) -> Any:
+def agg_figure(width: float, height: float) -> Any:
     """A matplotlib Figure on the non-interactive Agg canvas (no pyplot, no global backend switch)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -598,7 +599,7 @@ def _figure(width: float, height: float) -> Any:
     return fig
 
 
-def _save(fig: Any, path: str | os.PathLike) -> Path:
+def save_png(fig: Any, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
@@ -610,7 +611,7 @@ def plot_cosine_heatmap(cosine: torch.Tensor | Sequence[Sequence[float]], tasks:
     cos = np.asarray(torch.as_tensor(cosine, dtype=torch.float64).tolist(), dtype=np.float64).reshape(
         len(tasks), len(tasks))
     size = max(4.0, 1.0 + 0.9 * len(tasks))
-    fig = _figure(size + 1.2, size)
+    fig = agg_figure(size + 1.2, size)
     ax = fig.add_subplot()
     image = ax.imshow(cos, cmap="RdBu_r", vmin=-1.0, vmax=1.0)
     labels = [f"{t}*" if t in set(zero_norm_tasks) else str(t) for t in tasks]
@@ -626,7 +627,7 @@ def plot_cosine_heatmap(cosine: torch.Tensor | Sequence[Sequence[float]], tasks:
     fig.colorbar(image, ax=ax, label="gradient cosine similarity")
     note = "\n* zero gradient: its cosines are set to 0" if zero_norm_tasks else ""
     ax.set_title((title or "Gradient cosine similarity between tasks") + note, fontsize=10)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_index_curves(report: TugOfWarReport, path: str | os.PathLike, *, groups: Sequence[str] | None = None,
@@ -635,7 +636,7 @@ def plot_index_curves(report: TugOfWarReport, path: str | os.PathLike, *, groups
     direction, magnitude = report.index_curves("direction"), report.index_curves("magnitude")
     expect(bool(direction), "report", "at least one recorded step with gradients", "none")
     names = list(direction) if groups is None else [g for g in groups if g in direction]
-    fig = _figure(11.0, 4.2)
+    fig = agg_figure(11.0, 4.2)
     axes = fig.subplots(1, 2)
     panels = ((axes[0], direction, "direction index: mean max(0, −cos)", "Gradient direction conflict"),
               (axes[1], magnitude, "magnitude index: CV of task gradient norms", "Gradient magnitude imbalance"))
@@ -650,7 +651,7 @@ def plot_index_curves(report: TugOfWarReport, path: str | os.PathLike, *, groups
         if len(names) > 1:
             ax.legend(title="parameter group", fontsize=8)
     fig.suptitle(title or "Tug-of-war indexes over training")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_routing_bars(routing: Mapping[str, TaskRouting | Sequence[float]], path: str | os.PathLike, *,
@@ -663,7 +664,7 @@ def plot_routing_bars(routing: Mapping[str, TaskRouting | Sequence[float]], path
     experts = max(len(r) for r in rows)
     expect(all(len(r) == experts for r in rows), "routing", "the same number of experts for every task",
            [len(r) for r in rows])
-    fig = _figure(max(5.0, 1.2 + 0.9 * len(tasks)), 4.5)
+    fig = agg_figure(max(5.0, 1.2 + 0.9 * len(tasks)), 4.5)
     ax = fig.add_subplot()
     bottom = np.zeros(len(tasks))
     colors = [f"C{e % 10}" for e in range(experts)]
@@ -681,7 +682,7 @@ def plot_routing_bars(routing: Mapping[str, TaskRouting | Sequence[float]], path
     if experts > 1:
         ax.legend(title="expert", fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title(title or "Routing weight per expert for each task (H = entropy / ln E)")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_parameter_histograms(parameters: Mapping[str, ParameterStats], path: str | os.PathLike, *,
@@ -690,7 +691,7 @@ def plot_parameter_histograms(parameters: Mapping[str, ParameterStats], path: st
     expect(len(parameters) > 0, "parameters", "a non-empty {group: ParameterStats} mapping", {})
     with_updates = any(p.update_histogram is not None for p in parameters.values())
     cols = 2 if with_updates else 1
-    fig = _figure(5.0 * cols, 1.2 + 2.2 * len(parameters))
+    fig = agg_figure(5.0 * cols, 1.2 + 2.2 * len(parameters))
     axes = np.asarray(fig.subplots(len(parameters), cols, squeeze=False))
     for row, (group, stats) in enumerate(parameters.items()):
         panels = [(stats.histogram, "weight value",
@@ -707,7 +708,7 @@ def plot_parameter_histograms(parameters: Mapping[str, ParameterStats], path: st
             ax.set_ylabel("count")
             ax.set_title(subtitle, fontsize=9)
     fig.suptitle(title or "Connector parameter distributions per expert / router")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def write_report(report: TugOfWarReport, out_dir: str | os.PathLike, *, step: int | None = None) -> list[Path]:
