@@ -48,6 +48,7 @@ from cmoe.reference_models.unimed.distributed import (  # noqa: E402
 from cmoe.reference_models.unimed.model import UniMedModel, build_model  # noqa: E402
 from cmoe.reference_models.unimed.recipe_data import load_split  # noqa: E402
 from cmoe.reference_models.unimed.train import (  # noqa: E402
+    finish_distributed,
     init_distributed,
     learning_rate,
     make_tokenizer,
@@ -259,4 +260,4 @@ try:  # an error in rank 0's prepare (e.g. a checkpoint that does not fit) must 
 except CMoEError as error:
     report["prepare_error"] = str(error)
 (out / f"report_rank{rank}.json").write_text(json.dumps(report))
-dist.destroy_process_group()
+finish_distributed()

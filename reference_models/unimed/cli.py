@@ -30,11 +30,12 @@ def _load(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from cmoe.reference_models.unimed.train import Trainer
+    from cmoe.reference_models.unimed.train import Trainer, finish_distributed
 
     config = _load(args)
     resume = None if args.resume == "none" else args.resume
     result = Trainer(config, resume=resume).train(args.steps)
+    finish_distributed()
     if result.history:
         print(f"trained to step {result.step}: loss {result.history[-1]['loss']:.4f}; checkpoint {result.checkpoint}")
     return 0

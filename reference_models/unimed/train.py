@@ -101,6 +101,19 @@ def init_distributed() -> DistributedContext:
     return DistributedContext(rank, world, device)
 
 
+def finish_distributed() -> None:
+    """Leave the process group cleanly at the end of a successful multi-process run: wait until every rank is
+    past its last collective, then destroy the group. A process that exits with the group alive (or destroys
+    it while a peer is still in a collective) can abort in gloo's worker threads at interpreter shutdown
+    (``terminate called without an active exception``), failing a run that had finished. A no-op without a
+    process group; call it on every rank, and not after an error (a peer that failed never reaches the
+    barrier)."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def prompt_texts(samples: list[Sample]) -> list[str]:
     """Every prompt and answer of `samples` (the text a word-level tokenizer must cover)."""
     return [f"{build_prompt(get_task(s.task), s.fields).prompt} {s.answer}" for s in samples]
