@@ -234,6 +234,9 @@ def _images_in_call(kwargs: dict[str, Any]) -> tuple[int | None, torch.Tensor | 
         return pixels.shape[0], None
     if isinstance(pixels, torch.Tensor) and pixels.dim() in (5, 6):  # [batch, images, (tiles,) C, H, W]
         return pixels.shape[0] * pixels.shape[1], None
+    videos = kwargs.get("pixel_values_videos")
+    if isinstance(videos, torch.Tensor) and videos.dim() == 5:  # [videos, frames, C, H, W]: a task id per video
+        return videos.shape[0], None
     return None, None
 
 
@@ -269,6 +272,7 @@ def _install_model_hooks(model: nn.Module, state: AttachState) -> list:
             _check_not_mixed(kwargs)
         state.outputs, state.calls = [], 0
         images, state.image_weights = _images_in_call(kwargs)
+        state.image_rows = None  # a previous call's crops per image must not split this call's rows
         if state.rows == "anyres" and kwargs.get("pixel_values") is not None:
             state.image_rows = _anyres_crops(module.config, kwargs.get("image_sizes"))
         ids = state.current_task_ids()

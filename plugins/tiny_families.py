@@ -81,12 +81,20 @@ def _count_features(features: Any) -> int:
     return sum(_count_features(f) for f in features)
 
 
-def prompt(tokens_per_image: list[int], image_token: int = IMAGE_TOKEN, text: int = 5, seed: int = 0,
-           prefix: list[int] | None = None, suffix: list[int] | None = None) -> dict[str, torch.Tensor]:
+SEPARATOR = 7  # the text token between the frames of a video whose frames are separate groups (timestamps)
+
+
+def prompt(tokens_per_image: list[int] | list[list[int]], image_token: int = IMAGE_TOKEN, text: int = 5,
+           seed: int = 0, prefix: list[int] | None = None, suffix: list[int] | None = None) -> dict[str, torch.Tensor]:
     """``input_ids`` / ``attention_mask`` / ``labels`` for one image per sample: BOS, prefix, the image tokens,
-    suffix, then `text` words (labels only on the words); left-padded to the longest row."""
+    suffix, then `text` words (labels only on the words); left-padded to the longest row. A list of counts for a
+    sample gives it several groups (a video's frames), each wrapped in prefix and suffix, `SEPARATOR` between."""
     gen = torch.Generator().manual_seed(seed)
-    rows = [[1] + (prefix or []) + [image_token] * n + (suffix or []) for n in tokens_per_image]
+    rows = []
+    for counts in tokens_per_image:
+        groups = [(prefix or []) + [image_token] * n + (suffix or []) for n in ([counts] if isinstance(counts, int)
+                                                                              else counts)]
+        rows.append([1] + [t for g in groups for t in g + [SEPARATOR]][:-1])
     words = [torch.randint(3, 800, (text,), generator=gen).tolist() for _ in rows]
     full = [r + w for r, w in zip(rows, words)]
     width = max(map(len, full))
