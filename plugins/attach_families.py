@@ -8,9 +8,10 @@ Each entry maps a ``config.model_type`` to:
   Linear whose output has the text width, with the Linear and activation right before it when they form
   Linear-act-Linear") would pick the wrong one;
 - ``rows`` (optional): how the rows the projection sees map to images, for task ids (see
-  `cmoe.plugins.attachers.RowMapper`): ``"auto"`` (default: one row per image, an even split, or split in
-  proportion to ``image_grid_thw`` / ``image_sizes``), ``"per_call"`` (the projection runs once per image),
-  ``"tokens"`` (all images' tokens side by side in one grid, the same number of slots each), ``"anyres"``
+  `cmoe.plugins.attach_calls.AttachState.row_task_ids`): ``"auto"`` (default: one row per image, an even
+  split, or split in proportion to ``image_grid_thw`` / ``image_sizes``), ``"per_call"`` (the projection
+  runs once per image), ``"tokens"`` (all images' tokens side by side in one grid, the same number of slots
+  each), ``"anyres"``
   (LLaVA-NeXT-style crops: base image + tiles, counted from ``image_sizes`` and ``image_grid_pinpoints``);
 - ``image_count_field`` (optional): the config field holding the number of image tokens per image, which
   ``aggregate_tokens > 1`` must update (only families whose prompt length follows that field allow it);
