@@ -43,3 +43,19 @@ def test_two_process_torchrun_ranks_agree(tmp_path: Path, mode: str) -> None:
             assert resumed.keys() == a.keys() and all(torch.equal(resumed[k], a[k]) for k in a)
             state = json.loads((tmp_path / f"resumed_rank{r}.json").read_text())
             assert state["step"] == 4 and state["fingerprint"] == state["trained_fingerprint"]
+
+
+@pytest.mark.slow
+def test_torchrun_cli_train_checkpoints_and_exits_cleanly(tmp_path: Path) -> None:
+    """The documented command, ``torchrun ... -m cmoe unimed train``: rank 0 reports and writes the checkpoint,
+    and both ranks leave the process group (`finish_distributed`) so neither aborts at exit."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CMOE_DISABLE_PLUGINS": os.environ.get("CMOE_DISABLE_PLUGINS", "")}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "cmoe", "unimed", "train", "--config", "tiny", "--output-dir", str(tmp_path),
+                             "--set", "train.steps=2", "--set", "train.save_every=2", "--set", "train.progress=false"],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    reports = [line for line in result.stdout.splitlines() if line.startswith("trained to step")]
+    assert len(reports) == 1 and reports[0].endswith(f"checkpoint {tmp_path / 'step_00000002'}")
+    assert json.loads((tmp_path / "step_00000002" / "state.json").read_text())["world_size"] == 2
+    assert (tmp_path / "latest").read_text().strip() == "step_00000002"

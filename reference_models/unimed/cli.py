@@ -34,9 +34,10 @@ def _train(args: argparse.Namespace) -> int:
 
     config = _load(args)
     resume = None if args.resume == "none" else args.resume
-    result = Trainer(config, resume=resume).train(args.steps)
+    trainer = Trainer(config, resume=resume)
+    result = trainer.train(args.steps)
     finish_distributed()
-    if result.history:
+    if result.history and trainer.ctx.is_main:
         print(f"trained to step {result.step}: loss {result.history[-1]['loss']:.4f}; checkpoint {result.checkpoint}")
     return 0
 
