@@ -70,7 +70,7 @@ def _model(config) -> nn.Module:
     return model
 
 
-def _count_features(features: Any) -> int:
+def count_features(features: Any) -> int:
     """Rows of image embeddings in what ``get_image_features`` returned (tensor, list, or model output)."""
     if hasattr(features, "pooler_output") and features.pooler_output is not None:
         features = features.pooler_output
@@ -78,7 +78,7 @@ def _count_features(features: Any) -> int:
         features = features.last_hidden_state
     if isinstance(features, torch.Tensor):
         return features.numel() // features.shape[-1]
-    return sum(_count_features(f) for f in features)
+    return sum(count_features(f) for f in features)
 
 
 SEPARATOR = 7  # the text token between the frames of a video whose frames are separate groups (timestamps)
@@ -116,8 +116,8 @@ def _measured(model: nn.Module, image_kwargs: dict[str, Any], images: int = BATC
         features = inner.get_image_features(**image_kwargs)
     pooled = getattr(features, "pooler_output", None)
     if isinstance(pooled, (list, tuple)) and len(pooled) == images:
-        return [_count_features(f) for f in pooled]
-    return [_count_features(features) // images] * images
+        return [count_features(f) for f in pooled]
+    return [count_features(features) // images] * images
 
 
 def _plain(family: str, size: int = 32, text: dict | None = None, vision: dict | None = None,

@@ -1,7 +1,7 @@
 """Video batches for the tiny random models of `tiny_families`: two samples holding one video each, of
 different lengths where the family's video layout allows it, for the attach tests of video inputs.
 
-`build_video(family)` returns ``(model, inputs, frames)`` for the families in `VIDEO_FAMILIES`: the same tiny
+`build_video(family)` returns ``(model, inputs, video tokens per sample)`` for the families in `VIDEO_FAMILIES`: the same tiny
 model `tiny_families.build` makes, and a video-only batch (``pixel_values_videos`` plus the family's extra video
 arguments). The number of video tokens in each prompt is measured with the model's own
 ``get_video_features``, as the image batches measure theirs."""
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cmoe.plugins.tiny_families import BATCH, BUILDERS, IMAGE_TOKEN, prompt
+from cmoe.plugins.tiny_families import BATCH, BUILDERS, IMAGE_TOKEN, count_features, prompt
 
 # Frames per video. LLaVA-style families take one [videos, frames, 3, H, W] tensor, so every video has as
 # many frames; Qwen-style ones take flattened patches with ``video_grid_thw``, so the two videos differ.
@@ -50,12 +50,7 @@ def _llava_style(model: nn.Module) -> tuple[dict[str, Any], list[int]]:
     videos = torch.randn(BATCH, LLAVA_FRAMES, 3, size, size, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         features = getattr(model, "model", model).get_video_features(pixel_values_videos=videos)
-    pooled = getattr(features, "pooler_output", None)
-    features = pooled if pooled is not None else getattr(features, "last_hidden_state", features)
-    if isinstance(features, (list, tuple)):
-        features = torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
-    tokens = features.numel() // features.shape[-1]
-    return {"pixel_values_videos": videos}, [tokens // BATCH] * BATCH
+    return {"pixel_values_videos": videos}, [count_features(features) // BATCH] * BATCH
 
 
 def _qwen_style(model: nn.Module) -> tuple[dict[str, Any], list[int]]:
