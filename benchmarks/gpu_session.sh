@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_session.sh all [OUT]     # tests, a short tile sweep and the benchmark, one folder
 #   bash benchmarks/gpu_session.sh tests [OUT]   # GPU test matrix, tuning candidates, 64-bit case, CUDA graph,
 #                                                # grouped_mm and auto on CUDA
-#   bash benchmarks/gpu_session.sh sweep [OUT]   # dense-GEMM ceilings and the forward/backward tile sweeps
+#   bash benchmarks/gpu_session.sh sweep [OUT]   # dense-GEMM ceilings, forward/backward tile sweeps, wgrad variants
 #   bash benchmarks/gpu_session.sh bench [OUT]   # the benchmark runner (with peers where installed): OUT/RESULTS.md
 #   bash benchmarks/gpu_session.sh probe [OUT]   # the whole kernel probe (OUT/probe.log)
 #
@@ -24,6 +24,9 @@ py=${PYTHON:-python}
 dry=${GPU_SESSION_DRY:-0}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+# The sweep: dense-GEMM ceilings, the forward and backward tile sweeps, then the weight-gradient variants
+# (plain vs staged gather, `stage_rows`), last so that a sweep cut by its time limit loses only those.
+SWEEP_SECTIONS="ceilings sweep_forward sweep_backward wgrad"
 GPU_TESTS="tests/test_triton_gpu.py tests/test_no_host_sync.py tests/test_triton_kernels.py \
 tests/test_dispatch_grouped_mm.py tests/test_dispatch_auto.py"
 
@@ -51,11 +54,13 @@ run_tests() {
 
 run_sweep() {
   if [ "$dry" = 1 ]; then  # the probe must refuse to run without CUDA, and say so
-    OUT="$out" "$py" -m benchmarks.probe_triton ceilings sweep_forward sweep_backward
+    # shellcheck disable=SC2086
+    OUT="$out" "$py" -m benchmarks.probe_triton $SWEEP_SECTIONS
     [ $? = 1 ] && echo "dry run: the sweep needs CUDA (as expected)"
     return
   fi
-  OUT="$out" "$py" -m benchmarks.probe_triton ceilings sweep_forward sweep_backward
+  # shellcheck disable=SC2086
+  OUT="$out" "$py" -m benchmarks.probe_triton $SWEEP_SECTIONS
 }
 
 run_bench() {

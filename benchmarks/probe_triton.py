@@ -203,8 +203,14 @@ def wgrad():
             t2 = bench(lambda: ops.weight_grad(al, dy, h, a_gather=False, num_experts=E, has_bias=False))
             t1 = bench(lambda: ops.weight_grad(al, dy, x, a_gather=True, num_experts=E, has_bias=False))
             tb = bench(lambda: ops.weight_grad(al, dy, h, a_gather=False, num_experts=E, has_bias=True))
+            plain1, _ = ops.weight_grad(al, dy, x, a_gather=True, num_experts=E, has_bias=False)
+            tuning.pin_config("weight_grad", block_n=n, block_k=k, num_warps=warps, num_stages=st, stage_rows=1)
+            staged1, _ = ops.weight_grad(al, dy, x, a_gather=True, num_experts=E, has_bias=False)
+            err1 = ((staged1.float() - plain1.float()).norm() / plain1.float().norm()).item()
+            ts = bench(lambda: ops.weight_grad(al, dy, x, a_gather=True, num_experts=E, has_bias=False))
             say(f"n={n} k={k} w={warps} s={st}: padded {t2:.3f} ms {r2 / t2 / 1e9:.0f} TF/s "
-                f"(err {err:.1e}, +bias {tb:.3f}); gathered x {t1:.3f} ms {r1 / t1 / 1e9:.0f} TF/s")
+                f"(err {err:.1e}, +bias {tb:.3f}); gathered x {t1:.3f} ms {r1 / t1 / 1e9:.0f} TF/s; "
+                f"staged gather {ts:.3f} ms {r1 / ts / 1e9:.0f} TF/s (vs plain {err1:.1e})")
         except Exception as exc:
             say(f"n={n} k={k} w={warps} s={st}: FAILED {type(exc).__name__}: {str(exc)[:100]}")
     tuning.pin_config("weight_grad")

@@ -212,6 +212,7 @@ def weight_grad(al: Alignment, dy: torch.Tensor, a: torch.Tensor, *, a_gather: b
             dy.stride(0), a.stride(0), dw.stride(0), dw.stride(1),
             A_GATHER=a_gather, ATOMIC=num_splits > 1,
             PRECISION=_precision(a.dtype), ACC_F64=a.dtype == torch.float64, UPCAST_DOT=_upcast_dot(a.dtype),
+            STAGE_ROWS=a_gather and config.stage_rows > 0,
             BLOCK_M=al.block_m, GROUP_N=config.group_m, **config.launch_options(),
         )
 
@@ -221,7 +222,8 @@ def weight_grad(al: Alignment, dy: torch.Tensor, a: torch.Tensor, *, a_gather: b
                 buffer.zero_()
 
     key = _shape_key(al, a.dtype, num_experts, n, k, a_gather)
-    config = tuning.choose("weight_grad", key, al.block_m, a.element_size(), INTERPRETED, _bench(launch, reset))
+    config = tuning.choose("weight_grad", key, al.block_m, a.element_size(), INTERPRETED, _bench(launch, reset),
+                           gather=a_gather)
     launch(config)
     dw = output(plan(config)[1]).to(a.dtype)
     return dw, (_bias_grad(al, dy, num_experts) if has_bias else None)

@@ -80,6 +80,16 @@ def _activation_grad(z, ACT: tl.constexpr):
 
 
 @triton.jit
+def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """``acc + a @ b``: in IEEE fp32 from upcast operands (`UPCAST_DOT`), else in `PRECISION` into acc's dtype."""
+    if UPCAST_DOT:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+    return out
+
+
+@triton.jit
 def _grouped_tile(pid, num_rows, num_cols, GROUP: tl.constexpr):
     """Program `pid`'s (row, column) tile, rows taken GROUP at a time so concurrent programs share operands."""
     num_pid_in_group = GROUP * num_cols
@@ -162,10 +172,7 @@ def grouped_gemm_kernel(
         k_mask = offs_k < K - k0
         a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        if UPCAST_DOT:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc_dtype)
+        acc = _mma(a, b, acc, PRECISION, UPCAST_DOT)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_bk
 
@@ -209,7 +216,7 @@ def grouped_wgrad_kernel(
     num_pairs, top_k, N, K, blocks_per_split,
     stride_dym, stride_am, stride_dwe, stride_dwn,
     A_GATHER: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
-    ACC_F64: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    ACC_F64: tl.constexpr, UPCAST_DOT: tl.constexpr, STAGE_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
 ):
     """``dW[e] (+)= Σ dY[rows]ᵀ·A[rows]`` over one expert's M-blocks (or one split of them) for one (N, K) tile.
@@ -217,6 +224,11 @@ def grouped_wgrad_kernel(
     Grid: (tiles, experts, splits). ``dY`` is in the padded layout (zero in padding rows); ``A`` rows are
     gathered from token order (the first layer's input x) or read from the padded layout. One split: the tile
     is stored (zeros for an expert without rows) in dW's dtype; several: added into a zeroed fp32 buffer.
+
+    ``STAGE_ROWS`` (gathered A only) software-pipelines the gather by hand: the next M-block's pair indices and
+    its gathered rows are loaded before this block's dot, so the dependent index → row loads of one block can
+    overlap the previous block's MMA. Whether that beats what the compiler's own pipelining does with the
+    indirect load is measured, not assumed: it is a tuning candidate next to the plain loop.
     """
     pid_n, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP_N)
     expert = tl.program_id(1)
@@ -231,21 +243,35 @@ def grouped_wgrad_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float64)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc_dtype = acc.dtype
-    for block in range(lo, hi):
-        offs_m = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        dy_t = tl.load(dy_ptr + offs_m[None, :] * stride_dym + offs_n[:, None], mask=n_mask[:, None], other=0.0)
-        if A_GATHER:
-            pair = tl.load(sorted_pair_ptr + offs_m).to(tl.int64)
-            valid = pair < num_pairs
-            a = tl.load(a_ptr + (pair // top_k)[:, None] * stride_am + offs_k[None, :],
-                        mask=valid[:, None] & k_mask[None, :], other=0.0)
-        else:
-            a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=k_mask[None, :], other=0.0)
-        if UPCAST_DOT:
-            acc = tl.dot(dy_t.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(dy_t, a, acc, input_precision=PRECISION, out_dtype=acc_dtype)
+    if A_GATHER and STAGE_ROWS:
+        offs_m = (lo * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        pair = tl.load(sorted_pair_ptr + offs_m, mask=(offs_m * 0 + lo) < hi, other=num_pairs).to(tl.int64)
+        a = tl.load(a_ptr + (pair // top_k)[:, None] * stride_am + offs_k[None, :],
+                    mask=(pair < num_pairs)[:, None] & k_mask[None, :], other=0.0)
+        for block in range(lo, hi):
+            next_m = offs_m + BLOCK_M
+            next_pair = tl.load(sorted_pair_ptr + next_m, mask=(next_m * 0 + block + 1) < hi,
+                                other=num_pairs).to(tl.int64)
+            next_a = tl.load(a_ptr + (next_pair // top_k)[:, None] * stride_am + offs_k[None, :],
+                             mask=(next_pair < num_pairs)[:, None] & k_mask[None, :], other=0.0)
+            dy_t = tl.load(dy_ptr + offs_m[None, :] * stride_dym + offs_n[:, None], mask=n_mask[:, None],
+                           other=0.0)
+            acc = _mma(dy_t, a, acc, PRECISION, UPCAST_DOT)
+            offs_m, a = next_m, next_a
+    else:
+        for block in range(lo, hi):
+            offs_m = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+            dy_t = tl.load(dy_ptr + offs_m[None, :] * stride_dym + offs_n[:, None], mask=n_mask[:, None],
+                           other=0.0)
+            if A_GATHER:
+                pair = tl.load(sorted_pair_ptr + offs_m).to(tl.int64)
+                valid = pair < num_pairs
+                a = tl.load(a_ptr + (pair // top_k)[:, None] * stride_am + offs_k[None, :],
+                            mask=valid[:, None] & k_mask[None, :], other=0.0)
+            else:
+                a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=k_mask[None, :],
+                            other=0.0)
+            acc = _mma(dy_t, a, acc, PRECISION, UPCAST_DOT)
     dw_ptrs = dw_ptr + expert.to(tl.int64) * stride_dwe + offs_n[:, None].to(tl.int64) * stride_dwn + offs_k[None, :]
     tile_mask = n_mask[:, None] & k_mask[None, :]
     if ATOMIC:

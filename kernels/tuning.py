@@ -33,6 +33,7 @@ class KernelConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    stage_rows: int = 0  # weight_grad with gathered rows: 1 = load the next block's rows before this block's dot
 
     def launch_options(self) -> dict[str, int]:
         """The keyword arguments a triton launch takes from this config."""
@@ -108,8 +109,9 @@ def default_block_m(rows: int, num_experts: int, interpreting: bool) -> int:
     return 128 if rows >= 512 * num_experts else 64
 
 
-def candidates(role: str, block_m: int, element_size: int) -> list[KernelConfig]:
-    """The configurations tried for `role` (first = the default when tuning is off)."""
+def candidates(role: str, block_m: int, element_size: int, gather: bool = False) -> list[KernelConfig]:
+    """The configurations tried for `role` (first = the default when tuning is off). A weight gradient over
+    gathered rows (`gather`) also tries its two first tiles with the hand-staged gather (``stage_rows=1``)."""
     if element_size >= 4:  # fp32 (TF32 or IEEE): half the K tile so the pipeline fits in shared memory
         tiles = [(128, 32, 8, 3), (64, 32, 4, 4), (128, 64, 8, 2), (256, 32, 8, 3)]
     else:
@@ -117,16 +119,20 @@ def candidates(role: str, block_m: int, element_size: int) -> list[KernelConfig]
     if role == "weight_grad":  # an (N, K) tile of dW; the reduction step is BLOCK_M rows
         tiles = ([(128, 128, 8, 3), (128, 64, 8, 4), (64, 128, 4, 4), (128, 64, 4, 4)] if element_size < 4
                  else [(128, 64, 8, 3), (64, 64, 4, 4), (128, 128, 8, 2), (64, 128, 4, 3)])
-    return [KernelConfig(block_m, n, k, 8, w, s) for n, k, w, s in tiles]
+    options = [KernelConfig(block_m, n, k, 8, w, s) for n, k, w, s in tiles]
+    if role == "weight_grad" and gather:
+        options += [replace(config, stage_rows=1) for config in options[:2]]
+    return options
 
 
 def choose(role: str, key: tuple, block_m: int, element_size: int, interpreting: bool,
-           bench: Callable[[KernelConfig], float]) -> KernelConfig:
-    """The config for one launch: pinned, interpreter default, cached tuned choice, or tune now with `bench`."""
+           bench: Callable[[KernelConfig], float], gather: bool = False) -> KernelConfig:
+    """The config for one launch: pinned, interpreter default, cached tuned choice, or tune now with `bench`
+    (`gather`: see `candidates`)."""
     pins = {**_parse_env(), **_pinned.get(None, {}), **_pinned.get(role, {})}
     if interpreting:
         return replace(INTERPRETER_CONFIG, block_m=block_m, **{k: v for k, v in pins.items() if k != "block_m"})
-    options = candidates(role, block_m, element_size)
+    options = candidates(role, block_m, element_size, gather)
     if pins:
         return replace(options[0], block_m=block_m, **{k: v for k, v in pins.items() if k != "block_m"})
     if not autotune_enabled():

@@ -83,3 +83,18 @@ def test_block_m_follows_rows_per_expert() -> None:
     assert tuning.default_block_m(8 * 512, 8, interpreting=False) == 128
     assert tuning.default_block_m(8 * 511, 8, interpreting=False) == 64
     assert tuning.default_block_m(10**6, 8, interpreting=True) == tuning.INTERPRETER_CONFIG.block_m
+
+
+def test_the_gathered_weight_gradient_also_tries_the_staged_gather() -> None:
+    plain = tuning.candidates("weight_grad", 128, 2)
+    gathered = tuning.candidates("weight_grad", 128, 2, gather=True)
+    assert all(c.stage_rows == 0 for c in plain) and gathered[:len(plain)] == plain
+    staged = gathered[len(plain):]
+    assert [c.stage_rows for c in staged] == [1, 1]
+    assert [(c.block_n, c.block_k) for c in staged] == [(c.block_n, c.block_k) for c in plain[:2]]
+    assert all(c.stage_rows == 0 for c in tuning.candidates("forward", 128, 2, gather=True))
+
+    calls: list = []
+    chosen = tuning.choose("weight_grad", ("k",), 128, 2, False,
+                           lambda config: calls.append(config) or (0.5 if config.stage_rows else 1.0), gather=True)
+    assert chosen.stage_rows == 1 and len(calls) == len(gathered)

@@ -50,9 +50,9 @@ def test_every_tuning_candidate_is_correct(role: str) -> None:
     ref = run(*tensors, backend="loop", dtype=torch.float32)
     block_m = tuning.default_block_m(case.tokens * case.top_k, case.num_experts, False)
     try:
-        for config in tuning.candidates(role, block_m, 2):
+        for config in tuning.candidates(role, block_m, 2, gather=True):
             tuning.pin_config(role, block_n=config.block_n, block_k=config.block_k, num_warps=config.num_warps,
-                              num_stages=config.num_stages)
+                              num_stages=config.num_stages, stage_rows=config.stage_rows)
             error, which = max_relative_error(run(*tensors, backend="triton_kernels", dtype=torch.bfloat16), ref)
             assert error < TOLERANCE[torch.bfloat16], f"{config}: tensor #{which} off by {error:.2e}"
     finally:

@@ -34,6 +34,24 @@ def test_kernels_match_loop_forward_and_every_gradient(case) -> None:
     assert error < TOLERANCE[torch.float32], f"tensor #{which} (0=out, 1=dx, 2=dw, then params) off by {error:.2e}"
 
 
+@pytest.mark.parametrize("case", CASES[:12], ids=[c.id for c in CASES[:12]])
+def test_staged_gather_weight_grad_matches_loop(case) -> None:
+    """The weight-gradient tuning candidate that stages the gathered rows a block ahead (``stage_rows=1``) on the
+    edge cases (one token, k = E, one expert taking every token over several blocks, empty experts, odd
+    widths) and a few random ones: forward and every gradient as the loop gives them."""
+    from cmoe.kernels import pin_config
+
+    tensors = build(case, DEVICE, seed=hash(case.id) % 10_000)
+    pin_config("weight_grad", stage_rows=1)
+    try:
+        got = run(*tensors, backend="triton_kernels", dtype=torch.float32)
+    finally:
+        pin_config("weight_grad")
+    ref = run(*tensors, backend="loop", dtype=torch.float32)
+    error, which = max_relative_error(got, ref)
+    assert error < TOLERANCE[torch.float32], f"tensor #{which} (0=out, 1=dx, 2=dw, then params) off by {error:.2e}"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("case", CASES[:4], ids=[c.id for c in CASES[:4]])
 def test_kernels_in_other_dtypes_match_the_float32_loop(case, dtype: torch.dtype) -> None:
@@ -221,11 +239,15 @@ def test_explicit_triton_on_cpu_without_interpreter_says_why() -> None:
     assert "TRITON_INTERPRET=1" in result.stderr
 
 
+@pytest.mark.parametrize("stage_rows", [0, 1], ids=["plain", "staged"])
 @pytest.mark.parametrize("a_gather", [True, False], ids=["gathered", "padded"])
 @pytest.mark.parametrize("splits", [1, 3], ids=["stored", "split-atomic"])
-def test_weight_grad_kernel_matches_per_expert_sums(a_gather: bool, splits: int) -> None:
+def test_weight_grad_kernel_matches_per_expert_sums(a_gather: bool, splits: int, stage_rows: int) -> None:
     """Both output paths of the weight-gradient kernel (one split stored in the weight dtype, several added into
-    fp32) give ``dW[e] = Σ dYᵀ·A`` and ``db[e] = Σ dY`` over expert e's rows, with an expert that has none."""
+    fp32) give ``dW[e] = Σ dYᵀ·A`` and ``db[e] = Σ dY`` over expert e's rows, with an expert that has none, with
+    and without the hand-staged gather (``stage_rows``; the split-atomic case gives splits of one block and of
+    several, so the staged loop runs once and more than once)."""
+    from cmoe.kernels import pin_config
     from cmoe.kernels.ops import weight_grad
 
     gen = torch.Generator().manual_seed(splits)
@@ -237,7 +259,11 @@ def test_weight_grad_kernel_matches_per_expert_sums(a_gather: bool, splits: int)
     real = (al.sorted_pair < al.num_pairs).unsqueeze(1)
     a = x if a_gather else torch.where(real, x.index_select(0, token), 0.0)
     dy = torch.where(real, torch.randn(al.padded_rows, n, generator=gen).to(DEVICE), 0.0)
-    dw, db = weight_grad(al, dy, a, a_gather=a_gather, num_experts=experts, has_bias=True, splits=splits)
+    pin_config("weight_grad", stage_rows=stage_rows)
+    try:
+        dw, db = weight_grad(al, dy, a, a_gather=a_gather, num_experts=experts, has_bias=True, splits=splits)
+    finally:
+        pin_config("weight_grad")
     assert dw.dtype == x.dtype and dw.shape == (experts, n, k)
     rows_x = x.index_select(0, token) * real
     for e in range(experts):
