@@ -1,24 +1,30 @@
 #!/usr/bin/env bash
 # The GPU checks of the dispatch backends, as one command per phase, or all of them in one short call.
 #
-#   bash benchmarks/gpu_session.sh all [OUT]     # tests, a short tile sweep and the benchmark, one folder
+#   bash benchmarks/gpu_session.sh all [OUT]     # tests, the paper step, the benchmark and a short sweep, one folder
 #   bash benchmarks/gpu_session.sh tests [OUT]   # GPU test matrix, tuning candidates, 64-bit case, CUDA graph,
 #                                                # grouped_mm and auto on CUDA
 #   bash benchmarks/gpu_session.sh sweep [OUT]   # dense-GEMM ceilings, forward/backward tile sweeps, wgrad variants
 #   bash benchmarks/gpu_session.sh bench [OUT]   # the benchmark runner (with peers where installed): OUT/RESULTS.md
+#   bash benchmarks/gpu_session.sh paper [OUT]   # a few steps of the Uni-Med paper model (random weights): OUT/paper.log
 #   bash benchmarks/gpu_session.sh probe [OUT]   # the whole kernel probe (OUT/probe.log)
 #
 # Needs CUDA torch, triton and cmoe installed (`pip install -e '.[triton,hf]'`; peers optional:
 # `pip install grouped_gemm sonic-moe liger-kernel`). OUT defaults to benchmarks/gpu-out. Every phase writes
 # its log to OUT; `all` also writes OUT/phases.txt (phase, exit status, seconds) and gives each phase a time
-# limit (TESTS_S, SWEEP_S, BENCH_S seconds; defaults 240, 120, 300) so one device call stays short. Copy
-# OUT/RESULTS.md over benchmarks/RESULTS.md and write its "read this first" note by hand.
+# limit (TESTS_S, PAPER_S, BENCH_S, SWEEP_S seconds; defaults 180, 120, 200, 60: 560 s, inside one device
+# call's 600) so one device call stays short; the phases run most needed first, so a cut loses the sweep.
+# `all` leaves 8 files in OUT (device.txt, phases.txt, tests.log, paper.log, bench.log, RESULTS.md, sweep.log,
+# probe.log), the most one device call brings back. Copy OUT/RESULTS.md over benchmarks/RESULTS.md and write
+# its "read this first" note by hand; the paper step's numbers (the JSON at the end of paper.log) go into
+# docs/unimed.md.
 #
 # GPU_SESSION_DRY=1 runs the same script on a CPU machine, to check it before a GPU is booked: tests are only
-# collected (plus one quick CPU test file), the sweep reports that it needs CUDA, and the benchmark runs --quick
-# on CPU (BENCH_CASES narrows it, as --cases). PYTHON picks the interpreter (default: python).
+# collected (plus one quick CPU test file), the sweep reports that it needs CUDA, the paper step runs at toy
+# widths on CPU (--dry-run), and the benchmark runs --quick on CPU (BENCH_CASES narrows it, as --cases). PYTHON
+# picks the interpreter (default: python).
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh all|tests|sweep|bench|probe [OUT]}
+phase=${1:?usage: gpu_session.sh all|tests|paper|sweep|bench|probe [OUT]}
 out=${2:-benchmarks/gpu-out}
 py=${PYTHON:-python}
 dry=${GPU_SESSION_DRY:-0}
@@ -63,6 +69,14 @@ run_sweep() {
   OUT="$out" "$py" -m benchmarks.probe_triton $SWEEP_SECTIONS
 }
 
+run_paper() {
+  if [ "$dry" = 1 ]; then
+    "$py" -m cmoe.reference_models.unimed.paper_step --dry-run --steps 1
+  else
+    "$py" -m cmoe.reference_models.unimed.paper_step
+  fi
+}
+
 run_bench() {
   if [ "$dry" = 1 ]; then
     "$py" -m benchmarks.run --quick --device cpu --cases "${BENCH_CASES:-}" --out "$out/RESULTS.md"
@@ -84,13 +98,17 @@ describe_device | tee "$out/device.txt" || exit 1
 case "$phase" in
   all)
     : > "$out/phases.txt"
-    timed_phase tests "${TESTS_S:-240}"
-    timed_phase sweep "${SWEEP_S:-120}"
-    timed_phase bench "${BENCH_S:-300}"
+    timed_phase tests "${TESTS_S:-180}"
+    timed_phase paper "${PAPER_S:-120}"
+    timed_phase bench "${BENCH_S:-200}"
+    timed_phase sweep "${SWEEP_S:-60}"
     ! grep -qv " 0 " "$out/phases.txt"
     ;;
   tests)
     run_tests 2>&1 | tee "$out/tests.log"
+    ;;
+  paper)
+    run_paper 2>&1 | tee "$out/paper.log"
     ;;
   sweep)
     run_sweep > "$out/sweep.log" 2>&1
@@ -102,7 +120,7 @@ case "$phase" in
     OUT="$out" "$py" -m benchmarks.probe_triton > "$out/probe_stdout.log" 2>&1
     ;;
   *)
-    echo "unknown phase $phase: expected all, tests, sweep, bench or probe" >&2
+    echo "unknown phase $phase: expected all, tests, paper, sweep, bench or probe" >&2
     exit 2
     ;;
 esac

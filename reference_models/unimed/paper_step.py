@@ -7,7 +7,8 @@ materialised on the GPU (`paper_scale.materialize`): frozen weights in float16 a
 trainable ones in float32, fp16 autocast with a grad scaler, AdamW, gradient checkpointing, batch 4 of one
 task, ``--text-tokens`` prompt and ``--answer-tokens`` answer tokens around the 64 visual tokens. The memory
 estimate is printed before the first step; the result (device, step times, peak memory, estimate, parameter
-counts) is printed and written as JSON. ``--dry-run`` runs the same path at toy widths on the CPU in fp32.
+counts) is printed, as a summary line and as JSON, and written to ``--out``. ``--dry-run`` runs the same path
+at toy widths on the CPU in fp32.
 """
 
 from __future__ import annotations
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if "peak_allocated_gib" in result:
         summary += f", peak {result['peak_allocated_gib']:.2f} GiB allocated ({result['peak_reserved_gib']:.2f} reserved)"
     print(summary)
+    print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
