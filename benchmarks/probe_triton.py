@@ -101,15 +101,17 @@ WG = [(128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3), (128, 64, 4, 4), (12
       (64, 128, 4, 4), (256, 64, 8, 3)]
 
 
-def time_pinned(label: str, role: str, tile: tuple[int, int, int, int], fn) -> None:
-    """Pin `tile` (block_n, block_k, warps, stages) for `role`, time `fn`, report; a tile that fails is reported."""
+def time_pinned(label: str, role: str, tile: tuple[int, int, int, int], fn, **variant: int) -> None:
+    """Pin `tile` (block_n, block_k, warps, stages) and `variant` (e.g. ``tma_weight=1``) for `role`, time `fn`,
+    report; a tile that fails is reported."""
     n, k, warps, stages = tile
-    tuning.pin_config(role, block_n=n, block_k=k, num_warps=warps, num_stages=stages)
+    tuning.pin_config(role, block_n=n, block_k=k, num_warps=warps, num_stages=stages, **variant)
+    name = f"{label} n={n} k={k} w={warps} s={stages}" + "".join(f" {key}={v}" for key, v in variant.items())
     try:
         fn()
-        say(f"{label} n={n} k={k} w={warps} s={stages}: {bench(fn):.3f} ms")
+        say(f"{name}: {bench(fn):.3f} ms")
     except Exception as exc:
-        say(f"{label} n={n} k={k} w={warps} s={stages}: FAILED {type(exc).__name__}: {str(exc)[:120]}")
+        say(f"{name}: FAILED {type(exc).__name__}: {str(exc)[:120]}")
 
 
 @section("forward-role sweep (fwd only), block_m 128 and 64")
@@ -119,6 +121,8 @@ def sweep_forward():
         tuning.pin_config(None, block_m=bm)
         for tile in FWD:
             time_pinned(f"fwd bm={bm}", "forward", tile, f)
+        for tile in FWD[:3]:  # the same tiles with the weights loaded through tensor descriptors
+            time_pinned(f"fwd bm={bm}", "forward", tile, f, tma_weight=1)
     tuning.pin_config(None)
     tuning.pin_config("forward")
 

@@ -12,6 +12,7 @@ step can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -120,6 +121,27 @@ def _bench(launch, reset) -> callable:
     return bench
 
 
+def _weight_descriptor(config: tuning.KernelConfig, weight: torch.Tensor, stride_bk: int, stride_bn: int) -> int:
+    """`grouped_gemm_kernel`'s ``B_DESC`` for `config`: 0 (pointer loads) unless the config asks for the
+    tensor-descriptor weight loads and the weight fits one (a contiguous last dimension, the other strides and
+    the base address 16-byte aligned, as TMA requires). Descriptors built inside a kernel need Triton's scratch
+    allocator on a GPU, set here the first time (torch memory)."""
+    if not config.tma_weight or 1 not in (stride_bn, stride_bk):
+        return 0
+    row_stride = stride_bk if stride_bn == 1 else stride_bn
+    size = weight.element_size()
+    if weight.data_ptr() % 16 or (weight.stride(0) * size) % 16 or (row_stride * size) % 16:
+        return 0
+    if weight.device.type == "cuda":
+        _ensure_triton_allocator()
+    return 1 if stride_bn == 1 else 2
+
+
+@functools.cache
+def _ensure_triton_allocator() -> None:
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+
+
 def _shape_key(al: Alignment, dtype: torch.dtype, num_experts: int, n: int, k: int, *flags) -> tuple:
     return (str(dtype), num_experts, n, k, al.top_k > 1, _next_power_of_two(al.num_pairs), *flags)
 
@@ -155,13 +177,14 @@ def gemm(al: Alignment, a: torch.Tensor, weight: torch.Tensor, *, transpose_weig
             a, weight, bias if bias is not None else dummy, out, preact if preact is not None else dummy,
             dot_src if dot_src is not None else dummy, dot_out, act_src if act_src is not None else dummy,
             route_weight if route_weight is not None else dummy, al.sorted_pair, al.block_expert,
-            al.num_pairs, al.top_k, n, k, al.num_blocks,
+            al.num_pairs, al.top_k, n, k, al.num_blocks, num_experts,
             a.stride(0), weight.stride(0), stride_bk, stride_bn, bias.stride(0) if bias is not None else 0,
             out.stride(0), preact.stride(0) if preact is not None else 0,
             dot_src.stride(0) if dot_src is not None else 0, act_src.stride(0) if act_src is not None else 0,
             A_GATHER=a_gather, HAS_BIAS=bias is not None, ACT=activation, STORE_PREACT=preact is not None,
             DOT_SRC=dot_mode, ACT_GRAD=act_grad, SCALE_BY_WEIGHT=route_weight is not None, OUT_MODE=out_mode,
             PRECISION=_precision(a.dtype), ACC_F64=a.dtype == torch.float64, UPCAST_DOT=_upcast_dot(a.dtype),
+            B_DESC=_weight_descriptor(config, weight, stride_bk, stride_bn),
             BLOCK_M=al.block_m,
             GROUP_M=config.group_m,
             **config.launch_options(),

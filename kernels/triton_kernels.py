@@ -129,14 +129,20 @@ def place_kernel(index_ptr, chunk_base_ptr, sorted_pair_ptr, num_pairs, num_expe
 def grouped_gemm_kernel(
     a_ptr, b_ptr, bias_ptr, out_ptr, preact_ptr, dot_src_ptr, dot_out_ptr, act_src_ptr, route_w_ptr,
     sorted_pair_ptr, block_expert_ptr,
-    num_pairs, top_k, N, K, num_blocks,
+    num_pairs, top_k, N, K, num_blocks, num_experts,
     stride_am, stride_be, stride_bk, stride_bn, stride_bias_e, stride_om, stride_pm, stride_dm, stride_zm,
     A_GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PREACT: tl.constexpr,
     DOT_SRC: tl.constexpr, ACT_GRAD: tl.constexpr, SCALE_BY_WEIGHT: tl.constexpr, OUT_MODE: tl.constexpr,
-    PRECISION: tl.constexpr, ACC_F64: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    PRECISION: tl.constexpr, ACC_F64: tl.constexpr, UPCAST_DOT: tl.constexpr, B_DESC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """``out[rows] (op)= epilogue(A[rows] @ B[expert])`` for one M-block and one N-tile (see module docstring)."""
+    """``out[rows] (op)= epilogue(A[rows] @ B[expert])`` for one M-block and one N-tile (see module docstring).
+
+    ``B_DESC`` loads the expert weights through a tensor descriptor (TMA on Hopper) instead of pointer
+    arithmetic: 1 when B is stored ``[E, K, N]`` with N contiguous (``stride_bn == 1``), 2 when stored
+    ``[E, N, K]`` with K contiguous (``stride_bk == 1``; the tile is transposed after the load). Out-of-range
+    rows and columns read as zero, as the masked loads do. A tuning candidate, measured against the pointer
+    loads on the GPU."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), num_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
 
     expert = tl.load(block_expert_ptr + pid_m)
@@ -162,6 +168,12 @@ def grouped_gemm_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
     b_ptrs = b_ptr + expert * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    if B_DESC == 1:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[num_experts, K, N], strides=[stride_be, stride_bk, 1],
+                                           block_shape=[1, BLOCK_K, BLOCK_N])
+    elif B_DESC == 2:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[num_experts, N, K], strides=[stride_be, stride_bn, 1],
+                                           block_shape=[1, BLOCK_N, BLOCK_K])
 
     if ACC_F64:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
@@ -171,7 +183,12 @@ def grouped_gemm_kernel(
     for k0 in range(0, K, BLOCK_K):
         k_mask = offs_k < K - k0
         a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if B_DESC == 1:
+            b = b_desc.load([expert.to(tl.int32), k0, pid_n * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
+        elif B_DESC == 2:
+            b = tl.trans(b_desc.load([expert.to(tl.int32), pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K))
+        else:
+            b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc = _mma(a, b, acc, PRECISION, UPCAST_DOT)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_bk

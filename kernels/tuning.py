@@ -34,6 +34,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     stage_rows: int = 0  # weight_grad with gathered rows: 1 = load the next block's rows before this block's dot
+    tma_weight: int = 0  # forward / backward_input: 1 = load the expert weights through a tensor descriptor
 
     def launch_options(self) -> dict[str, int]:
         """The keyword arguments a triton launch takes from this config."""
@@ -111,7 +112,8 @@ def default_block_m(rows: int, num_experts: int, interpreting: bool) -> int:
 
 def candidates(role: str, block_m: int, element_size: int, gather: bool = False) -> list[KernelConfig]:
     """The configurations tried for `role` (first = the default when tuning is off). A weight gradient over
-    gathered rows (`gather`) also tries its two first tiles with the hand-staged gather (``stage_rows=1``)."""
+    gathered rows (`gather`) also tries its two first tiles with the hand-staged gather (``stage_rows=1``); the
+    GEMM roles try theirs with the weights loaded through a tensor descriptor (``tma_weight=1``)."""
     if element_size >= 4:  # fp32 (TF32 or IEEE): half the K tile so the pipeline fits in shared memory
         tiles = [(128, 32, 8, 3), (64, 32, 4, 4), (128, 64, 8, 2), (256, 32, 8, 3)]
     else:
@@ -122,6 +124,8 @@ def candidates(role: str, block_m: int, element_size: int, gather: bool = False)
     options = [KernelConfig(block_m, n, k, 8, w, s) for n, k, w, s in tiles]
     if role == "weight_grad" and gather:
         options += [replace(config, stage_rows=1) for config in options[:2]]
+    if role != "weight_grad":
+        options += [replace(config, tma_weight=1) for config in options[:2]]
     return options
 
 

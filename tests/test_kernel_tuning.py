@@ -93,8 +93,17 @@ def test_the_gathered_weight_gradient_also_tries_the_staged_gather() -> None:
     assert [c.stage_rows for c in staged] == [1, 1]
     assert [(c.block_n, c.block_k) for c in staged] == [(c.block_n, c.block_k) for c in plain[:2]]
     assert all(c.stage_rows == 0 for c in tuning.candidates("forward", 128, 2, gather=True))
+    assert all(c.tma_weight == 0 for c in gathered)
 
     calls: list = []
     chosen = tuning.choose("weight_grad", ("k",), 128, 2, False,
                            lambda config: calls.append(config) or (0.5 if config.stage_rows else 1.0), gather=True)
     assert chosen.stage_rows == 1 and len(calls) == len(gathered)
+
+
+def test_the_gemm_roles_also_try_weights_through_tensor_descriptors() -> None:
+    for role in ("forward", "backward_input"):
+        options = tuning.candidates(role, 128, 2)
+        plain = [c for c in options if not c.tma_weight]
+        assert [c.tma_weight for c in options] == [0] * len(plain) + [1, 1]
+        assert [(c.block_n, c.block_k) for c in options[len(plain):]] == [(c.block_n, c.block_k) for c in plain[:2]]

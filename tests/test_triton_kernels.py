@@ -52,6 +52,26 @@ def test_staged_gather_weight_grad_matches_loop(case) -> None:
     assert error < TOLERANCE[torch.float32], f"tensor #{which} (0=out, 1=dx, 2=dw, then params) off by {error:.2e}"
 
 
+@pytest.mark.parametrize("case", CASES[:12], ids=[c.id for c in CASES[:12]])
+def test_weights_through_tensor_descriptors_match_loop(case) -> None:
+    """The GEMM tuning candidate that loads the expert weights through a tensor descriptor (``tma_weight=1``;
+    both layouts: ``[E, out, in]`` read transposed in the forward, as stored in the input gradient) on the edge
+    cases and a few random ones: forward and every gradient as the loop gives them."""
+    from cmoe.kernels import pin_config
+
+    tensors = build(case, DEVICE, seed=hash(case.id) % 10_000)
+    for role in ("forward", "backward_input"):
+        pin_config(role, tma_weight=1)
+    try:
+        got = run(*tensors, backend="triton_kernels", dtype=torch.float32)
+    finally:
+        for role in ("forward", "backward_input"):
+            pin_config(role)
+    ref = run(*tensors, backend="loop", dtype=torch.float32)
+    error, which = max_relative_error(got, ref)
+    assert error < TOLERANCE[torch.float32], f"tensor #{which} (0=out, 1=dx, 2=dw, then params) off by {error:.2e}"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("case", CASES[:4], ids=[c.id for c in CASES[:4]])
 def test_kernels_in_other_dtypes_match_the_float32_loop(case, dtype: torch.dtype) -> None:
