@@ -14,7 +14,9 @@ tested tolerance, so the choice changes speed, not results beyond that tolerance
   (warm up first) keeps its choice, else the table rule answers.
 
 Each candidate is timed in 3 round-robin rounds (the minimum counts); candidates within 10 % of the fastest
-are a near tie and get 6 more rounds before the choice, since a noisy CPU cannot separate them in 3.
+are a near tie and get 6 more rounds before the choice, since a noisy CPU cannot separate them in 3. If the
+table rule's backend then measures within 3 % of the fastest, it is kept: no measurement separates them, and
+the same choice from run to run is worth more than a noise-picked one.
 
 Candidates are the registered backends whose `Backend.auto_candidate` accepts the device, that are available
 there and accept the inputs (`Backend.input_problem`); ``dense`` only where it does at most twice the routed
@@ -46,6 +48,12 @@ TIE_MARGIN = 0.10
 TIE_ROUNDS = 6
 """Extra round-robin rounds for a near tie: 3 rounds on a noisy CPU could not tell apart backends ~10 % apart
 (RESULTS-cpu.md: two forward picks 9-10 % off the fastest as the benchmark timed them)."""
+TIE_KEEP = 0.03
+"""After the extra rounds, the table rule's backend is kept when it is within this fraction of the fastest:
+closer than a measurement can separate (a 2-core CPU's timings of one backend move 15-20 % between runs,
+RESULTS-cpu.md), so the choice follows the fixed rule and stays the same from run to run instead of flipping
+with the noise (RESULTS-cpu.md: E4 k4 training, auto timed grouped_mm 2.3 % ahead, the benchmark then timed
+sorted, the rule's backend, 14 % ahead)."""
 CACHE_FORMAT = 1
 
 # (backend name, a zero-argument call running it once, device) -> milliseconds for that call.
@@ -81,13 +89,16 @@ class Choice:
     times_ms: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     source: str = "measured"  # measured | disk | table
+    kept_table: bool = False  # the table rule's backend, kept as it measured within TIE_KEEP of the fastest
 
     def explain(self) -> str:
         """One line: the choice, then each candidate's time (fastest first) and why others were left out."""
         if self.source == "table":
             return f"{self.backend} (table rule: CMOE_AUTO=table, or no candidate could be timed)"
         timed = ", ".join(f"{name} {ms:.3g} ms" for name, ms in sorted(self.times_ms.items(), key=lambda i: i[1]))
-        text = f"{self.backend} (fastest measured{' earlier, read from the cache file' if self.source == 'disk' else ''}: {timed})"
+        why = "the table rule's backend, as fast as the fastest within the tie margin" if self.kept_table \
+            else "fastest measured"
+        text = f"{self.backend} ({why}{' earlier, read from the cache file' if self.source == 'disk' else ''}: {timed})"
         if self.skipped:
             text += "; not timed: " + "; ".join(f"{name}: {why}" for name, why in sorted(self.skipped.items()))
         return text
@@ -193,11 +204,11 @@ class AutoSelector:
 
     def __init__(self, cache_path: str | os.PathLike | None = None, timer: Timer | None = None,
                  rounds: int = 3, mode: str | None = None, tie_margin: float = TIE_MARGIN,
-                 tie_rounds: int = TIE_ROUNDS):
+                 tie_rounds: int = TIE_ROUNDS, tie_keep: float = TIE_KEEP):
         self.cache_path = Path(cache_path) if cache_path is not None else None
         self.timer = timer or default_timer
         self.rounds = rounds
-        self.tie_margin, self.tie_rounds = tie_margin, tie_rounds
+        self.tie_margin, self.tie_rounds, self.tie_keep = tie_margin, tie_rounds, tie_keep
         self.mode = mode
         self.choices: dict[str, Choice] = {}
         self._disk_loaded = False
@@ -221,7 +232,8 @@ class AutoSelector:
         for key, entry in read_cache_file(path).items() if path is not None else ():
             if key not in self.choices and entry.get("backend") in BACKENDS:
                 self.choices[key] = Choice(entry["backend"], dict(entry.get("times_ms", {})),
-                                           dict(entry.get("skipped", {})), source="disk")
+                                           dict(entry.get("skipped", {})), source="disk",
+                                           kept_table=bool(entry.get("kept_table", False)))
 
     def _save_disk(self, key: str, choice: Choice) -> None:
         path = self._cache_file()
@@ -250,7 +262,8 @@ class AutoSelector:
 
     def measure(self, x: torch.Tensor, experts: StackedExperts, index: torch.Tensor, weight: torch.Tensor,
                 fallback: str) -> Choice:
-        """Time every candidate (one warm-up call, then `rounds` round-robin calls each; the minimum counts)."""
+        """Time every candidate (one warm-up call, then `rounds` round-robin calls each; the minimum counts). The
+        fastest wins, unless the table rule's backend (`fallback`) is within `tie_keep` of it (see `TIE_KEEP`)."""
         names, skipped = candidates(x, experts, index.shape[-1])
         make = _training_call if is_training(x, experts, weight) else _inference_call
         calls = {}
@@ -270,7 +283,10 @@ class AutoSelector:
         if len(tied) > 1 and self.tie_rounds > 0:  # a near tie: time only the tied ones again, more often
             self._rounds({name: calls[name] for name in tied}, times, self.tie_rounds, x.device)
         best = {name: min(values) for name, values in times.items()}
-        return Choice(min(best, key=lambda name: (best[name], name)), best, skipped)
+        fastest = min(best, key=lambda name: (best[name], name))
+        if fallback != fastest and fallback in best and best[fallback] <= best[fastest] * (1 + self.tie_keep):
+            return Choice(fallback, best, skipped, kept_table=True)
+        return Choice(fastest, best, skipped)
 
     def _rounds(self, calls: dict[str, Callable[[], object]], times: dict[str, list[float]], rounds: int,
                 device: torch.device) -> None:
@@ -327,17 +343,17 @@ def selector() -> AutoSelector:
 
 def configure_auto(cache_path: str | os.PathLike | None = None, timer: Timer | None = None,
                    rounds: int = 3, mode: str | None = None, tie_margin: float = TIE_MARGIN,
-                   tie_rounds: int = TIE_ROUNDS) -> AutoSelector:
+                   tie_rounds: int = TIE_ROUNDS, tie_keep: float = TIE_KEEP) -> AutoSelector:
     """Replace the process-wide selector (forgetting its in-memory choices) and return it.
 
     Each candidate is timed `rounds` times (the minimum counts); candidates within `tie_margin` of the fastest
-    are timed `tie_rounds` more times before the choice.
+    are timed `tie_rounds` more times before the choice; the table rule's backend is kept within `tie_keep`.
     `cache_path` overrides ``CMOE_AUTO_CACHE``; `timer` replaces the wall-clock timer (tests pass a fake one);
     `mode` (``measure`` or ``table``) overrides ``CMOE_AUTO``.
     """
     global _SELECTOR
     _SELECTOR = AutoSelector(cache_path=cache_path, timer=timer, rounds=rounds, mode=mode, tie_margin=tie_margin,
-                             tie_rounds=tie_rounds)
+                             tie_rounds=tie_rounds, tie_keep=tie_keep)
     return _SELECTOR
 
 

@@ -72,6 +72,26 @@ def test_a_near_tie_is_timed_again_before_the_choice(fresh_selector: None) -> No
     assert auto.near_ties({"a": 1.0, "b": 1.1, "c": 1.2}, 0.10) == ["a", "b"]
 
 
+@pytest.mark.parametrize("grouped_ms, expected", [(0.98, "sorted"), (0.96, "grouped_mm")],
+                         ids=["within-3pct-keeps-the-rule", "beyond-3pct-takes-the-fastest"])
+def test_the_table_rules_backend_is_kept_when_it_measures_within_the_keep_margin(
+        grouped_ms: float, expected: str, fresh_selector: None, tmp_path) -> None:
+    # The table rule on CPU says sorted. grouped_mm measures 2 % faster: no measurement separates them, so the
+    # rule's choice stays (and says why, also when read back from the cache file); 4 % faster: grouped_mm.
+    times = {"sorted": 1.0, "grouped_mm": grouped_ms, "dense": 5.0}
+    auto.configure_auto(timer=FakeTimer(times), cache_path=tmp_path / "auto.json")
+    experts, x, index, weight = _inputs()
+    out = cmoe.moe_project(x, experts, index, weight)
+    (choice,) = auto.auto_choices().values()
+    assert choice.backend == expected and choice.kept_table is (expected == "sorted")
+    assert torch.equal(out, cmoe.moe_project(x, experts, index, weight, backend=expected))
+    assert ("table rule's backend" in choice.explain()) is (expected == "sorted")
+    auto.configure_auto(timer=FakeTimer(times), cache_path=tmp_path / "auto.json")
+    cmoe.moe_project(x, experts, index, weight)
+    (again,) = auto.auto_choices().values()
+    assert again.source == "disk" and again.backend == expected and again.kept_table is choice.kept_table
+
+
 def test_no_extra_rounds_when_the_fastest_is_clear_or_tie_rounds_is_zero(fresh_selector: None) -> None:
     timer = auto.configure_auto(timer=SequenceTimer({"sorted": [1.0], "grouped_mm": [1.05], "dense": [5.0]}),
                                 tie_rounds=0).timer
