@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from cmoe.errors import CMoEError
 from cmoe.experts import StackedExperts
 from cmoe.registry import BACKENDS
 
@@ -216,7 +217,6 @@ class AutoSelector:
     def current_mode(self) -> str:
         mode = self.mode or os.environ.get(ENV_MODE, "measure").strip().lower() or "measure"
         if mode not in MODES:
-            from cmoe.errors import CMoEError
             raise CMoEError(f"{ENV_MODE}: expected one of {', '.join(MODES)}, got {mode!r}; unset it to measure")
         return mode
 

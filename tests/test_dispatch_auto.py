@@ -233,3 +233,9 @@ def test_cmoe_bench_auto_prints_the_choice_and_the_times(capsys: pytest.CaptureF
         for name in ("sorted", "grouped_mm", "dense"):
             assert f"{name} " in line.split("fastest measured: ")[1]
     assert len(json.loads(cache.read_text())["entries"]) == 2
+
+
+def test_a_bad_mode_for_a_recorded_run_says_what_is_accepted(tmp_path) -> None:
+    with pytest.raises(CMoEError, match="auto mode: expected one of measure, table, got 'fastest'"):
+        with auto.choices_recorded_in(tmp_path / "auto.json", mode="fastest"):
+            pass

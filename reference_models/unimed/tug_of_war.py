@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cmoe.errors import CMoEError, expect
+from cmoe.errors import expect
 from cmoe.io import atomic_write, write_json
 from cmoe.routers import RoutingResult
 
