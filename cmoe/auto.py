@@ -48,13 +48,13 @@ TIE_MARGIN = 0.10
 """Candidates within this fraction of the fastest after the first rounds are a near tie and get timed again."""
 TIE_ROUNDS = 6
 """Extra round-robin rounds for a near tie: 3 rounds on a noisy CPU could not tell apart backends ~10 % apart
-(RESULTS-cpu.md: two forward picks 9-10 % off the fastest as the benchmark timed them)."""
+(RESULTS-cpu.md as of 2b0b831: two forward picks 9-10 % off the fastest as the benchmark timed them)."""
 TIE_KEEP = 0.03
 """After the extra rounds, the table rule's backend is kept when it is within this fraction of the fastest:
 closer than a measurement can separate (a 2-core CPU's timings of one backend move 15-20 % between runs,
 RESULTS-cpu.md), so the choice follows the fixed rule and stays the same from run to run instead of flipping
-with the noise (RESULTS-cpu.md: E4 k4 training, auto timed grouped_mm 2.3 % ahead, the benchmark then timed
-sorted, the rule's backend, 14 % ahead)."""
+with the noise (RESULTS-cpu.md as of b9edbc6: E4 k4 training, auto timed grouped_mm 2.3 % ahead, the benchmark
+then timed sorted, the rule's backend, 14 % ahead)."""
 CACHE_FORMAT = 1
 
 # (backend name, a zero-argument call running it once, device) -> milliseconds for that call.
