@@ -9,8 +9,9 @@
 #   bash benchmarks/gpu_session.sh paper [OUT]   # a few steps of the Uni-Med paper model (random weights): OUT/paper.log
 #   bash benchmarks/gpu_session.sh probe [OUT]   # the whole kernel probe (OUT/probe.log)
 #
-# Needs CUDA torch, triton and cmoe installed (`pip install -e '.[triton,hf]'`; peers optional:
-# `pip install grouped_gemm sonic-moe liger-kernel`). OUT defaults to benchmarks/gpu-out. Every phase writes
+# Needs CUDA torch, triton and cmoe installed (`pip install -e '.[triton,hf]'`). Peers are optional: wheels in
+# PEER_WHEELS (default .whl, made by `benchmarks/peer_wheels.sh`) are installed into a temporary folder on the
+# path first, so a machine without network can run them; device.txt names those found. OUT defaults to benchmarks/gpu-out. Every phase writes
 # its log to OUT; `all` also writes OUT/phases.txt (phase, exit status, seconds) and gives each phase a time
 # limit (TESTS_S, PAPER_S, BENCH_S, SWEEP_S seconds; defaults 180, 120, 200, 60: 560 s, inside one device
 # call's 600) so one device call stays short; the phases run most needed first, so a cut loses the sweep.
@@ -94,7 +95,24 @@ timed_phase() {
   echo "$name $status $(( $(date +%s) - started ))s" | tee -a "$out/phases.txt"
 }
 
-describe_device | tee "$out/device.txt" || exit 1
+# The carried peer wheels, once per call: the phases `all` starts inherit PYTHONPATH and CMOE_PEERS.
+install_peers() {
+  local wheels=${PEER_WHEELS:-.whl} target=${TMPDIR:-/tmp}/cmoe-peers
+  if ! compgen -G "$wheels/*.whl" > /dev/null; then
+    peers_line="peers: as installed (no wheels in $wheels)"
+  elif "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$target" \
+      "$wheels"/*.whl; then
+    export PYTHONPATH="$target${PYTHONPATH:+:$PYTHONPATH}"
+    peers_line="peers: installed from $wheels: $(cd "$wheels" && ls -- *.whl | tr '\n' ' ')"
+  else
+    peers_line="peers: installing the wheels in $wheels failed (see above)"
+  fi
+}
+if [ -z "${CMOE_PEERS:-}" ]; then
+  install_peers
+  export CMOE_PEERS=$peers_line
+fi
+{ describe_device && echo "$CMOE_PEERS"; } | tee "$out/device.txt" || exit 1
 case "$phase" in
   all)
     : > "$out/phases.txt"

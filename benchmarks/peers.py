@@ -13,11 +13,17 @@ sonic-moe liger-kernel``) and the runner picks them up.
   Closest shape, not ours: its own softmax-top-k router (an extra ``[T, in] × [in, E]`` GEMM) instead of our
   fixed routing, experts mapping hidden → hidden (so only on the square HF cases), non-gated SiLU instead of
   GELU, no bias, its own random weights. Output not compared with ``loop`` (different routing and activation).
-* ``peer_scattermoe`` — ScatterMoE's ``scattermoe.mlp.MLP`` (not on the package index: installs from its
-  repository only). Closest shape: square experts, no bias, our routing and GELU, its own random weights.
+* ``peer_scattermoe`` — ScatterMoE's ``scattermoe.mlp.MLP`` (release 0.3.0, which added biases; not on the
+  package index: build a wheel from its repository, see `benchmarks/peer_wheels.sh`). The exact case where
+  it has one: two-layer experts whose output width equals the input width (its second layer maps back to the
+  input width), with our weights and biases copied in, our activation and routing. Checked against ``loop``.
 * ``peer_liger_moe`` — Liger-Kernel's fused MoE (``liger_kernel.ops.fused_moe.LigerFusedMoEFunction``, in
   release 0.8.5): our routing, but SwiGLU experts (a gate+up projection twice as wide: 1.5× our FLOPs), no
   bias, square experts (HF cases only), its own weights.
+
+The adapters of ScatterMoE and Liger run in Triton's CPU interpreter too: ``tests/test_benchmark_peers.py``
+checks them against a float64 reference of what each computes, forward and gradients, so an API change in a
+peer shows up before GPU time is spent on it.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ def skip_reason(peer: Peer, device: torch.device, in_features: int, out_features
     if device.type != "cuda":
         return f"{peer.package}: CUDA only"
     if peer.square_only and not (hf and in_features == out_features):
-        return f"{peer.package}: runs square bias-free experts only ({peer.shape_note}); see the HF cases"
+        return f"{peer.package}: runs square experts only ({peer.shape_note}); see the HF cases"
     try:
         if peer.name == "peer_liger_moe":
             _liger_moe_class()
@@ -119,16 +125,33 @@ def _build_sonic(x, experts, index, weight, top_k):
     return forward
 
 
-def _build_scattermoe(x, experts, index, weight, top_k):
+def scattermoe_module(experts: StackedExperts, top_k: int) -> torch.nn.Module:
+    """ScatterMoE's ``MLP`` holding a copy of `experts` (two layers, output width = input width)."""
+    layers = experts.layers
+    if len(layers) != 2 or experts.out_features != experts.in_features:
+        raise ValueError(f"ScatterMoE runs two-layer experts mapping back to the input width; got widths "
+                         f"{tuple(experts.widths)}")
     from scattermoe.mlp import MLP
 
-    hidden = experts.widths[1] if len(experts.widths) > 2 else experts.out_features
-    module = MLP(input_size=experts.in_features, hidden_size=hidden, num_experts=experts.num_experts,
-                 top_k=top_k, activation=torch.nn.GELU()).to(device=x.device, dtype=x.dtype)
+    (w1, b1), (w2, b2) = layers
+    module = MLP(input_size=experts.in_features, hidden_size=w1.shape[1], num_experts=experts.num_experts,
+                 top_k=top_k, bias=b1 is not None, activation=experts.activation).to(device=w1.device,
+                                                                                    dtype=w1.dtype)
+    with torch.no_grad():
+        module.experts.weight.copy_(w1)
+        module.output_experts.weight.copy_(w2)
+        if b1 is not None:
+            module.experts.bias.copy_(b1)
+            module.output_experts.bias.copy_(b2)
+    return module
+
+
+def _build_scattermoe(x, experts, index, weight, top_k):
+    module = scattermoe_module(experts, top_k)
 
     def forward() -> torch.Tensor:
         return module(x, weight, index)
-    forward.leaves = list(module.parameters())
+    forward.leaves = [weight, *module.parameters()]
     return forward
 
 
@@ -164,7 +187,7 @@ PEERS = (
          _build_grouped_gemm),
     Peer("peer_sonic_moe", "sonic-moe", "own router and weights, square experts, non-gated SiLU, no bias", False,
          _build_sonic, square_only=True),
-    Peer("peer_scattermoe", "scattermoe", "our routing and GELU, square experts, no bias, own weights", False,
+    Peer("peer_scattermoe", "scattermoe", "exact case (square experts): our weights, bias, GELU and routing", True,
          _build_scattermoe, square_only=True),
     Peer("peer_liger_moe", "liger-kernel", "our routing, own weights, square SwiGLU experts (1.5× our FLOPs), no bias",
          False,
