@@ -82,7 +82,9 @@ class CMoEConfig(ConnectorConfig):
     tokens of width ``n · in_features``. ``top_k=None`` means the router's own default (2 for ``token_topk``,
     dense for the others). ``router_input`` / ``router_rule`` override a router preset's input
     (``token``/``task``/``task_token``) and rule (``softmax``/``sigmoid``). ``router_options`` is passed to the
-    router's constructor as extra keyword arguments (for plugin routers).
+    router's constructor as extra keyword arguments (for plugin routers). ``check_finite`` raises on NaN/inf
+    router logits (and warns near fp16's range) in eager mode; it reads one value back per call (a host sync),
+    so pass False for a sync-free eager step (CUDA graphs); ``torch.compile`` skips it either way.
     """
 
     connector_type: ClassVar[str] = "cmoe"

@@ -160,9 +160,10 @@ def table_backend(device: torch.device, num_experts: int, top_k: int) -> str:
     """The hand-written rule (``CMOE_AUTO=table``, and while ``torch.compile`` traces an unmeasured class).
 
     From benchmarks/RESULTS.md: on CUDA ``dense`` under dense routing (k = E) and ``sorted`` otherwise; on CPU,
-    ``sorted``.
+    ``sorted``, except while ``torch.compile`` traces dense routing: ``sorted`` sizes its slices on the host and
+    would break the graph, ``dense`` compiles whole.
     """
-    if device.type == "cuda" and top_k == num_experts:
+    if top_k == num_experts and (device.type == "cuda" or torch.compiler.is_compiling()):
         return "dense"
     return "sorted"
 

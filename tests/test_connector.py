@@ -86,6 +86,15 @@ def test_dense_routing_compiles_in_one_graph(router: str, options: dict) -> None
     assert_compiled_step_matches_eager(connector, torch.randn(2, 8, 12), torch.tensor([0, 2]) if options else None)
 
 
+def test_default_connector_compiles_in_one_graph_and_eager_still_checks_logits() -> None:
+    """The README's line as written: the defaults (``backend="auto"``, ``check_finite=True``) under
+    ``fullgraph=True``. Tracing skips the finite check (a host sync) and takes ``dense`` for dense routing."""
+    connector = CMoEConnector(CMoEConfig(in_features=12, out_features=10, num_experts=4, router="soft"))
+    assert_compiled_step_matches_eager(connector, torch.randn(2, 8, 12), None)
+    with pytest.raises(CMoEError, match="router_logits: expected finite values"):
+        connector(torch.full((1, 2, 12), float("nan")))
+
+
 def test_aux_loss_is_sum_of_router_terms() -> None:
     model = CMoEConnector(CMoEConfig(in_features=4, out_features=4, load_balance_coef=0.1, z_loss_coef=0.01))
     out = model(torch.randn(2, 3, 4))
