@@ -15,23 +15,25 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cmoe bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--in-features", type=int, default=1408)
-    parser.add_argument("--out-features", type=int, default=2048)
-    parser.add_argument("--hidden", type=int, default=None, help="MLP hidden width (default: out-features)")
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--expert", choices=["mlp", "linear"], default="mlp")
-    parser.add_argument("--no-bias", action="store_true")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--mode", choices=["both", "inference", "training"], default="both")
+    parser = argparse.ArgumentParser(prog="cmoe bench", description=" ".join(__doc__.split()),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=2048, help="tokens routed (rows of x)")
+    parser.add_argument("--in-features", type=int, default=1408, help="expert input width")
+    parser.add_argument("--out-features", type=int, default=2048, help="expert output width")
+    parser.add_argument("--hidden", type=int, default=None, help="MLP hidden width (None: out-features)")
+    parser.add_argument("--experts", type=int, default=8, help="number of experts E")
+    parser.add_argument("--top-k", type=int, default=2, help="experts per token k (k = E: dense routing)")
+    parser.add_argument("--expert", choices=["mlp", "linear"], default="mlp", help="expert type")
+    parser.add_argument("--no-bias", action="store_true", help="experts without bias")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of x and the experts")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1")
+    parser.add_argument("--mode", choices=["both", "inference", "training"], default="both",
+                        help="time forward only, forward+backward, or both")
     parser.add_argument("--rounds", type=int, default=3, help="timed calls per candidate (the minimum counts)")
     parser.add_argument("--auto", action="store_true",
                         help="show auto's choice and why (honours CMOE_AUTO and the cache file)")
     parser.add_argument("--cache", default=None, help="auto's JSON cache file (default: $CMOE_AUTO_CACHE)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs and routing")
     return parser
 
 

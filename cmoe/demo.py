@@ -1,4 +1,5 @@
-"""The main-job demo: train a connector on a small synthetic multi-task problem and report per task.
+"""The core library's demo (the project's main job is ``cmoe unimed demo``): train a connector on a small
+synthetic multi-task problem and report per task.
 
 Every task sees visual tokens from the same distribution but wants a different projection of them
 (``y = x·S + x·D_task`` through a GELU, plus noise): a plain MLP connector, blind to the task, can only fit a
@@ -95,7 +96,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[float]]:
-    parser = argparse.ArgumentParser(prog="cmoe demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="cmoe demo", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--tasks", type=int, default=4)

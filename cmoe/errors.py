@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -46,3 +48,22 @@ def expect_ids_below(ids: torch.Tensor, count: int, argument: str, expected: str
         return
     lo, hi = int(ids.min()), int(ids.max())
     expect(lo >= 0 and hi < count, argument, expected, f"values in {lo}..{hi}")
+
+
+_VARIABLE = re.compile(r"\$(\w+)|\$\{(\w+)\}")
+
+
+def unset_variables_hint(path: str | os.PathLike) -> str:
+    """``" (the environment variable X is not set: ...)"`` when `path` still holds a ``$X`` / ``${X}`` (a config's
+    variable that was not set, so not expanded), else ``""``: appended to a missing-path message."""
+    unset = sorted({a or b for a, b in _VARIABLE.findall(os.fspath(path)) if (a or b) not in os.environ})
+    if not unset:
+        return ""
+    many = len(unset) > 1
+    return (f" (the environment variable{'s' if many else ''} {', '.join(unset)} {'are' if many else 'is'} not set: "
+            f"export {unset[0]}=/path/to/the/local/files)")
+
+
+def missing_path(path: str | os.PathLike, what: str = "does not exist") -> str:
+    """`path` quoted, why it cannot be used, and any unset variable left in it (`unset_variables_hint`)."""
+    return f"{os.fspath(path)!r}, which {what}{unset_variables_hint(path)}"

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from cmoe.errors import CMoEError, expect
+from cmoe.errors import CMoEError, expect, missing_path
 from cmoe.plugins.vision_encoders import VisionEncoder, resolve_feature_layer
 
 __all__ = [
@@ -365,7 +365,7 @@ def load_eva_checkpoint(path: str | os.PathLike) -> Mapping[str, Tensor]:
     expect(isinstance(path, (str, os.PathLike)), "path", "a local checkpoint file (str)", repr(path))
     path = os.fspath(path)
     expect(os.path.isfile(path), "path", "an existing local .pth/.pt/.bin/.safetensors file",
-           f"{path!r}, which " + ("is not a file" if os.path.exists(path) else "does not exist"))
+           lambda: missing_path(path, "is not a file" if os.path.exists(path) else "does not exist"))
     suffix = os.path.splitext(path)[1].lower()
     expect(suffix in (".safetensors", ".pth", ".pt", ".bin"), "path",
            "a .pth, .pt, .bin or .safetensors file", repr(path))

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cmoe.errors import CMoEError
+from cmoe.errors import CMoEError, unset_variables_hint
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -62,8 +62,9 @@ def build_hf_causal_lm(
         dtype = getattr(torch, dtype)
     if path is not None:
         if not os.path.isdir(path):
-            raise CMoEError(f"path: expected a local checkpoint directory, got {str(path)!r} (not found); "
-                            "nothing is downloaded — download the weights yourself and pass their folder")
+            raise CMoEError(f"path: expected a local checkpoint directory, got {str(path)!r} (not found)"
+                            f"{unset_variables_hint(path)}; nothing is downloaded — download the weights yourself "
+                            "and pass their folder")
         # Inside a meta device context (`paper_scale.build_on_meta`) transformers refuses from_pretrained unless
         # told the target: the same model, config and generation config, weights left unloaded on meta.
         device_map = "meta" if torch.empty(()).is_meta else None

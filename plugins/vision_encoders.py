@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cmoe.errors import CMoEError, expect
+from cmoe.errors import CMoEError, expect, missing_path
 
 __all__ = ["HFVisionEncoder", "VisionEncoder", "build_hf_clip", "build_hf_siglip", "resolve_feature_layer"]
 
@@ -156,7 +156,7 @@ def _load_hf_vision_model(kind: str, path: str | None, config: dict | None) -> n
     if path is not None:
         expect(isinstance(path, (str, os.PathLike)), "path", "a local directory (str)", repr(path))
         expect(os.path.isdir(path), "path", "an existing local directory holding config.json and the weights",
-               f"{os.fspath(path)!r}, which " + ("is not a directory" if os.path.exists(path) else "does not exist"))
+               lambda: missing_path(path, "is not a directory" if os.path.exists(path) else "does not exist"))
         try:
             # In a meta device context: the same model, weights left on meta (see build_hf_causal_lm).
             device_map = "meta" if torch.empty(()).is_meta else None

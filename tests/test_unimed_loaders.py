@@ -292,3 +292,15 @@ def test_negative_limit_is_rejected(slake_root: Path) -> None:
 def test_registry_describes_each_layout() -> None:
     assert {entry.task for entry in LOADERS.values()} == {"qa", "vqa", "report", "rec", "reg", "cls"}
     assert all(entry.layout and "<root>" in entry.layout for entry in LOADERS.values())
+
+
+def test_an_unset_variable_in_a_data_path_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A config's ``${UNIMED_DATA}`` stays literal when the variable is unset: the error says so and how to fix."""
+    monkeypatch.delenv("UNIMED_DATA", raising=False)
+    with pytest.raises(CMoEError, match=r"medqa: data root \$\{UNIMED_DATA\}/MedQA is not a directory \(the "
+                                        r"environment variable UNIMED_DATA is not set: export UNIMED_DATA="):
+        load_dataset("medqa", "${UNIMED_DATA}/MedQA", "test")
+    monkeypatch.setenv("UNIMED_DATA", str(tmp_path))  # set but wrong: no hint about the variable
+    with pytest.raises(CMoEError) as error:
+        load_dataset("medqa", tmp_path / "nowhere", "test")
+    assert "environment variable" not in str(error.value)

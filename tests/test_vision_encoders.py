@@ -15,6 +15,7 @@ from cmoe.plugins.eva_clip import (
     EVAViTConfig,
     build_eva_clip_g,
     interpolate_pos_embed,
+    load_eva_checkpoint,
     load_eva_state_dict,
 )
 from cmoe.plugins.vision_encoders import VisionEncoder, build_hf_clip, build_hf_siglip
@@ -303,3 +304,18 @@ def test_bad_pixel_values(name: str) -> None:
         encoder(torch.zeros(2, 3, 28, 28, dtype=torch.long))
     with pytest.raises(CMoEError, match="pixel_values.*list"):
         encoder([[0.0]])
+
+
+def test_unset_variables_in_a_weights_path_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cmoe.errors import missing_path
+
+    monkeypatch.delenv("CMOE_TEST_UNSET_A", raising=False)
+    monkeypatch.delenv("CMOE_TEST_UNSET_B", raising=False)
+    monkeypatch.setenv("CMOE_TEST_SET", "/x")
+    assert missing_path("/m/eva.pth") == "'/m/eva.pth', which does not exist"
+    assert missing_path("$CMOE_TEST_SET/${CMOE_TEST_UNSET_B}/$CMOE_TEST_UNSET_A", "is not a file").endswith(
+        "which is not a file (the environment variables CMOE_TEST_UNSET_A, CMOE_TEST_UNSET_B are not set: "
+        "export CMOE_TEST_UNSET_A=/path/to/the/local/files)")
+    with pytest.raises(CMoEError, match=r"\$\{CMOE_TEST_UNSET_A\}/eva.pth', which does not exist \(the environment "
+                                        r"variable CMOE_TEST_UNSET_A is not set"):
+        load_eva_checkpoint("${CMOE_TEST_UNSET_A}/eva.pth")

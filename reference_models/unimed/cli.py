@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The Uni-Med recipe: train, eval, analyze, experiment, data-stats, demo (``cmoe unimed --help``)."""
+    """The Uni-Med recipe: train, eval, analyze, experiment, data-stats, demo, pretrain, convert-original (``cmoe unimed --help``)."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return args.run(args)

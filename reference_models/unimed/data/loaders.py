@@ -35,7 +35,7 @@ from typing import Any, NamedTuple, Union
 
 import numpy as np
 
-from cmoe.errors import CMoEError, UnknownNameError, expect
+from cmoe.errors import CMoEError, UnknownNameError, expect, unset_variables_hint
 from cmoe.reference_models.unimed.boxes import encode_box, parse_box
 from cmoe.reference_models.unimed.data.medmnist_classes import OFFICIAL_LABELS, QUESTIONS, answer_name
 from cmoe.reference_models.unimed.data.sample import Sample
@@ -100,7 +100,8 @@ class MalformedDataError(DataError):
 
 
 def _missing(name: str, path: Path, root: Path) -> CMoEError:
-    return MissingDataError(f"{name}: missing {path}; expected {LAYOUTS[name]} (root = {root})")
+    return MissingDataError(f"{name}: missing {path}{unset_variables_hint(path)}; expected {LAYOUTS[name]} "
+                            f"(root = {root})")
 
 
 def _malformed(name: str, path: Path | str, problem: str) -> MalformedDataError:
@@ -140,7 +141,8 @@ def _root(name: str, root: PathLike, split: str, valid: Iterable[str]) -> Path:
     _check_split(name, split, valid)
     path = Path(root).expanduser()
     if not path.is_dir():
-        raise CMoEError(f"{name}: data root {path} is not a directory; expected {LAYOUTS[name]}")
+        raise CMoEError(f"{name}: data root {path} is not a directory{unset_variables_hint(path)}; expected "
+                        f"{LAYOUTS[name]}")
     return path
 
 
