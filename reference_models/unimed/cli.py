@@ -168,8 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.set_defaults(run=_analyze)
     experiment = commands.add_parser("experiment", help="train, evaluate and analyse variants over seeds "
                                                         "(CMoE vs MLP, IMAX vs DMAX); prints the comparison table")
-    experiment.add_argument("--experiment", default="cmoe_vs_mlp",
-                            help="an experiment YAML or a built-in one: cmoe_vs_mlp, imax, paper, tug_of_war")
+    experiment.add_argument("--experiment", default="tug_of_war",
+                            help="an experiment YAML or a built-in one: tug_of_war (the testbed, default), imax, "
+                                 "cmoe_vs_mlp (random-init, superseded by tug_of_war), paper")
     experiment.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                             help="override a config value in every run, e.g. --set train.steps=100")
     experiment.add_argument("--seeds", help="comma-separated seeds (default: the experiment's)")
@@ -213,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The Uni-Med recipe: train, eval, analyze, experiment, data-stats, demo, pretrain, convert-original (``cmoe unimed --help``)."""
+    """The Uni-Med recipe: train, eval, analyze, experiment, data-stats, demo, pretrain, convert-original."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return args.run(args)

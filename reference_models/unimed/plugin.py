@@ -6,7 +6,7 @@ from cmoe.hookspecs import Register, hookimpl
 
 
 def unimed(argv: list[str]) -> int:
-    """The Uni-Med recipe: train, eval, analyze, experiment, data-stats, demo, pretrain, convert-original (cmoe unimed --help)."""
+    """The Uni-Med recipe: train, eval, analyze, experiment, data-stats, demo, pretrain, convert-original."""
     from cmoe.reference_models.unimed.cli import main
 
     return main(argv)
