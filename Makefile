@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine: `make demo` (the main job) and `make test`.
-# Both create .venv and install the CPU torch wheel FIRST, so nothing pulls CUDA packages.
+# Both create .venv and install torch==2.13.0 FIRST: where pip finds the CPU wheel (here and in CI), nothing
+# pulls CUDA packages; from plain PyPI add PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu (README).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -25,7 +26,7 @@ java:
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless; \
 	else \
-		echo "note: no Java runtime; the report metrics (BLEU-4, METEOR, CIDEr) need one:" \
+		echo "note: no Java runtime; the COCO caption metrics of reports (BLEU, METEOR, ROUGE-L, CIDEr) need one:" \
 		     "sudo apt-get install -y default-jre-headless, or any Java 8+ on the PATH"; \
 	fi
 
