@@ -17,12 +17,20 @@ PLOTS = {"index_curves.png", "routing.png", "parameter_histograms.png", "cosine_
 
 
 @pytest.mark.slow
-def test_live_analysis_and_checkpoint_analysis_write_every_plot_and_the_json(tmp_path: Path) -> None:
+def test_live_analysis_and_checkpoint_analysis_write_every_plot_and_the_json(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cmoe.reference_models.unimed import tug_of_war
+
+    plotted_at: list[int] = []
+    monkeypatch.setattr(tug_of_war, "plot_index_curves",
+                        lambda report, path, _plot=tug_of_war.plot_index_curves:
+                        plotted_at.append(report.steps[-1].step) or _plot(report, path))
     config = tiny_config(tmp_path, train__steps=4, train__save_every=4, train__analyze_every=2,
                          train__analyze_batches_per_task=1)
     Trainer(config).train()
     live = json.loads((tmp_path / "tug_of_war" / "tug_of_war.json").read_text())
     assert [s["step"] for s in live["steps"]] == [0, 2, 4]
+    assert plotted_at == [4]  # the JSON at every analysis, the plots (slow) with the checkpoint at step 4
     assert PLOTS <= {p.name for p in (tmp_path / "tug_of_war").iterdir()}
     last = live["steps"][-1]
     assert set(last["routing"]) == {"vqa", "report", "rec", "reg", "cls"}

@@ -192,7 +192,8 @@ class DataSection:
 class TrainSection:
     """The original: batch 4, 50k steps, AdamW (0.9, 0.999), wd 0.05, warm-up 5k steps 1e-6 → 1e-5, cosine to
     1e-7, fp16 autocast, seed 42. ``analyze_every`` runs the tug-of-war analysis every N steps (and at step 0)
-    on ``analyze_batches_per_task`` fixed batches per image task, into ``output_dir/tug_of_war/``."""
+    on ``analyze_batches_per_task`` fixed batches per image task, into ``output_dir/tug_of_war/``: the JSON
+    each time, the plots with each checkpoint and at the end."""
 
     _where: ClassVar[str] = "train"
 

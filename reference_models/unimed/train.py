@@ -334,12 +334,14 @@ class Trainer:
             dist.barrier()
         return path
 
-    def _analyze(self) -> None:
-        """One tug-of-war measurement at the current step (every rank measures; rank 0 writes)."""
+    def _analyze(self, plots: bool) -> None:
+        """One tug-of-war measurement at the current step (every rank measures; rank 0 writes). The JSON is
+        rewritten every time; the plots (most of the cost: about half a second each) only when `plots`, at
+        checkpoints and at the end of `train`."""
         self.probe.measure(self.model, self.step, self.report, self.ctx.device,
                            autocast(self.config.train.precision, self.ctx.device))
         if self.ctx.is_main:
-            write_report(self.report, self.output_dir / REPORT_DIR)
+            write_report(self.report, self.output_dir / REPORT_DIR, plots=plots)
 
     def train(self, steps: int | None = None) -> TrainResult:
         """Train until step ``steps`` (default ``train.steps``); returns the last checkpoint and the metrics."""
@@ -364,7 +366,7 @@ class Trainer:
             window, started = _Window(), time.perf_counter()
             bar = tqdm(total=total, initial=self.step, disable=not (ctx.is_main and train.progress), desc="train")
             if self.probe is not None and self.step == 0:
-                self._analyze()
+                self._analyze(plots=total == 0)
             while self.step < total:
                 grad_norm = self._optimizer_step(batches, window)
                 self.step += 1
@@ -377,7 +379,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.3f}")
                     window, started = _Window(), time.perf_counter()
                 if self.probe is not None and (self.step % train.analyze_every == 0 or self.step == total):
-                    self._analyze()
+                    self._analyze(plots=self.step % train.save_every == 0 or self.step == total)
                 if self.step % train.save_every == 0 or self.step == total:
                     checkpoint = self.save() or checkpoint
             bar.close()

@@ -711,13 +711,14 @@ def plot_parameter_histograms(parameters: Mapping[str, ParameterStats], path: st
     return save_png(fig, path)
 
 
-def write_report(report: TugOfWarReport, out_dir: str | os.PathLike, *, step: int | None = None) -> list[Path]:
-    """Write ``tug_of_war.json`` and every applicable PNG into `out_dir`: ``index_curves.png``, and for the
-    chosen step (default the last) ``cosine_<group>.png`` per group, ``routing.png`` and
-    ``parameter_histograms.png`` when that step has routing / parameter statistics."""
+def write_report(report: TugOfWarReport, out_dir: str | os.PathLike, *, step: int | None = None,
+                 plots: bool = True) -> list[Path]:
+    """Write ``tug_of_war.json`` and (unless not `plots`) every applicable PNG into `out_dir`:
+    ``index_curves.png``, and for the chosen step (default the last) ``cosine_<group>.png`` per group,
+    ``routing.png`` and ``parameter_histograms.png`` when that step has routing / parameter statistics."""
     out_dir = Path(out_dir)
     paths = [report.save_json(out_dir / REPORT_JSON)]
-    if not report.steps:
+    if not report.steps or not plots:
         return paths
     chosen = report.steps[-1] if step is None else next((s for s in report.steps if s.step == step), None)
     expect(chosen is not None, "step", f"one of the recorded steps {[s.step for s in report.steps]}", step)
