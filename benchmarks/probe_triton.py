@@ -121,8 +121,9 @@ def sweep_forward():
         tuning.pin_config(None, block_m=bm)
         for tile in FWD:
             time_pinned(f"fwd bm={bm}", "forward", tile, f)
-        for tile in FWD[:3]:  # the same tiles with the weights loaded through tensor descriptors
+        for tile in FWD[:3]:  # the same tiles with the weights through tensor descriptors, then persistent
             time_pinned(f"fwd bm={bm}", "forward", tile, f, tma_weight=1)
+            time_pinned(f"fwd bm={bm}", "forward", tile, f, persistent=1)
     tuning.pin_config(None)
     tuning.pin_config("forward")
 

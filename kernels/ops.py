@@ -137,6 +137,20 @@ def _weight_descriptor(config: tuning.KernelConfig, weight: torch.Tensor, stride
     return 1 if stride_bn == 1 else 2
 
 
+PERSISTENT_WAVES = 2
+"""Programs per SM of a persistent launch (two resident programs hide one's epilogue behind the other's loads)."""
+INTERPRETER_PROGRAMS = 3
+"""Programs of a persistent launch in the CPU interpreter: few, so each loops over several tiles, unevenly."""
+
+
+@functools.cache
+def _persistent_programs(device: torch.device) -> int:
+    """How many programs a persistent `grouped_gemm_kernel` launch starts on `device`."""
+    if device.type != "cuda":
+        return INTERPRETER_PROGRAMS
+    return PERSISTENT_WAVES * torch.cuda.get_device_properties(device).multi_processor_count
+
+
 @functools.cache
 def _ensure_triton_allocator() -> None:
     triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
@@ -172,19 +186,20 @@ def gemm(al: Alignment, a: torch.Tensor, weight: torch.Tensor, *, transpose_weig
         if dot_mode != DOT_NONE:
             dot_out = torch.empty(n_tiles, al.padded_rows, dtype=accumulate_dtype(a.dtype), device=a.device)
             dot_out_holder[0] = dot_out
-        grid = (al.num_blocks * n_tiles,)
+        num_tiles = al.num_blocks * n_tiles
+        grid = (min(num_tiles, _persistent_programs(a.device)) if config.persistent else num_tiles,)
         grouped_gemm_kernel[grid](
             a, weight, bias if bias is not None else dummy, out, preact if preact is not None else dummy,
             dot_src if dot_src is not None else dummy, dot_out, act_src if act_src is not None else dummy,
             route_weight if route_weight is not None else dummy, al.sorted_pair, al.block_expert,
-            al.num_pairs, al.top_k, n, k, al.num_blocks, num_experts,
+            al.num_pairs, al.top_k, n, k, al.num_blocks, num_experts, num_tiles,
             a.stride(0), weight.stride(0), stride_bk, stride_bn, bias.stride(0) if bias is not None else 0,
             out.stride(0), preact.stride(0) if preact is not None else 0,
             dot_src.stride(0) if dot_src is not None else 0, act_src.stride(0) if act_src is not None else 0,
             A_GATHER=a_gather, HAS_BIAS=bias is not None, ACT=activation, STORE_PREACT=preact is not None,
             DOT_SRC=dot_mode, ACT_GRAD=act_grad, SCALE_BY_WEIGHT=route_weight is not None, OUT_MODE=out_mode,
             PRECISION=_precision(a.dtype), ACC_F64=a.dtype == torch.float64, UPCAST_DOT=_upcast_dot(a.dtype),
-            B_DESC=_weight_descriptor(config, weight, stride_bk, stride_bn),
+            B_DESC=_weight_descriptor(config, weight, stride_bk, stride_bn), PERSISTENT=bool(config.persistent),
             BLOCK_M=al.block_m,
             GROUP_M=config.group_m,
             **config.launch_options(),

@@ -7,7 +7,8 @@ M-block of ``BLOCK_M`` sorted rows belongs to exactly one expert (``block_expert
 * `count_kernel` / `place_kernel` — the alignment itself: a per-chunk expert histogram, then each pair's
   destination = its expert's padded start + the pairs of that expert in earlier chunks + its rank in its chunk.
   Token-parallel (one program per chunk of pairs), no host sync.
-* `grouped_gemm_kernel` — one M-block × one N-tile per program: rows are *gathered* from token order
+* `grouped_gemm_kernel` — one M-block × one N-tile per program (or, persistent, a few programs looping over
+  the tiles): rows are *gathered* from token order
   (``row = pair // k``) or read from the padded layout, multiplied by the block's expert weight, and the
   epilogue adds the bias, applies (or differentiates) the activation, dots the tile with a saved operand (for
   the routing-weight gradient), scales by the routing weight, and stores to the padded layout, or scatters to
@@ -125,9 +126,46 @@ def place_kernel(index_ptr, chunk_base_ptr, sorted_pair_ptr, num_pairs, num_expe
     tl.store(sorted_pair_ptr + base + rank, offs.to(tl.int32), mask=mask)
 
 
-@triton.jit(do_not_specialize=["num_pairs", "num_blocks"])
+@triton.jit(do_not_specialize=["num_pairs", "num_blocks", "num_tiles"])
 def grouped_gemm_kernel(
     a_ptr, b_ptr, bias_ptr, out_ptr, preact_ptr, dot_src_ptr, dot_out_ptr, act_src_ptr, route_w_ptr,
+    sorted_pair_ptr, block_expert_ptr,
+    num_pairs, top_k, N, K, num_blocks, num_experts, num_tiles,
+    stride_am, stride_be, stride_bk, stride_bn, stride_bias_e, stride_om, stride_pm, stride_dm, stride_zm,
+    A_GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PREACT: tl.constexpr,
+    DOT_SRC: tl.constexpr, ACT_GRAD: tl.constexpr, SCALE_BY_WEIGHT: tl.constexpr, OUT_MODE: tl.constexpr,
+    PRECISION: tl.constexpr, ACC_F64: tl.constexpr, UPCAST_DOT: tl.constexpr, B_DESC: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """``out[rows] (op)= epilogue(A[rows] @ B[expert])`` for M-block × N-tile tiles (see module docstring):
+    one tile per program, or with ``PERSISTENT`` a grid of about one program per SM, each looping over the
+    tiles ``pid, pid + programs, ...`` in the same grouped order (`num_tiles` = blocks × N-tiles).
+
+    ``B_DESC`` loads the expert weights through a tensor descriptor (TMA on Hopper) instead of pointer
+    arithmetic: 1 when B is stored ``[E, K, N]`` with N contiguous (``stride_bn == 1``), 2 when stored
+    ``[E, N, K]`` with K contiguous (``stride_bk == 1``; the tile is transposed after the load). Out-of-range
+    rows and columns read as zero, as the masked loads do. ``B_DESC`` and ``PERSISTENT`` are tuning candidates,
+    measured against the plain launch on the GPU."""
+    if PERSISTENT:
+        for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            _gemm_tile(tile, a_ptr, b_ptr, bias_ptr, out_ptr, preact_ptr, dot_src_ptr, dot_out_ptr, act_src_ptr,
+                       route_w_ptr, sorted_pair_ptr, block_expert_ptr, num_pairs, top_k, N, K, num_blocks,
+                       num_experts, stride_am, stride_be, stride_bk, stride_bn, stride_bias_e, stride_om,
+                       stride_pm, stride_dm, stride_zm, A_GATHER, HAS_BIAS, ACT, STORE_PREACT, DOT_SRC, ACT_GRAD,
+                       SCALE_BY_WEIGHT, OUT_MODE, PRECISION, ACC_F64, UPCAST_DOT, B_DESC, BLOCK_M, BLOCK_N,
+                       BLOCK_K, GROUP_M)
+    else:
+        _gemm_tile(tl.program_id(0), a_ptr, b_ptr, bias_ptr, out_ptr, preact_ptr, dot_src_ptr, dot_out_ptr,
+                   act_src_ptr, route_w_ptr, sorted_pair_ptr, block_expert_ptr, num_pairs, top_k, N, K, num_blocks,
+                   num_experts, stride_am, stride_be, stride_bk, stride_bn, stride_bias_e, stride_om, stride_pm,
+                   stride_dm, stride_zm, A_GATHER, HAS_BIAS, ACT, STORE_PREACT, DOT_SRC, ACT_GRAD, SCALE_BY_WEIGHT,
+                   OUT_MODE, PRECISION, ACC_F64, UPCAST_DOT, B_DESC, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+
+
+@triton.jit
+def _gemm_tile(
+    tile, a_ptr, b_ptr, bias_ptr, out_ptr, preact_ptr, dot_src_ptr, dot_out_ptr, act_src_ptr, route_w_ptr,
     sorted_pair_ptr, block_expert_ptr,
     num_pairs, top_k, N, K, num_blocks, num_experts,
     stride_am, stride_be, stride_bk, stride_bn, stride_bias_e, stride_om, stride_pm, stride_dm, stride_zm,
@@ -136,14 +174,8 @@ def grouped_gemm_kernel(
     PRECISION: tl.constexpr, ACC_F64: tl.constexpr, UPCAST_DOT: tl.constexpr, B_DESC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """``out[rows] (op)= epilogue(A[rows] @ B[expert])`` for one M-block and one N-tile (see module docstring).
-
-    ``B_DESC`` loads the expert weights through a tensor descriptor (TMA on Hopper) instead of pointer
-    arithmetic: 1 when B is stored ``[E, K, N]`` with N contiguous (``stride_bn == 1``), 2 when stored
-    ``[E, N, K]`` with K contiguous (``stride_bk == 1``; the tile is transposed after the load). Out-of-range
-    rows and columns read as zero, as the masked loads do. A tuning candidate, measured against the pointer
-    loads on the GPU."""
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
+    """One M-block × N-tile of `grouped_gemm_kernel` (its arguments; `tile` in the grouped order)."""
+    pid_m, pid_n = _grouped_tile(tile, num_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
 
     expert = tl.load(block_expert_ptr + pid_m)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -156,8 +188,27 @@ def grouped_gemm_kernel(
             if STORE_PREACT:
                 tl.store(preact_ptr + offs_m[:, None] * stride_pm + offs_n[None, :],
                          zeros.to(preact_ptr.dtype.element_ty), mask=n_mask[None, :])
-        return
-    expert = expert.to(tl.int64)
+    else:
+        _gemm_used_tile(expert.to(tl.int64), pid_m, pid_n, offs_m, offs_n, n_mask, a_ptr, b_ptr, bias_ptr,
+                        out_ptr, preact_ptr, dot_src_ptr, dot_out_ptr, act_src_ptr, route_w_ptr, sorted_pair_ptr,
+                        num_pairs, top_k, N, K, num_blocks, num_experts, stride_am, stride_be, stride_bk,
+                        stride_bn, stride_bias_e, stride_om, stride_pm, stride_dm, stride_zm, A_GATHER, HAS_BIAS,
+                        ACT, STORE_PREACT, DOT_SRC, ACT_GRAD, SCALE_BY_WEIGHT, OUT_MODE, PRECISION, ACC_F64,
+                        UPCAST_DOT, B_DESC, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _gemm_used_tile(
+    expert, pid_m, pid_n, offs_m, offs_n, n_mask, a_ptr, b_ptr, bias_ptr, out_ptr, preact_ptr, dot_src_ptr,
+    dot_out_ptr, act_src_ptr, route_w_ptr, sorted_pair_ptr,
+    num_pairs, top_k, N, K, num_blocks, num_experts,
+    stride_am, stride_be, stride_bk, stride_bn, stride_bias_e, stride_om, stride_pm, stride_dm, stride_zm,
+    A_GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PREACT: tl.constexpr,
+    DOT_SRC: tl.constexpr, ACT_GRAD: tl.constexpr, SCALE_BY_WEIGHT: tl.constexpr, OUT_MODE: tl.constexpr,
+    PRECISION: tl.constexpr, ACC_F64: tl.constexpr, UPCAST_DOT: tl.constexpr, B_DESC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The GEMM and epilogue of a tile whose block belongs to `expert` (see `grouped_gemm_kernel`)."""
     pair = tl.load(sorted_pair_ptr + offs_m).to(tl.int64)
     valid = pair < num_pairs
     token = pair // top_k

@@ -35,6 +35,7 @@ class KernelConfig:
     num_stages: int = 3
     stage_rows: int = 0  # weight_grad with gathered rows: 1 = load the next block's rows before this block's dot
     tma_weight: int = 0  # forward / backward_input: 1 = load the expert weights through a tensor descriptor
+    persistent: int = 0  # forward / backward_input: 1 = ~2 programs per SM, each looping over tiles
 
     def launch_options(self) -> dict[str, int]:
         """The keyword arguments a triton launch takes from this config."""
@@ -113,7 +114,8 @@ def default_block_m(rows: int, num_experts: int, interpreting: bool) -> int:
 def candidates(role: str, block_m: int, element_size: int, gather: bool = False) -> list[KernelConfig]:
     """The configurations tried for `role` (first = the default when tuning is off). A weight gradient over
     gathered rows (`gather`) also tries its two first tiles with the hand-staged gather (``stage_rows=1``); the
-    GEMM roles try theirs with the weights loaded through a tensor descriptor (``tma_weight=1``)."""
+    GEMM roles try theirs with the weights loaded through a tensor descriptor (``tma_weight=1``) and with
+    persistent tile scheduling (``persistent=1``)."""
     if element_size >= 4:  # fp32 (TF32 or IEEE): half the K tile so the pipeline fits in shared memory
         tiles = [(128, 32, 8, 3), (64, 32, 4, 4), (128, 64, 8, 2), (256, 32, 8, 3)]
     else:
@@ -125,7 +127,9 @@ def candidates(role: str, block_m: int, element_size: int, gather: bool = False)
     if role == "weight_grad" and gather:
         options += [replace(config, stage_rows=1) for config in options[:2]]
     if role != "weight_grad":
-        options += [replace(config, tma_weight=1) for config in options[:2]]
+        first = options[:2]
+        options += [replace(config, tma_weight=1) for config in first]
+        options += [replace(config, persistent=1) for config in first]
     return options
 
 

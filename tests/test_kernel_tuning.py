@@ -101,9 +101,12 @@ def test_the_gathered_weight_gradient_also_tries_the_staged_gather() -> None:
     assert chosen.stage_rows == 1 and len(calls) == len(gathered)
 
 
-def test_the_gemm_roles_also_try_weights_through_tensor_descriptors() -> None:
+def test_the_gemm_roles_also_try_tensor_descriptors_and_persistent_scheduling() -> None:
     for role in ("forward", "backward_input"):
         options = tuning.candidates(role, 128, 2)
-        plain = [c for c in options if not c.tma_weight]
-        assert [c.tma_weight for c in options] == [0] * len(plain) + [1, 1]
-        assert [(c.block_n, c.block_k) for c in options[len(plain):]] == [(c.block_n, c.block_k) for c in plain[:2]]
+        plain = [c for c in options if not c.tma_weight and not c.persistent]
+        assert options[:len(plain)] == plain and len(options) == len(plain) + 4
+        variants = options[len(plain):]
+        assert [(c.tma_weight, c.persistent) for c in variants] == [(1, 0), (1, 0), (0, 1), (0, 1)]
+        assert [(c.block_n, c.block_k) for c in variants] == [(c.block_n, c.block_k) for c in plain[:2]] * 2
+    assert not any(c.persistent for c in tuning.candidates("weight_grad", 128, 2, gather=True))

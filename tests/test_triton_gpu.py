@@ -53,7 +53,7 @@ def test_every_tuning_candidate_is_correct(role: str) -> None:
         for config in tuning.candidates(role, block_m, 2, gather=True):
             tuning.pin_config(role, block_n=config.block_n, block_k=config.block_k, num_warps=config.num_warps,
                               num_stages=config.num_stages, stage_rows=config.stage_rows,
-                              tma_weight=config.tma_weight)
+                              tma_weight=config.tma_weight, persistent=config.persistent)
             error, which = max_relative_error(run(*tensors, backend="triton_kernels", dtype=torch.bfloat16), ref)
             assert error < TOLERANCE[torch.bfloat16], f"{config}: tensor #{which} off by {error:.2e}"
     finally:

@@ -72,18 +72,39 @@ def test_weights_through_tensor_descriptors_match_loop(case) -> None:
     assert error < TOLERANCE[torch.float32], f"tensor #{which} (0=out, 1=dx, 2=dw, then params) off by {error:.2e}"
 
 
+@pytest.mark.parametrize("case", CASES[:9], ids=[c.id for c in CASES[:9]])
+def test_persistent_tile_scheduling_matches_loop(case) -> None:
+    """The GEMM tuning candidate with persistent tile scheduling (``persistent=1``: a few programs, each
+    looping over the tiles; 3 in the interpreter, so each takes several, unevenly) on the edge cases (one
+    token, k = E, one expert taking every token, empty experts, padded blocks past the used ones, one-wide
+    inputs) and a few random ones: forward and every gradient as the loop gives them."""
+    from cmoe.kernels import pin_config
+
+    tensors = build(case, DEVICE, seed=hash(case.id) % 10_000)
+    for role in ("forward", "backward_input"):
+        pin_config(role, persistent=1)
+    try:
+        got = run(*tensors, backend="triton_kernels", dtype=torch.float32)
+    finally:
+        for role in ("forward", "backward_input"):
+            pin_config(role)
+    ref = run(*tensors, backend="loop", dtype=torch.float32)
+    error, which = max_relative_error(got, ref)
+    assert error < TOLERANCE[torch.float32], f"tensor #{which} (0=out, 1=dx, 2=dw, then params) off by {error:.2e}"
+
+
 VARIANT_CASES = [CASES[i] for i in (0, 2, 3, 6)]  # 16×16 and 8×8 meet TMA's alignment in bf16, the others not
 
 
 @pytest.mark.parametrize("case", VARIANT_CASES, ids=[c.id for c in VARIANT_CASES])
 def test_both_tuning_variants_in_bfloat16_match_the_float32_loop(case) -> None:
-    """``tma_weight`` and ``stage_rows`` together in bf16, the GPU's working dtype (where TMA's alignment allows;
-    the other launches fall back to pointer loads)."""
+    """``tma_weight``, ``persistent`` and ``stage_rows`` together in bf16, the GPU's working dtype (where TMA's
+    alignment allows; the other launches fall back to pointer loads)."""
     from cmoe.kernels import pin_config
 
     tensors = build(case, DEVICE, seed=7)
     for role in ("forward", "backward_input"):
-        pin_config(role, tma_weight=1)
+        pin_config(role, tma_weight=1, persistent=1)
     pin_config("weight_grad", stage_rows=1)
     try:
         got = run(*tensors, backend="triton_kernels", dtype=torch.bfloat16)
