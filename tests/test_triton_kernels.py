@@ -34,42 +34,37 @@ def test_kernels_match_loop_forward_and_every_gradient(case) -> None:
     assert error < TOLERANCE[torch.float32], f"tensor #{which} (0=out, 1=dx, 2=dw, then params) off by {error:.2e}"
 
 
+def assert_variant_matches_loop(case, pins: dict[str, dict[str, int]]) -> None:
+    """The kernels with tuning variants pinned per role (`pins`): forward and every gradient as the loop gives."""
+    from cmoe.kernels import pin_config
+
+    tensors = build(case, DEVICE, seed=hash(case.id) % 10_000)
+    for role, values in pins.items():
+        pin_config(role, **values)
+    try:
+        got = run(*tensors, backend="triton_kernels", dtype=torch.float32)
+    finally:
+        for role in pins:
+            pin_config(role)
+    ref = run(*tensors, backend="loop", dtype=torch.float32)
+    error, which = max_relative_error(got, ref)
+    assert error < TOLERANCE[torch.float32], f"tensor #{which} (0=out, 1=dx, 2=dw, then params) off by {error:.2e}"
+
+
 @pytest.mark.parametrize("case", CASES[:12], ids=[c.id for c in CASES[:12]])
 def test_staged_gather_weight_grad_matches_loop(case) -> None:
     """The weight-gradient tuning candidate that stages the gathered rows a block ahead (``stage_rows=1``) on the
     edge cases (one token, k = E, one expert taking every token over several blocks, empty experts, odd
-    widths) and a few random ones: forward and every gradient as the loop gives them."""
-    from cmoe.kernels import pin_config
-
-    tensors = build(case, DEVICE, seed=hash(case.id) % 10_000)
-    pin_config("weight_grad", stage_rows=1)
-    try:
-        got = run(*tensors, backend="triton_kernels", dtype=torch.float32)
-    finally:
-        pin_config("weight_grad")
-    ref = run(*tensors, backend="loop", dtype=torch.float32)
-    error, which = max_relative_error(got, ref)
-    assert error < TOLERANCE[torch.float32], f"tensor #{which} (0=out, 1=dx, 2=dw, then params) off by {error:.2e}"
+    widths) and a few random ones."""
+    assert_variant_matches_loop(case, {"weight_grad": {"stage_rows": 1}})
 
 
 @pytest.mark.parametrize("case", CASES[:12], ids=[c.id for c in CASES[:12]])
 def test_weights_through_tensor_descriptors_match_loop(case) -> None:
     """The GEMM tuning candidate that loads the expert weights through a tensor descriptor (``tma_weight=1``;
     both layouts: ``[E, out, in]`` read transposed in the forward, as stored in the input gradient) on the edge
-    cases and a few random ones: forward and every gradient as the loop gives them."""
-    from cmoe.kernels import pin_config
-
-    tensors = build(case, DEVICE, seed=hash(case.id) % 10_000)
-    for role in ("forward", "backward_input"):
-        pin_config(role, tma_weight=1)
-    try:
-        got = run(*tensors, backend="triton_kernels", dtype=torch.float32)
-    finally:
-        for role in ("forward", "backward_input"):
-            pin_config(role)
-    ref = run(*tensors, backend="loop", dtype=torch.float32)
-    error, which = max_relative_error(got, ref)
-    assert error < TOLERANCE[torch.float32], f"tensor #{which} (0=out, 1=dx, 2=dw, then params) off by {error:.2e}"
+    cases and a few random ones."""
+    assert_variant_matches_loop(case, {role: {"tma_weight": 1} for role in ("forward", "backward_input")})
 
 
 @pytest.mark.parametrize("case", CASES[:9], ids=[c.id for c in CASES[:9]])
@@ -77,20 +72,8 @@ def test_persistent_tile_scheduling_matches_loop(case) -> None:
     """The GEMM tuning candidate with persistent tile scheduling (``persistent=1``: a few programs, each
     looping over the tiles; 3 in the interpreter, so each takes several, unevenly) on the edge cases (one
     token, k = E, one expert taking every token, empty experts, padded blocks past the used ones, one-wide
-    inputs) and a few random ones: forward and every gradient as the loop gives them."""
-    from cmoe.kernels import pin_config
-
-    tensors = build(case, DEVICE, seed=hash(case.id) % 10_000)
-    for role in ("forward", "backward_input"):
-        pin_config(role, persistent=1)
-    try:
-        got = run(*tensors, backend="triton_kernels", dtype=torch.float32)
-    finally:
-        for role in ("forward", "backward_input"):
-            pin_config(role)
-    ref = run(*tensors, backend="loop", dtype=torch.float32)
-    error, which = max_relative_error(got, ref)
-    assert error < TOLERANCE[torch.float32], f"tensor #{which} (0=out, 1=dx, 2=dw, then params) off by {error:.2e}"
+    inputs) and a few random ones."""
+    assert_variant_matches_loop(case, {role: {"persistent": 1} for role in ("forward", "backward_input")})
 
 
 VARIANT_CASES = [CASES[i] for i in (0, 2, 3, 6)]  # 16×16 and 8×8 meet TMA's alignment in bf16, the others not
