@@ -6,15 +6,16 @@
 #                                                # grouped_mm and auto on CUDA
 #   bash benchmarks/gpu_session.sh sweep [OUT]   # dense-GEMM ceilings, forward/backward tile sweeps, wgrad variants
 #   bash benchmarks/gpu_session.sh bench [OUT]   # the benchmark runner (with peers where installed): OUT/RESULTS.md
-#   bash benchmarks/gpu_session.sh paper [OUT]   # a few steps of the Uni-Med paper model (random weights): OUT/paper.log
+#   bash benchmarks/gpu_session.sh paper [OUT]   # a few steps of the Uni-Med paper model (random weights)
 #   bash benchmarks/gpu_session.sh probe [OUT]   # the whole kernel probe (OUT/probe.log)
 #
 # Needs CUDA torch, triton and cmoe installed (`pip install -e '.[triton,hf]'`). Peers are optional: wheels in
 # PEER_WHEELS (default .whl, made by `benchmarks/peer_wheels.sh`) are installed into a temporary folder on the
-# path first, so a machine without network can run them; device.txt names those found. OUT defaults to benchmarks/gpu-out. Every phase writes
-# its log to OUT; `all` also writes OUT/phases.txt (phase, exit status, seconds) and gives each phase a time
-# limit (TESTS_S, PAPER_S, BENCH_S, SWEEP_S seconds; defaults 180, 120, 200, 60: 560 s, inside one device
-# call's 600) so one device call stays short; the phases run most needed first, so a cut loses the sweep.
+# path first, so a machine without network can run them; device.txt names those found. OUT defaults to
+# benchmarks/gpu-out. Every phase writes its log to OUT; `all` also writes OUT/phases.txt (phase, exit status,
+# seconds) and gives each phase a time limit (TESTS_S, PAPER_S, BENCH_S, SWEEP_S seconds; defaults 180, 120,
+# 200, 60: 560 s, inside one device call's 600) so one device call stays short; the phases run most needed
+# first, so a cut loses the sweep.
 # `all` leaves 8 files in OUT (device.txt, phases.txt, tests.log, paper.log, bench.log, RESULTS.md, sweep.log,
 # probe.log), the most one device call brings back. Copy OUT/RESULTS.md over benchmarks/RESULTS.md and write
 # its "read this first" note by hand; the paper step's numbers (the JSON at the end of paper.log) go into

@@ -2,8 +2,8 @@
 
 Each adapter says which shape it actually runs; where a peer cannot run a case's expert shape it runs the
 closest one it supports, and the report's note says so. All of them are CUDA-only: on CPU each is skipped with
-the reason. None is a dependency of cmoe; install them on the GPU machine (``pip install grouped_gemm
-sonic-moe liger-kernel``) and the runner picks them up.
+the reason. None is needed by cmoe; install them on the GPU machine (``pip install grouped_gemm
+sonic-moe liger-kernel``, or carry wheels there with `benchmarks/peer_wheels.sh`) and the runner picks them up.
 
 * ``peer_grouped_gemm`` — MegaBlocks' CUTLASS grouped GEMM (``grouped_gemm.ops.gmm``). The exact case: our
   weights, bias and GELU applied around the GEMMs in torch, routing weights and scatter as ``torch_grouped_mm``.

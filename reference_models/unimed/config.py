@@ -320,7 +320,8 @@ _NESTED: dict[tuple[type, str], Any] = {
 }
 
 
-def _merge(base: dict[str, Any], overrides: dict[str, Any], keep_marks: bool = False) -> dict[str, Any]:
+def merge_overrides(base: dict[str, Any], overrides: dict[str, Any],
+                    keep_marks: bool = False) -> dict[str, Any]:
     """`overrides` merged into `base` key by key; a mapping with ``_replace: true`` replaces instead. With
     `keep_marks` (layering overrides on overrides) such a mapping keeps its mark, so that it still replaces the
     config's mapping when the layers are finally applied to it."""
@@ -329,7 +330,7 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any], keep_marks: bool = F
         if isinstance(value, dict) and value.get("_replace"):
             merged[key] = dict(value) if keep_marks else {k: v for k, v in value.items() if k != "_replace"}
         elif isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value, keep_marks)
+            merged[key] = merge_overrides(merged[key], value, keep_marks)
         else:
             merged[key] = value
     return merged
@@ -376,14 +377,14 @@ def load_config_dict(name_or_path: str | os.PathLike) -> dict[str, Any]:
     expect(isinstance(data, dict), f"config {path}", "a YAML mapping", type(data).__name__)
     base = data.pop("base", None)
     if base is not None:
-        data = _merge(load_config_dict(base if base in BUILTIN_CONFIGS else path.parent / base), data)
+        data = merge_overrides(load_config_dict(base if base in BUILTIN_CONFIGS else path.parent / base), data)
     return data
 
 
 def load_config(name_or_path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> RecipeConfig:
     """Read a YAML config (with its ``base`` chain), apply `overrides` (a nested dict, see `parse_overrides`)
     and check it."""
-    return config_from_dict(_merge(load_config_dict(name_or_path), overrides or {}))
+    return config_from_dict(merge_overrides(load_config_dict(name_or_path), overrides or {}))
 
 
 def _expand(value: Any) -> Any:

@@ -18,7 +18,7 @@ from typing import Any
 
 from cmoe.errors import CMoEError, expect
 from cmoe.io import atomic_write, write_json
-from cmoe.reference_models.unimed.config import BUILTIN_CONFIGS, CONFIG_DIR, _merge, load_config
+from cmoe.reference_models.unimed.config import BUILTIN_CONFIGS, CONFIG_DIR, load_config, merge_overrides
 from cmoe.reference_models.unimed.data.synthetic import IMAGE_TASKS
 from cmoe.reference_models.unimed.experiment_stats import mean_std, paired_test
 from cmoe.reference_models.unimed.metrics import Metric
@@ -121,7 +121,7 @@ def resolve_variants(spec: ExperimentSpec, names: list[str] | None) -> list[str]
 
 def _layer(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Overrides layered on overrides (``_replace`` marks kept for the final merge into the config)."""
-    return _merge(base, overrides, keep_marks=True)
+    return merge_overrides(base, overrides, keep_marks=True)
 
 
 def run_config(spec: ExperimentSpec, variant: str, seed: int, out_dir: Path, overrides: dict[str, Any] | None = None,

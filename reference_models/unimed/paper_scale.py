@@ -33,7 +33,7 @@ GiB = 1024 ** 3
 def random_weight_config(overrides: dict[str, Any] | None = None, base: str = "paper") -> RecipeConfig:
     """`base` (the paper's recipe) with random-weight EVA-CLIP ViT-g and LLaMA-2-7B instead of local files, a
     word-level tokenizer and the synthetic set; `overrides` are merged on top (e.g. smaller widths)."""
-    from cmoe.reference_models.unimed.config import _merge
+    from cmoe.reference_models.unimed.config import merge_overrides
 
     replaced: dict[str, Any] = {
         "model": {"vision_encoder": {"name": "eva_clip_g", "options": {"_replace": True}},
@@ -42,7 +42,7 @@ def random_weight_config(overrides: dict[str, Any] | None = None, base: str = "p
         "data": {"_replace": True, "synthetic": {"num_images": 24, "image_size": 224, "qa_questions": 8,
                                                  "eval_images": 4}},
     }
-    return load_config(base, _merge(replaced, overrides or {}))
+    return load_config(base, merge_overrides(replaced, overrides or {}))
 
 
 def build_on_meta(config: RecipeConfig, tokenizer) -> nn.Module:

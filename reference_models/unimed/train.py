@@ -378,9 +378,10 @@ class Trainer:
                     self._log(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}")
                     window, started = _Window(), time.perf_counter()
+                at_checkpoint = self.step % train.save_every == 0 or self.step == total
                 if self.probe is not None and (self.step % train.analyze_every == 0 or self.step == total):
-                    self._analyze(plots=self.step % train.save_every == 0 or self.step == total)
-                if self.step % train.save_every == 0 or self.step == total:
+                    self._analyze(plots=at_checkpoint)
+                if at_checkpoint:
                     checkpoint = self.save() or checkpoint
             bar.close()
         return TrainResult(self.output_dir, self.step, checkpoint, history)

@@ -713,9 +713,9 @@ def plot_parameter_histograms(parameters: Mapping[str, ParameterStats], path: st
 
 def write_report(report: TugOfWarReport, out_dir: str | os.PathLike, *, step: int | None = None,
                  plots: bool = True) -> list[Path]:
-    """Write ``tug_of_war.json`` and (unless not `plots`) every applicable PNG into `out_dir`:
-    ``index_curves.png``, and for the chosen step (default the last) ``cosine_<group>.png`` per group,
-    ``routing.png`` and ``parameter_histograms.png`` when that step has routing / parameter statistics."""
+    """Write ``tug_of_war.json`` into `out_dir` and, with `plots`, every applicable PNG: ``index_curves.png``,
+    and for the chosen step (default the last) ``cosine_<group>.png`` per group, ``routing.png`` and
+    ``parameter_histograms.png`` when that step has routing / parameter statistics."""
     out_dir = Path(out_dir)
     paths = [report.save_json(out_dir / REPORT_JSON)]
     if not report.steps or not plots:
