@@ -19,7 +19,7 @@ The implementations, each timed on the same inputs and expert weights:
 * ``hf_eager`` / ``hf_batched_mm`` / ``hf_grouped_mm`` — Hugging Face's non-gated experts
   (``NemotronHExperts``) under each ``config._experts_implementation``, loaded with *our* weights; only on
   the square, bias-free "HF-compatible" cases, because those experts map ``hidden → hidden``;
-* ``peer_*`` — other projects' kernels where installed (CUDA; `benchmarks.peers` says which shape each runs);
+* ``peer_*`` — other projects' kernels where installed (CUDA; `cmoe.benchmarks.peers` says which shape each runs);
 * ``dense_matmul_roofline`` — plain dense matmuls with the same FLOPs as the routed work
   (``[T·k, in] @ [in, hidden]``, GELU, ``@ [hidden, out]``): the speed the routed work would have if
   routing cost nothing.
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import cmoe
-from benchmarks.peers import PEER_NAMES, peer, reference_check, skip_reason, sorted_grouped_layers
+from cmoe.benchmarks.peers import PEER_NAMES, peer, reference_check, skip_reason, sorted_grouped_layers
 from cmoe.auto import Choice, auto_choices, shape_class
 from cmoe.experts import StackedExperts
 from cmoe.routers import expert_counts

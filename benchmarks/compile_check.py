@@ -2,7 +2,7 @@
 compiled code uses: ``wgmma`` (Hopper's asynchronous tensor-core MMA), ``cp.async`` (the software-pipelined
 pointer loads), ``cp.async.bulk.tensor`` (TMA) and the shared memory each launch needs.
 
-``python -m benchmarks.compile_check [--arch 90] [--json out.json]`` (with ``TRITON_INTERPRET`` unset: the
+``python -m cmoe.benchmarks.compile_check [--arch 90] [--json out.json]`` (with ``TRITON_INTERPRET`` unset: the
 kernels must be decorated for compilation). Triton's own compiler and ``ptxas`` (shipped in the triton wheel)
 do the work, ahead of time (``triton.compile`` of an ``ASTSource``), so a variant that would fail to compile
 on the GPU machine fails here, and a variant whose loads are not pipelined shows it, before GPU time is

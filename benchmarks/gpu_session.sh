@@ -63,12 +63,12 @@ run_tests() {
 run_sweep() {
   if [ "$dry" = 1 ]; then  # the probe must refuse to run without CUDA, and say so
     # shellcheck disable=SC2086
-    OUT="$out" "$py" -m benchmarks.probe_triton $SWEEP_SECTIONS
+    OUT="$out" "$py" -m cmoe.benchmarks.probe_triton $SWEEP_SECTIONS
     [ $? = 1 ] && echo "dry run: the sweep needs CUDA (as expected)"
     return
   fi
   # shellcheck disable=SC2086
-  OUT="$out" "$py" -m benchmarks.probe_triton $SWEEP_SECTIONS
+  OUT="$out" "$py" -m cmoe.benchmarks.probe_triton $SWEEP_SECTIONS
 }
 
 run_paper() {
@@ -81,9 +81,9 @@ run_paper() {
 
 run_bench() {
   if [ "$dry" = 1 ]; then
-    "$py" -m benchmarks.run --quick --device cpu --cases "${BENCH_CASES:-}" --out "$out/RESULTS.md"
+    "$py" -m cmoe.benchmarks.run --quick --device cpu --cases "${BENCH_CASES:-}" --out "$out/RESULTS.md"
   else
-    "$py" -m benchmarks.run --min-time 0.2 --out "$out/RESULTS.md"
+    "$py" -m cmoe.benchmarks.run --min-time 0.2 --out "$out/RESULTS.md"
   fi
 }
 
@@ -136,7 +136,7 @@ case "$phase" in
     run_bench 2>&1 | tee "$out/bench.log"
     ;;
   probe)
-    OUT="$out" "$py" -m benchmarks.probe_triton > "$out/probe_stdout.log" 2>&1
+    OUT="$out" "$py" -m cmoe.benchmarks.probe_triton > "$out/probe_stdout.log" 2>&1
     ;;
   *)
     echo "unknown phase $phase: expected all, tests, paper, sweep, bench or probe" >&2

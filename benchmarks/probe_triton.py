@@ -1,6 +1,6 @@
 """Kernel-level probe of the ``triton`` backend on the headline case (CUDA only): where the time goes.
 
-``python -m benchmarks.probe_triton [SECTION ...]`` with sections ``ceilings``, ``e2e``, ``isolated``,
+``python -m cmoe.benchmarks.probe_triton [SECTION ...]`` with sections ``ceilings``, ``e2e``, ``isolated``,
 ``breakdown``, ``sweep_forward``, ``sweep_backward``, ``wgrad`` (default: all). It prints, and writes to
 ``$OUT/probe.log`` (default: the current directory):
 
@@ -19,12 +19,12 @@ import traceback
 import torch
 
 if not torch.cuda.is_available():
-    sys.exit("benchmarks.probe_triton times the fused kernels on a CUDA GPU; none is available here")
+    sys.exit("cmoe.benchmarks.probe_triton times the fused kernels on a CUDA GPU; none is available here")
 
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
-from benchmarks.cases import Case, build_workload, make_callable  # noqa: E402
+from cmoe.benchmarks.cases import Case, build_workload, make_callable  # noqa: E402
 from cmoe.kernels import ops, tuning  # noqa: E402
 
 OUT = os.environ.get("OUT", ".")

@@ -1,6 +1,6 @@
-"""Time every implementation in `benchmarks.cases` on every case and print Markdown tables.
+"""Time every implementation in `cmoe.benchmarks.cases` on every case and print Markdown tables.
 
-``python -m benchmarks.run [--quick] [--repeats N] [--cases SUBSTRING] [--out PATH]``
+``python -m cmoe.benchmarks.run [--quick] [--repeats N] [--cases SUBSTRING] [--out PATH]``
 
 Per case and implementation: the median forward and forward+backward times (see `measure`), both also as
 multiples of the same-FLOPs dense matmul ("× roofline", 1.0 = as fast as a plain matmul doing the routed
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.cases import (
+from cmoe.benchmarks.cases import (
     BACKEND_IMPLEMENTATIONS,
     MODES,
     ROOFLINE,
@@ -45,7 +45,7 @@ COLUMNS = ("impl", "fwd ms", "fwd+bwd ms", "fwd × roofline", "fwd+bwd × roofli
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command-line options (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m cmoe.benchmarks.run", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 1 repeat (for tests)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed calls per measurement (default 3 on CUDA, 2 on CPU to keep the full CPU run "
@@ -348,7 +348,7 @@ def summary(rows: list[dict], cases: dict[str, Case] | None = None) -> str:
 def header(argv: list[str], device: torch.device, args: argparse.Namespace, dtypes: str = "float32") -> str:
     """Command, device, versions, date and method: what a reader needs to reproduce the tables."""
     lines = ["# cmoe dispatch benchmarks", "",
-             f"- Command: `python -m benchmarks.run{' ' + shlex.join(argv) if argv else ''}`",
+             f"- Command: `python -m cmoe.benchmarks.run{' ' + shlex.join(argv) if argv else ''}`",
              f"- Device: {device_description(device)}",
              f"- torch {torch.__version__}{_transformers_version()}, Python {platform.python_version()}",
              f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",

@@ -1,5 +1,5 @@
 """``cmoe bench``: time the dispatch backends on one shape, the way ``backend="auto"`` does; ``--auto`` shows what
-auto chooses there and why. (The full comparison with peers and the roofline is ``python -m benchmarks.run``.)"""
+auto chooses there and why. (The full comparison with peers and the roofline is ``python -m cmoe.benchmarks.run``.)"""
 
 from __future__ import annotations
 

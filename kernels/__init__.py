@@ -18,8 +18,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from cmoe.kernels.availability import interpreting, is_available, unavailable_reason
-from cmoe.kernels.tuning import KernelConfig, clear_cache, pin_config
+if __name__ == "cmoe.kernels":
+    from cmoe.kernels.availability import interpreting, is_available, unavailable_reason
+    from cmoe.kernels.tuning import KernelConfig, clear_cache, pin_config
+else:  # found as a bare `kernels` (repository root on sys.path) before Hugging Face's: cmoe/source_folders.py
+    import runpy
+
+    runpy.run_path(f"{__path__[0]}/../cmoe/source_folders.py")["hand_over"](__name__)
 
 __all__ = ["KernelConfig", "align", "clear_cache", "interpreting", "is_available", "pin_config",
            "triton_moe_project", "unavailable_reason"]

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from cmoe.errors import CMoEError, unset_variables_hint
+from cmoe.plugins.hf_local import local_load_options
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -65,10 +66,7 @@ def build_hf_causal_lm(
             raise CMoEError(f"path: expected a local checkpoint directory, got {str(path)!r} (not found)"
                             f"{unset_variables_hint(path)}; nothing is downloaded — download the weights yourself "
                             "and pass their folder")
-        # Inside a meta device context (`paper_scale.build_on_meta`) transformers refuses from_pretrained unless
-        # told the target: the same model, config and generation config, weights left unloaded on meta.
-        device_map = "meta" if torch.empty(()).is_meta else None
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype, device_map=device_map)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **local_load_options())
     else:
         options = dict(config)
         model_type = options.pop("model_type", None)

@@ -18,10 +18,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from cmoe.errors import CMoEError, expect, missing_path
+from cmoe.plugins.hf_local import local_load_options
 
 __all__ = ["HFVisionEncoder", "VisionEncoder", "build_hf_clip", "build_hf_siglip", "resolve_feature_layer"]
 
@@ -158,9 +158,7 @@ def _load_hf_vision_model(kind: str, path: str | None, config: dict | None) -> n
         expect(os.path.isdir(path), "path", "an existing local directory holding config.json and the weights",
                lambda: missing_path(path, "is not a directory" if os.path.exists(path) else "does not exist"))
         try:
-            # In a meta device context: the same model, weights left on meta (see build_hf_causal_lm).
-            device_map = "meta" if torch.empty(()).is_meta else None
-            return model_class.from_pretrained(os.fspath(path), local_files_only=True, device_map=device_map)
+            return model_class.from_pretrained(os.fspath(path), **local_load_options())
         except (OSError, ValueError, KeyError) as error:
             raise CMoEError(f"path: cannot load a {model_class.__name__} from the local directory "
                             f"{os.fspath(path)!r}: {error}") from error

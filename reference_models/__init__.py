@@ -1,5 +1,8 @@
-"""cmoe.reference_models — the Uni-Med recipe on cmoe (`cmoe.reference_models.unimed`).
-
-So far: task identifiers, the prompt template and the box text format. Model assembly, data loaders,
-training and evaluation are still to come (issue "Uni-Med reference recipe").
+"""cmoe.reference_models — recipes built on cmoe: `cmoe.reference_models.unimed`, the Uni-Med reproduction
+(data, model assembly, training, evaluation with the paper's metrics, the tug-of-war analysis).
 """
+
+if __name__ != "cmoe.reference_models":  # a bare `reference_models` (repository root on sys.path): see
+    import runpy                         # cmoe/source_folders.py
+
+    runpy.run_path(f"{__path__[0]}/../cmoe/source_folders.py")["hand_over"](__name__)

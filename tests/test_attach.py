@@ -9,6 +9,8 @@ import cmoe
 from cmoe import CMoEConfig, CMoEConnector, CMoEError
 from cmoe.plugins.tiny import llava_inputs, qwen2_vl_inputs, tiny_llava, tiny_qwen2_vl
 
+pytestmark = pytest.mark.smoke  # in the newest-versions stage (.ci/latest)
+
 FAMILIES = {
     "llava": (tiny_llava, llava_inputs, dict(num_experts=3, top_k=2, aggregate_tokens=4, router="task_token",
                                              num_tasks=2, load_balance_coef=0.01)),

@@ -65,6 +65,7 @@ def snapshot(model: torch.nn.Module) -> dict:
     )
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("family", sorted(BUILDERS))
 def test_upcycled_attach_equals_original_and_detach_restores(family: str) -> None:
     model, inputs, reference, found = built(family)
@@ -95,6 +96,7 @@ def test_upcycled_attach_equals_original_and_detach_restores(family: str) -> Non
     record(family, "detach restores")
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("family", sorted(BUILDERS))
 def test_task_routed_loss_grads_generate(family: str) -> None:
     model, inputs, reference, _ = built(family)

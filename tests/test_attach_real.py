@@ -11,6 +11,8 @@ import cmoe
 from cmoe import CMoEError
 from cmoe.plugins.tiny_families import build
 
+pytestmark = pytest.mark.smoke  # in the newest-versions stage (.ci/latest)
+
 TASK_OPTIONS = dict(num_experts=4, top_k=2, router="task_token", num_tasks=2, load_balance_coef=0.01)
 
 

@@ -1,5 +1,5 @@
 """The benchmark's adapters of other projects' MoE kernels, run in Triton's CPU interpreter: each must compute
-what its note in `benchmarks.peers` says, forward and gradients, so that a peer's API change or a wrong call is
+what its note in `cmoe.benchmarks.peers` says, forward and gradients, so that a peer's API change or a wrong call is
 found here rather than in a GPU session. Liger-Kernel is a dev dependency; ScatterMoE is not on the package
 index (build its wheel as `benchmarks/peer_wheels.sh` says), so its test runs only where it is installed."""
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks import peers
+from cmoe.benchmarks import peers
 from cmoe.experts import StackedExperts
 
 os.environ.setdefault("LIGER_FUSED_MOE_AUTOTUNE", "0")  # one config per kernel: the interpreter is slow

@@ -9,11 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from benchmarks import cases, run  # noqa: E402
+from cmoe.benchmarks import cases, run
 
 HF_IMPORTABLE = cases.hf_import_error() is None
 
@@ -63,7 +59,7 @@ def test_report_file_has_header_and_tables(quick_run: tuple[list[dict], Path]) -
     _, out = quick_run
     text = out.read_text()
     assert "- Device: CPU: " in text
-    assert "- Command: `python -m benchmarks.run --quick" in text
+    assert "- Command: `python -m cmoe.benchmarks.run --quick" in text
     for case in cases.quick_cases():
         assert f"### `{case.name}`" in text
     assert "- `triton` skipped: the fused kernels are timed on CUDA only" in text
@@ -151,7 +147,7 @@ def test_kernel_probe_says_it_needs_a_gpu() -> None:
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-m", "benchmarks.probe_triton", "e2e"], cwd=root, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "cmoe.benchmarks.probe_triton", "e2e"], cwd=root, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 1
     assert "needs" not in done.stdout and "CUDA GPU; none is available here" in done.stderr

@@ -22,6 +22,8 @@ from cmoe import (
 )
 from dispatch_cases import assert_compiled_step_matches_eager
 
+pytestmark = pytest.mark.smoke  # in the newest-versions stage (.ci/latest)
+
 
 def test_aggregation_concatenates_consecutive_tokens() -> None:
     x = torch.arange(2 * 8 * 3, dtype=torch.float32).view(2, 8, 3)

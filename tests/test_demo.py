@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from cmoe.config import CMoEConfig, MLPConnectorConfig
@@ -30,6 +31,7 @@ def test_demo_cmoe_beats_task_blind_mlp_on_conflicting_tasks(capsys) -> None:
     printed = capsys.readouterr().out
     assert "held-out MSE per task" in printed and "tokens per expert, by task" in printed
 
+@pytest.mark.smoke
 
 def test_cli_runs_the_demo_and_rejects_unknown_commands() -> None:
     done = subprocess.run([sys.executable, "-m", "cmoe", "demo", "--steps", "5"], capture_output=True, text=True)

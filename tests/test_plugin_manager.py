@@ -14,6 +14,8 @@ from cmoe import CMoEConfig, CMoEConnector, PluginError, hookimpl
 from cmoe.plugin_manager import PluginSource, reset_plugins
 from cmoe.routers import Router
 
+pytestmark = pytest.mark.smoke  # in the newest-versions stage (.ci/latest)
+
 
 @pytest.fixture(autouse=True)
 def _fresh_plugins():

@@ -13,6 +13,8 @@ import cmoe
 from cmoe import CMoEConfig, CMoEConnector, CMoEError
 from cmoe.plugins.tiny import tiny_llama_config
 
+pytestmark = pytest.mark.smoke  # in the newest-versions stage (.ci/latest)
+
 EXAMPLE = "cmoe-example-router"
 
 

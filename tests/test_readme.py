@@ -9,6 +9,8 @@ import pytest
 
 import cmoe
 
+pytestmark = pytest.mark.smoke  # in the newest-versions stage (.ci/latest)
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 

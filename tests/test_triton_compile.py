@@ -1,5 +1,5 @@
 """Every Triton kernel variant compiles for Hopper (sm_90) on this CPU-only machine, ahead of time with triton's
-own compiler and ptxas (`benchmarks.compile_check`), and the compiled code uses what the design relies on:
+own compiler and ptxas (`cmoe.benchmarks.compile_check`), and the compiled code uses what the design relies on:
 wgmma tensor-core MMAs, pipelined (cp.async) or TMA loads, and fits an H100/H200's shared memory. A variant that
 has never run on a GPU (persistent, TMA weights, staged rows) cannot reach a GPU session unable to compile."""
 
@@ -17,8 +17,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 HOPPER_SHARED_BYTES = 227 * 1024  # the most shared memory one block may use on sm_90
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia") is None,
-                                reason="this triton build has no NVIDIA backend to compile with")
+pytestmark = [pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia") is None,
+                                 reason="this triton build has no NVIDIA backend to compile with"),
+              pytest.mark.smoke]
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("compile") / "sm90.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(out.parent / "cache"))
-    done = subprocess.run([sys.executable, "-m", "benchmarks.compile_check", "--arch", "90", "--json", str(out)],
+    done = subprocess.run([sys.executable, "-m", "cmoe.benchmarks.compile_check", "--arch", "90", "--json", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return {entry["name"]: entry for entry in json.loads(out.read_text())}
@@ -53,6 +54,6 @@ def test_loads_are_pipelined_or_through_tma_as_each_variant_says(compiled: dict[
 
 def test_the_check_refuses_interpreted_kernels() -> None:
     env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-m", "benchmarks.compile_check"], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, "-m", "cmoe.benchmarks.compile_check"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "unset TRITON_INTERPRET" in done.stderr

@@ -25,6 +25,7 @@ CASES = random_cases(36, seed=1234, max_tokens=40, max_width=40)
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_kernels_match_loop_forward_and_every_gradient(case) -> None:
     tensors = build(case, DEVICE, seed=hash(case.id) % 10_000)

@@ -45,6 +45,7 @@ def test_two_process_torchrun_ranks_agree(tmp_path: Path, mode: str) -> None:
             assert state["step"] == 4 and state["fingerprint"] == state["trained_fingerprint"]
 
 
+@pytest.mark.smoke
 @pytest.mark.slow
 def test_torchrun_cli_train_checkpoints_and_exits_cleanly(tmp_path: Path) -> None:
     """The documented command, ``torchrun ... -m cmoe unimed train``: rank 0 reports and writes the checkpoint,

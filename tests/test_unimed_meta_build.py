@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pytest
 import torch
 
 from cmoe.plugins.eva_clip import EVAViTConfig, build_eva_clip_g
@@ -15,6 +16,8 @@ from cmoe.reference_models.unimed.recipe_data import load_split
 from cmoe.reference_models.unimed.train import make_tokenizer
 
 from unimed_tiny import test_config as tiny_config
+
+pytestmark = pytest.mark.smoke  # in the newest-versions stage (.ci/latest)
 
 
 def _layout(model: torch.nn.Module) -> dict:

@@ -12,6 +12,8 @@ from cmoe.errors import CMoEError, UnknownNameError
 from cmoe.reference_models.unimed import Box
 from cmoe.reference_models.unimed import metrics as m
 
+pytestmark = pytest.mark.smoke  # in the newest-versions stage (.ci/latest)
+
 
 def values(results: dict[str, m.Metric]) -> dict[str, float | None]:
     return {name: metric.value for name, metric in results.items()}

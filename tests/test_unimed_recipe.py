@@ -23,6 +23,7 @@ from unimed_tiny import test_config as tiny_config
 
 TASKS = {"qa", "vqa", "report", "rec", "reg", "cls"}
 
+@pytest.mark.smoke
 
 def test_built_in_configs_load_and_paper_config_has_the_original_settings() -> None:
     paper = load_config("paper")
@@ -103,6 +104,7 @@ def tiny_model(tmp_path_factory):
     torch.manual_seed(0)
     return config, samples, build_model(config.model, tokenizer)
 
+@pytest.mark.smoke
 
 def test_loss_covers_answer_tokens_only_and_only_connector_and_lora_train(tiny_model) -> None:
     config, samples, model = tiny_model
@@ -123,6 +125,7 @@ def test_loss_covers_answer_tokens_only_and_only_connector_and_lora_train(tiny_m
         assert label[label != -100].tolist() == text.answer
         assert (label[:len(label) - len(text.answer)] == -100).all()
 
+@pytest.mark.smoke
 
 def test_batched_greedy_generation_matches_one_by_one(tiny_model) -> None:
     config, samples, model = tiny_model
@@ -202,6 +205,7 @@ def test_weight_decay_spares_biases_norms_and_1d_parameters() -> None:
     assert {id(p) for p in no_decay["params"]} == {id(model[0].bias), id(model[1].weight), id(model[1].bias)}
 
 
+@pytest.mark.smoke
 @pytest.mark.slow
 def test_command_line_demo_train_and_eval(tmp_path: Path) -> None:
     import subprocess

@@ -1,10 +1,10 @@
 """pytest-benchmark suite: every implementation × case × {forward, forward_backward}.
 
-Run with ``pytest benchmarks/ --benchmark-only`` (the project's normal ``pytest`` only collects ``tests/``).
+Run with ``pytest benchmarks/suite --benchmark-only`` (the project's normal ``pytest`` only collects ``tests/``).
 Results are grouped per case and mode. By default only the E=8, k=2 cases run, keeping a CPU run under
 ~5 minutes; ``CMOE_BENCH_CASES=all`` runs the whole grid and any other value keeps the cases whose name
 contains it. ``CMOE_BENCH_ROUNDS`` sets the timed rounds (default 3, after one warm-up round).
-For the one-process Markdown report with roofline ratios use ``python -m benchmarks.run``.
+For the one-process Markdown report with roofline ratios use ``python -m cmoe.benchmarks.run``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from benchmarks.cases import MODES, ROOFLINE, Case, Workload, build_workload, default_cases, make_callable
+from cmoe.benchmarks.cases import MODES, ROOFLINE, Case, Workload, build_workload, default_cases, make_callable
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ROUNDS = int(os.environ.get("CMOE_BENCH_ROUNDS", "3"))

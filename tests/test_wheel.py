@@ -1,0 +1,95 @@
+"""The wheel ships what users need: built from the repository's files, installed with the example plugin into a
+clean virtual environment outside the repository (the lock's versions, ``cmoe[unimed]``: no triton, no pytest),
+and run from a folder outside it: entry points (built-ins, the recipe, the example plugin), the package data
+(the built-in recipe configs, the shipped pretrained tiny encoder and LLM) and the command line.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE_PLUGIN = ROOT / "plugins" / "examples" / "cmoe-example-router"
+TORCH = "torch==2.13.0"  # the Makefile's CPU wheel rule
+
+
+def run(*command: str | Path, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    done = subprocess.run([str(part) for part in command], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def source_copy(destination: Path) -> Path:
+    """The files git would commit (tracked, or new and not ignored), so no stale build/ output leaks in."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (ROOT / name).is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, destination / name)
+    return destination
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """``(bin folder of the clean venv, a work folder outside the repository)``."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("building the wheel from the repository's files needs git and a clone")
+    tmp = tmp_path_factory.mktemp("wheel")
+    source = source_copy(tmp / "source")
+    wheels = tmp / "wheels"
+    for project in (source, source / EXAMPLE_PLUGIN.relative_to(ROOT)):  # with this venv's pinned setuptools
+        run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", wheels,
+            project, cwd=tmp)
+    venv.create(tmp / "venv", with_pip=True)
+    bin_dir = tmp / "venv" / "bin"
+    pip = [bin_dir / "python", "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    run(*pip, TORCH, cwd=tmp)
+    cmoe_wheel = next(wheels.glob("cmoe-*.whl"))
+    run(*pip, "-c", ROOT / "constraints.txt", f"{cmoe_wheel}[unimed]", next(wheels.glob("cmoe_example_router-*.whl")),
+        cwd=tmp)
+    work = tmp / "work"
+    work.mkdir()
+    return bin_dir, work
+
+
+@pytest.mark.slow
+def test_the_installed_wheel_is_the_one_imported(installed: tuple[Path, Path]) -> None:
+    bin_dir, work = installed
+    where = run(bin_dir / "python", "-c", "import cmoe, cmoe.kernels, cmoe.plugins, cmoe.reference_models.unimed;"
+                "print(cmoe.__file__); print(cmoe.kernels.__file__)", cwd=work).stdout.split()
+    for path in where:
+        assert "site-packages" in path and not Path(path).is_relative_to(ROOT), path
+
+
+@pytest.mark.slow
+def test_entry_points_ship_with_their_distributions(installed: tuple[Path, Path]) -> None:
+    bin_dir, work = installed
+    listing = run(bin_dir / "cmoe", "plugins", "list", cwd=work).stdout
+    for origin in ("builtin_plugins (cmoe 0.1.0)", "triton_kernels (cmoe 0.1.0)", "unimed_recipe (cmoe 0.1.0)",
+                   "example_router (cmoe-example-router 0.1.0)"):
+        assert origin in listing, origin
+    for name in ("lsh_hash", "task_token", "hf_clip", "hf_causal_lm", "grouped_mm", "unimed"):
+        assert name in listing, name
+
+
+@pytest.mark.slow
+def test_a_tiny_budget_train_and_eval_with_the_shipped_configs_and_weights(installed: tuple[Path, Path]) -> None:
+    """``--config tiny`` reads the packaged YAML and the packaged pretrained encoder and LLM."""
+    bin_dir, work = installed
+    small = ["--set", "data.synthetic.num_images=40", "--set", "data.synthetic.eval_images=6",
+             "--set", "train.steps=2", "--set", "train.progress=false", "--set", "eval.limit_per_task=2",
+             "--set", "eval.max_new_tokens=4", "--set", "eval.coco_caption=false"]
+    trained = run(bin_dir / "cmoe", "unimed", "train", "--config", "tiny", "--output-dir", "run", *small, cwd=work)
+    assert "trained to step 2" in trained.stdout
+    evaluated = run(bin_dir / "cmoe", "unimed", "eval", "--config", "tiny", "--output-dir", "run", *small, cwd=work)
+    assert "| cls |" in evaluated.stdout and (work / "run" / "eval" / "eval.json").is_file()
