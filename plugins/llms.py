@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from cmoe.errors import CMoEError, unset_variables_hint
+from cmoe.extras import require
 from cmoe.plugins.hf_local import local_load_options
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -54,6 +55,7 @@ def build_hf_causal_lm(
     """Build from a LOCAL checkpoint directory (`path`) or from `config` (a dict with ``model_type``, e.g.
     ``{"model_type": "llama", "hidden_size": 64, ...}``, random weights). `lora` (e.g. ``{"r": 8}``) wraps
     the model with peft (see `apply_lora`)."""
+    require("hf", "the hf_causal_lm LLM")
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if (path is None) == (config is None):
@@ -93,6 +95,7 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0
     wrapped without touching its vision tower (CLIP has ``q_proj`` too). `modules_to_save` (peft's option,
     e.g. ``["embed_tokens", "lm_head"]``) trains full copies of those modules, for a randomly initialised LLM.
     """
+    require("hf", "LoRA")
     from peft import LoraConfig, get_peft_model
 
     targets = list(LORA_TARGETS) if target_modules is None else target_modules

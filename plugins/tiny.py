@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cmoe.extras import require
+
 IMAGE_TOKEN = 999
 
 
@@ -22,6 +24,7 @@ def tiny_llama_config(vocab_size: int = 1000, hidden_size: int = 64, **overrides
 
 def tiny_llava() -> nn.Module:
     """LLaVA with a 2-layer CLIP (width 32, 32 px images, patch 8 → 16 patches) and a 2-layer LLaMA (width 64)."""
+    require("hf", "tiny_llava")
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -48,6 +51,7 @@ def llava_inputs(model: nn.Module, batch: int = 2, text: int = 6, seed: int = 0)
 
 def tiny_qwen2_vl() -> nn.Module:
     """Qwen2-VL with a 2-layer vision tower (width 32, patch 4, merge 2×2) and a 2-layer text model (width 64)."""
+    require("hf", "tiny_qwen2_vl")
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     config = Qwen2VLConfig(

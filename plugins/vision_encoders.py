@@ -21,6 +21,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from cmoe.errors import CMoEError, expect, missing_path
+from cmoe.extras import require
 from cmoe.plugins.hf_local import local_load_options
 
 __all__ = ["HFVisionEncoder", "VisionEncoder", "build_hf_clip", "build_hf_siglip", "resolve_feature_layer"]
@@ -143,11 +144,9 @@ class HFVisionEncoder(VisionEncoder):
 
 def _load_hf_vision_model(kind: str, path: str | None, config: dict | None) -> nn.Module:
     """A ``{kind}VisionModel`` (CLIP or Siglip) from a local directory or from a config dict (random weights)."""
-    try:
-        import transformers
-    except ImportError as error:
-        raise CMoEError(f"the {kind} vision encoder needs transformers; install it with pip install 'cmoe[hf]'") \
-            from error
+    require("hf", f"the {kind} vision encoder")
+    import transformers
+
     model_class = getattr(transformers, f"{kind}VisionModel")
     config_class = getattr(transformers, f"{kind}VisionConfig")
     expect((path is None) != (config is None), "path/config",

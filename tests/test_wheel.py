@@ -40,8 +40,9 @@ def source_copy(destination: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """``(bin folder of the clean venv, a work folder outside the repository)``."""
+def core_only(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """``(bin folder of a clean venv holding cmoe without extras + the example plugin, a work folder outside the
+    repository, the cmoe wheel)``."""
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("building the wheel from the repository's files needs git and a clone")
     tmp = tmp_path_factory.mktemp("wheel")
@@ -52,14 +53,43 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
             project, cwd=tmp)
     venv.create(tmp / "venv", with_pip=True)
     bin_dir = tmp / "venv" / "bin"
-    pip = [bin_dir / "python", "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    run(*pip, TORCH, cwd=tmp)
+    run(*pip_install(bin_dir), TORCH, cwd=tmp)
     cmoe_wheel = next(wheels.glob("cmoe-*.whl"))
-    run(*pip, "-c", ROOT / "constraints.txt", f"{cmoe_wheel}[unimed]", next(wheels.glob("cmoe_example_router-*.whl")),
-        cwd=tmp)
+    run(*pip_install(bin_dir), "-c", ROOT / "constraints.txt", cmoe_wheel,
+        next(wheels.glob("cmoe_example_router-*.whl")), cwd=tmp)
     work = tmp / "work"
     work.mkdir()
+    return bin_dir, work, cmoe_wheel
+
+
+@pytest.fixture(scope="module")
+def installed(core_only: tuple[Path, Path, Path]) -> tuple[Path, Path]:
+    """The same venv after ``pip install 'cmoe[unimed]'`` (the tests that need the core alone run first)."""
+    bin_dir, work, cmoe_wheel = core_only
+    run(*pip_install(bin_dir), "-c", ROOT / "constraints.txt", f"{cmoe_wheel}[unimed]", cwd=work)
     return bin_dir, work
+
+
+def pip_install(bin_dir: Path) -> list[str | Path]:
+    return [bin_dir / "python", "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+
+
+@pytest.mark.slow
+def test_without_extras_the_core_runs_and_the_recipe_says_what_to_install(core_only) -> None:
+    bin_dir, work, _ = core_only
+    listing = run(bin_dir / "cmoe", "plugins", "list", cwd=work).stdout
+    assert "unimed_recipe (cmoe 0.1.0)" in listing and "lsh_hash" in listing
+    done = subprocess.run([bin_dir / "cmoe", "unimed", "train", "--config", "tiny"], cwd=work, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("error: cmoe unimed needs cmoe[unimed]: transformers is not installed; ")
+    assert "pyyaml is not installed" in done.stderr and "pip install 'cmoe[unimed]'" in done.stderr
+    tiny = subprocess.run([bin_dir / "python", "-c", "from cmoe.plugins.tiny import tiny_llava; tiny_llava()"],
+                          cwd=work, capture_output=True, text=True, timeout=300)
+    assert tiny.returncode == 1 and tiny.stderr.splitlines()[-1] == (
+        "cmoe.errors.CMoEError: tiny_llava needs cmoe[hf]: transformers is not installed; peft is not installed. "
+        "Install it with pip install 'cmoe[hf]' (from a clone: pip install -e '.[hf]')")
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from cmoe.errors import CMoEError, expect
+from cmoe.extras import require
 from cmoe.validation import check_field_types, check_values, parse_bool
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -367,6 +368,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def load_config_dict(name_or_path: str | os.PathLike) -> dict[str, Any]:
     """The raw mapping of a config file; ``base: other.yaml`` (a built-in name or a path relative to the file)
     is read first and this file's keys merged over it."""
+    require("unimed", "the Uni-Med recipe")
     import yaml
 
     path = resolve_config_path(name_or_path)

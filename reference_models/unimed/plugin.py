@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from cmoe.extras import require
 from cmoe.hookspecs import Register, hookimpl
 
 
 def unimed(argv: list[str]) -> int:
     """The Uni-Med recipe: train, eval, analyze, experiment, data-stats, demo, pretrain, convert-original."""
+    require("unimed", "cmoe unimed")
     from cmoe.reference_models.unimed.cli import main
 
     return main(argv)
