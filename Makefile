@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.cmoe-installed
 LOCK   ?= constraints.txt
 TORCH  := torch==2.13.0
 
-.PHONY: demo test test-latest bench install lock clean java
+.PHONY: demo test test-latest test-floors bench install lock clean java
 
 EXAMPLE_PLUGIN := plugins/examples/cmoe-example-router
 LOCKED := $(if $(LOCK),-c $(LOCK) --build-constraint $(LOCK))
@@ -47,6 +47,10 @@ test: $(STAMP)
 test-latest:
 	bash .ci/latest
 
+# Every dependency at the floor pyproject.toml declares (torch: the CPU wheel), in .venv-floors: the smoke subset.
+test-floors:
+	bash .ci/floors
+
 # Rewrite constraints.txt from what pip resolves today, below the caps in .ci/lock-caps.txt (CAPS: more of them).
 lock:
 	bash .ci/lock $(CAPS)
@@ -55,4 +59,4 @@ bench: $(STAMP)
 	$(BIN)/python -m cmoe.benchmarks.run
 
 clean:
-	rm -rf $(VENV) .venv-latest build dist *.egg-info .pytest_cache .benchmarks
+	rm -rf $(VENV) .venv-latest .venv-floors build dist *.egg-info .pytest_cache .benchmarks
