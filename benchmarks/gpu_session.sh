@@ -73,9 +73,9 @@ run_sweep() {
 
 run_paper() {
   if [ "$dry" = 1 ]; then
-    "$py" -m cmoe.reference_models.unimed.paper_step --dry-run --steps 1
+    "$py" -m cmoe.reference_models.unimed.paper.paper_step --dry-run --steps 1
   else
-    "$py" -m cmoe.reference_models.unimed.paper_step
+    "$py" -m cmoe.reference_models.unimed.paper.paper_step
   fi
 }
 

@@ -1,5 +1,5 @@
 """The core's own routers, experts and dispatch backends, registered through the plugin hooks like any
-other plugin's."""
+other plugin's. (The ``cmoe bench`` command is the benchmarks' plugin: `cmoe.benchmarks.plugin`.)"""
 
 from __future__ import annotations
 
@@ -35,9 +35,3 @@ def cmoe_register_backends(register: Register) -> None:
     register("sorted", Backend("sorted", sorted_backend, description="expert-sorted contiguous matmuls"))
     register("dense", Backend("dense", dense_backend, description="every expert on every token, one wide GEMM"))
 
-
-@hookimpl
-def cmoe_register_commands(register: Register) -> None:
-    from cmoe.bench import bench_command
-
-    register("bench", bench_command)

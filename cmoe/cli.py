@@ -6,10 +6,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cmoe.demo import main as demo
+from cmoe.errors import CMoEError
+from cmoe.plugin_manager import list_plugins
+from cmoe.registry import COMMANDS
+
 
 def _plugins_list(_: argparse.Namespace) -> int:
-    from cmoe.plugin_manager import list_plugins
-
     rows = [("kind", "name", "from")] + list_plugins()
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
@@ -24,8 +27,6 @@ def _summary(command: object) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; a `CMoEError` (a plugin's included) or Ctrl-C is reported as one line, not a traceback."""
-    from cmoe.errors import CMoEError
-
     try:
         return _main(argv)
     except CMoEError as error:
@@ -38,8 +39,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    from cmoe.registry import COMMANDS
-
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="cmoe", description="Connector Mixture-of-Experts tools.")
     commands = parser.add_subparsers(dest="command", metavar="<command>")
@@ -52,8 +51,6 @@ def _main(argv: list[str] | None = None) -> int:
     for name in COMMANDS.names():
         commands.add_parser(name, help=_summary(COMMANDS.get(name)), add_help=False)
     if argv and argv[0] == "demo":
-        from cmoe.demo import main as demo
-
         demo(argv[1:])
         return 0
     if argv and argv[0] not in ("plugins", "-h", "--help") and argv[0] in COMMANDS:

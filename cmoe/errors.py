@@ -5,10 +5,8 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import torch
+import torch
 
 
 class CMoEError(ValueError):
@@ -42,8 +40,6 @@ def expect_ids_below(ids: torch.Tensor, count: int, argument: str, expected: str
     crash deep inside indexing, and the read costs nothing; on a GPU it would stall the stream every step.
     Skipped while ``torch.compile`` traces, where reading a value back would break the graph.
     """
-    import torch  # cmoe.errors itself imports no torch
-
     if not ids.numel() or torch.compiler.is_compiling():
         return
     lo, hi = int(ids.min()), int(ids.max())

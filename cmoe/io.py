@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from cmoe.errors import CMoEError
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` then atomically move the result to `path` (same filesystem, so rename is atomic)."""
@@ -44,8 +46,6 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
 
 def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Read a safetensors file; a missing, truncated or garbled one raises `CMoEError` naming it."""
-    from cmoe.errors import CMoEError
-
     if not Path(path).is_file():
         raise CMoEError(f"{path}: missing; save the model again or pass the directory that holds it")
     try:

@@ -1,8 +1,10 @@
 """The one pluggy plugin manager: built-ins, then every installed distribution's ``cmoe`` entry points.
 
-Created lazily on the first registry lookup. Each hook implementation is called with a ``register``
-bound to its own plugin's name, so every registered item knows where it came from (shown by
-``cmoe plugins list`` and in every error). ``CMOE_DISABLE_PLUGINS=a,b`` skips entry points by name.
+Created on the first registry lookup: importing this module makes it the registries' filler (`cmoe.registry` is
+a leaf that imports none of this): `load_plugins` runs before every lookup, and `HOOKS` says which registry each
+hook fills and what that registry accepts. Each hook implementation is called with a ``register`` bound to its
+own plugin's name, so every registered item knows where it came from (shown by ``cmoe plugins list`` and in
+every error). ``CMOE_DISABLE_PLUGINS=a,b`` skips entry points by name.
 """
 
 from __future__ import annotations
@@ -14,9 +16,54 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pluggy
+from torch import nn
 
-from cmoe import hookspecs
-from cmoe.registry import REGISTRIES, PluginError
+from cmoe import builtins, hookspecs
+from cmoe.dispatch import Backend
+from cmoe.experts import StackedExperts
+from cmoe.registry import (
+    ATTACHERS,
+    BACKENDS,
+    COMMANDS,
+    EXPERTS,
+    LLMS,
+    ROUTERS,
+    VISION_ENCODERS,
+    Check,
+    PluginError,
+    Registry,
+    set_loader,
+)
+
+
+def _subclass_of(base: type, expected: str) -> Check:
+    return lambda item: None if isinstance(item, type) and issubclass(item, base) else expected
+
+
+def _is_backend(item: object) -> str | None:
+    return None if isinstance(item, Backend) else "a cmoe.Backend"
+
+
+def _is_callable(item: object) -> str | None:
+    return None if callable(item) else "a callable builder"
+
+
+def _is_attacher(item: object) -> str | None:
+    missing = [m for m in ("matches", "attach", "detach") if not callable(getattr(item, m, None))]
+    return f"an attacher with methods matches/attach/detach (missing {missing})" if missing else None
+
+
+HOOKS: dict[str, tuple[Registry, Check]] = {
+    "cmoe_register_routers": (ROUTERS, _subclass_of(nn.Module, "an nn.Module subclass")),
+    "cmoe_register_experts": (EXPERTS, _subclass_of(StackedExperts, "a cmoe.StackedExperts subclass")),
+    "cmoe_register_backends": (BACKENDS, _is_backend),
+    "cmoe_register_vision_encoders": (VISION_ENCODERS, _is_callable),
+    "cmoe_register_llms": (LLMS, _is_callable),
+    "cmoe_register_attachers": (ATTACHERS, _is_attacher),
+    "cmoe_register_commands": (COMMANDS, _is_callable),
+}
+"""Hook name -> the registry it fills and what that registry accepts (`cmoe.registry.Check`)."""
+REGISTRIES: tuple[Registry, ...] = tuple(registry for registry, _ in HOOKS.values())
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT
 BUILTIN = "cmoe.builtins"
@@ -66,7 +113,7 @@ def _collect(manager: pluggy.PluginManager, plugin_name: str) -> None:
     """Call `plugin_name`'s hook implementations, registering into the registries with its origin."""
     plugin = manager.get_plugin(plugin_name)
     origin = _origins[plugin_name]
-    for hook_name, registry in REGISTRIES.items():
+    for hook_name, (registry, _) in HOOKS.items():
         for impl in getattr(manager.hook, hook_name).get_hookimpls():
             if impl.plugin is plugin:
                 def register(name: str, item: object, _registry=registry) -> object:
@@ -105,8 +152,6 @@ def load_plugins() -> pluggy.PluginManager:
         try:
             manager = pluggy.PluginManager(hookspecs.PROJECT)
             manager.add_hookspecs(hookspecs)
-            from cmoe import builtins
-
             _add(manager, builtins, BUILTIN, "cmoe (built-in)")
             disabled = _disabled()
             for source in iter_entry_points():
@@ -126,7 +171,7 @@ def load_plugins() -> pluggy.PluginManager:
                 _add(manager, plugin, name, f"{name} ({source.distribution} {source.version})")
             _manager = manager
         except BaseException:
-            for registry in REGISTRIES.values():
+            for registry in REGISTRIES:
                 registry.clear()
             _origins.clear()
             raise
@@ -156,7 +201,7 @@ def unregister_plugin(name: str) -> None:
     if not manager.has_plugin(name):
         raise PluginError(f"no plugin named {name!r}; registered: {sorted(n for n, _ in manager.list_name_plugin())}")
     origin = _origins.pop(name)
-    for registry in REGISTRIES.values():
+    for registry in REGISTRIES:
         registry.remove_origin(origin)
     manager.unregister(name=name)
 
@@ -167,12 +212,22 @@ def reset_plugins() -> None:
     with _lock:
         _manager = None
         _origins.clear()
-        for registry in REGISTRIES.values():
+        for registry in REGISTRIES:
             registry.clear()
 
 
 def list_plugins() -> list[tuple[str, str, str]]:
     """``(kind, name, origin)`` for every registered item, sorted."""
     load_plugins()
-    return sorted((registry.kind, name, registry.origin(name)) for registry in REGISTRIES.values()
+    return sorted((registry.kind, name, registry.origin(name)) for registry in REGISTRIES
                   for name in registry.names())
+
+
+def _install() -> None:
+    """Make this module the registries' filler: what each one accepts, and `load_plugins` before every lookup."""
+    for registry, check in HOOKS.values():
+        registry.expect(check)
+    set_loader(load_plugins)
+
+
+_install()

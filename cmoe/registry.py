@@ -1,7 +1,9 @@
-"""Named registries (routers, experts, backends, vision encoders, LLMs, attachers), filled by plugins.
+"""Named registries (routers, experts, backends, vision encoders, LLMs, attachers, commands), filled by plugins.
 
-Every registry is filled through the pluggy hooks of `cmoe.hookspecs` — the core's built-ins included — the
-first time any registry is read (`cmoe.plugin_manager.load_plugins`). Lookup by name is the one path.
+A leaf of the core: it imports no cmoe module but `cmoe.errors` and knows nothing of who fills it. The filler
+installs itself (`cmoe.plugin_manager` does when imported, which ``import cmoe`` always does): `set_loader`, a
+function run before every lookup, so the first lookup loads the plugins; and `Registry.expect`, what each
+registry accepts, since those types live above this module. Lookup by name is the one path.
 """
 
 from __future__ import annotations
@@ -13,22 +15,35 @@ from cmoe.errors import CMoEError, UnknownNameError
 
 T = TypeVar("T")
 
+Check = Callable[[object], str | None]
+"""``check(item)``: None when the item is acceptable, else a description of what was expected."""
+
+_loader: Callable[[], object] | None = None
+
+
+def set_loader(loader: Callable[[], object] | None) -> None:
+    """Install the function that fills every registry (`cmoe.plugin_manager.load_plugins`). It runs before every
+    lookup, so it must return at once when everything is loaded; None: lookups read what is registered."""
+    global _loader
+    _loader = loader
+
 
 class PluginError(CMoEError):
     """A plugin that cannot be loaded or registers something invalid; the message names its origin."""
 
 
 class Registry(Generic[T]):
-    """A named table of one kind of item, with provenance, type checks and errors that list the known names.
+    """A named table of one kind of item, with provenance, type checks and errors that list the known names."""
 
-    ``check(item)`` returns None when the item is acceptable, else a description of what was expected.
-    """
-
-    def __init__(self, kind: str, check: Callable[[object], str | None] | None = None):
+    def __init__(self, kind: str, check: Check | None = None):
         self.kind = kind
         self._check = check
         self._items: dict[str, T] = {}
         self._origin: dict[str, str] = {}
+
+    def expect(self, check: Check | None) -> None:
+        """Set what `register` accepts (see `Check`); the filler declares it (`cmoe.plugin_manager.HOOKS`)."""
+        self._check = check
 
     def register(self, name: str, item: T, origin: str = "cmoe") -> T:
         """Add `item` under `name`; `origin` names the plugin (and distribution) that provided it."""
@@ -54,9 +69,8 @@ class Registry(Generic[T]):
         self._origin.clear()
 
     def _loaded(self) -> dict[str, T]:
-        from cmoe.plugin_manager import load_plugins
-
-        load_plugins()
+        if _loader is not None:
+            _loader()
         return self._items
 
     def get(self, name: str) -> T:
@@ -79,50 +93,13 @@ class Registry(Generic[T]):
         return iter(self.names())
 
 
-def _is_module_class(item: object) -> str | None:
-    from torch import nn
-
-    return None if isinstance(item, type) and issubclass(item, nn.Module) else "an nn.Module subclass"
-
-
-def _is_experts_class(item: object) -> str | None:
-    from cmoe.experts import StackedExperts
-
-    return None if isinstance(item, type) and issubclass(item, StackedExperts) else "a cmoe.StackedExperts subclass"
-
-
-def _is_backend(item: object) -> str | None:
-    from cmoe.dispatch import Backend
-
-    return None if isinstance(item, Backend) else "a cmoe.Backend"
-
-
-def _is_callable(item: object) -> str | None:
-    return None if callable(item) else "a callable builder"
-
-
-def _is_attacher(item: object) -> str | None:
-    missing = [m for m in ("matches", "attach", "detach") if not callable(getattr(item, m, None))]
-    return f"an attacher with methods matches/attach/detach (missing {missing})" if missing else None
-
-
-ROUTERS: Registry = Registry("router", _is_module_class)
-EXPERTS: Registry = Registry("expert", _is_experts_class)
-BACKENDS: Registry = Registry("backend", _is_backend)
-VISION_ENCODERS: Registry = Registry("vision encoder", _is_callable)
-LLMS: Registry = Registry("llm", _is_callable)
-ATTACHERS: Registry = Registry("attacher", _is_attacher)
-COMMANDS: Registry = Registry("command", _is_callable)
-
-REGISTRIES: dict[str, Registry] = {
-    "cmoe_register_routers": ROUTERS,
-    "cmoe_register_experts": EXPERTS,
-    "cmoe_register_backends": BACKENDS,
-    "cmoe_register_vision_encoders": VISION_ENCODERS,
-    "cmoe_register_llms": LLMS,
-    "cmoe_register_attachers": ATTACHERS,
-    "cmoe_register_commands": COMMANDS,
-}
+ROUTERS: Registry = Registry("router")
+EXPERTS: Registry = Registry("expert")
+BACKENDS: Registry = Registry("backend")
+VISION_ENCODERS: Registry = Registry("vision encoder")
+LLMS: Registry = Registry("llm")
+ATTACHERS: Registry = Registry("attacher")
+COMMANDS: Registry = Registry("command")
 
 
 def get_router(name: str):

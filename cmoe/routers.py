@@ -23,6 +23,7 @@ The built-in names are presets of these choices; ``hard_task`` and ``constant`` 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -142,8 +143,6 @@ def _warn_fp16_range(x: torch.Tensor, logits: torch.Tensor) -> None:
     """Warn when fp16 routing runs near the fp16 range: its outputs may be finite while the backward overflows."""
     largest = max(float(x.detach().abs().max()), float(logits.detach().abs().max()))
     if largest > FP16_WARN_ABOVE:
-        import warnings
-
         warnings.warn(f"router: fp16 inputs or logits reach {largest:.3g} (fp16 max 65504): gradients may overflow "
                       "to inf/NaN; normalise the features, use bf16 or fp32, or a GradScaler", RuntimeWarning,
                       stacklevel=3)

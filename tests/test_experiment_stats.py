@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from cmoe.errors import CMoEError
-from cmoe.reference_models.unimed.experiment import aggregate, compare, load_experiment, resolve_variants, run_config
-from cmoe.reference_models.unimed.experiment_report import format_experiment, routing_by_variant, task_separation
-from cmoe.reference_models.unimed.experiment_stats import mean_std, paired_test
-from cmoe.reference_models.unimed.experiment_tasks import subset_overrides
+from cmoe.reference_models.unimed.experiments.experiment import aggregate, compare, load_experiment, resolve_variants, run_config
+from cmoe.reference_models.unimed.experiments.experiment_report import format_experiment, routing_by_variant, task_separation
+from cmoe.reference_models.unimed.experiments.experiment_stats import mean_std, paired_test
+from cmoe.reference_models.unimed.experiments.experiment_tasks import subset_overrides
 
 
 def student_t_two_sided_p_df4(t: float) -> float:
@@ -114,7 +114,7 @@ def test_routing_maps_come_from_one_seed_and_separation_is_the_mean_pairwise_tot
 
 def test_the_tug_of_war_experiment_is_what_the_issue_asks(tmp_path: Path) -> None:
     from cmoe.connector import CONNECTORS
-    from cmoe.reference_models.unimed.model import connector_config
+    from cmoe.reference_models.unimed.model.assembly import connector_config
 
     spec = load_experiment("tug_of_war")
     assert len(spec.seeds) >= 5 and spec.baselines == ["mlp", "mlp_wide"]
@@ -158,7 +158,7 @@ def test_a_run_folder_of_another_config_is_refused_not_resumed_or_reused(tmp_pat
     import json
 
     from cmoe.io import write_json
-    from cmoe.reference_models.unimed.experiment import RUN_RECORD, run_one
+    from cmoe.reference_models.unimed.experiments.experiment import RUN_RECORD, run_one
 
     spec = load_experiment("tug_of_war")
     config = run_config(spec, "mlp", 0, tmp_path)

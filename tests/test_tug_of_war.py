@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cmoe import CMoEConfig, CMoEConnector, CMoEError, MLPConnector, MLPConnectorConfig, mean_weight_per_task
-from cmoe.reference_models.unimed import tug_of_war as tow
+from cmoe.reference_models.unimed.analysis import tug_of_war as tow
 
 
 def two_tasks(a: list[float], b: list[float]) -> dict[str, torch.Tensor]:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cmoe.reference_models.unimed.analyze import analyze_checkpoint
-from cmoe.reference_models.unimed.train import Trainer
+from cmoe.reference_models.unimed.analysis.analyze import analyze_checkpoint
+from cmoe.reference_models.unimed.training.train import Trainer
 
 from unimed_tiny import test_config as tiny_config
 
@@ -19,7 +19,7 @@ PLOTS = {"index_curves.png", "routing.png", "parameter_histograms.png", "cosine_
 @pytest.mark.slow
 def test_live_analysis_and_checkpoint_analysis_write_every_plot_and_the_json(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cmoe.reference_models.unimed import tug_of_war
+    from cmoe.reference_models.unimed.analysis import tug_of_war
 
     plotted_at: list[int] = []
     monkeypatch.setattr(tug_of_war, "plot_index_curves",
@@ -56,8 +56,8 @@ def test_live_analysis_and_checkpoint_analysis_write_every_plot_and_the_json(
 @pytest.mark.slow
 def test_checkpoint_analysis_reads_the_saved_initialisation_instead_of_rebuilding(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cmoe.reference_models.unimed import analyze
-    from cmoe.reference_models.unimed.checkpoint import CONNECTOR_INIT
+    from cmoe.reference_models.unimed.analysis import analyze
+    from cmoe.reference_models.unimed.model.checkpoint import CONNECTOR_INIT
 
     config = tiny_config(tmp_path, train__steps=2, train__save_every=2)
     Trainer(config).train()
@@ -91,9 +91,9 @@ def test_experiment_runs_variants_over_seeds_and_writes_the_table_and_plots(tmp_
     """The tug_of_war experiment end to end at a tiny budget: variants (one a plugin's router), paired tests,
     routing maps, the task study (a nested pair and single-task runs), the plots; a second call reuses every
     finished run."""
-    from cmoe.reference_models.unimed import train
-    from cmoe.reference_models.unimed.experiment import load_experiment, run_experiment
-    from cmoe.reference_models.unimed.experiment_report import format_experiment
+    from cmoe.reference_models.unimed.training import train
+    from cmoe.reference_models.unimed.experiments.experiment import load_experiment, run_experiment
+    from cmoe.reference_models.unimed.experiments.experiment_report import format_experiment
 
     assert set(load_experiment("cmoe_vs_mlp").variants) == {"mlp", "cmoe_original", "cmoe_token_topk", "cmoe_task"}
     spec = load_experiment("tug_of_war")

@@ -10,7 +10,7 @@ import pytest
 
 from cmoe import auto
 from cmoe.errors import CMoEError
-from cmoe.reference_models.unimed.train import AUTO_CHOICES_FILE, Trainer
+from cmoe.reference_models.unimed.training.train import AUTO_CHOICES_FILE, Trainer
 from unimed_tiny import test_config as tiny_config
 
 

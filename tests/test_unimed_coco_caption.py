@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from cmoe.reference_models.unimed import coco_caption
-from cmoe.reference_models.unimed import metrics as m
-from cmoe.reference_models.unimed.evaluate import summary_table
+from cmoe.reference_models.unimed.evaluation import coco_caption
+from cmoe.reference_models.unimed.evaluation import metrics as m
+from cmoe.reference_models.unimed.evaluation.evaluate import summary_table
 
 REFERENCES = ["The heart size is normal. No pleural effusion.", "Lungs are clear; no pneumothorax.",
               "Mild cardiomegaly with small left effusion.", "There is a fracture of the left radius."]

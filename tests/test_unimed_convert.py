@@ -14,14 +14,14 @@ import torch
 from cmoe.connector import CMoEConnector, load_connector
 from cmoe.errors import CMoEError
 from cmoe.reference_models.unimed.cli import main
-from cmoe.reference_models.unimed.collate import IMAGE_TASKS
+from cmoe.reference_models.unimed.model.collate import IMAGE_TASKS
 from cmoe.reference_models.unimed.config import load_config, parse_overrides
-from cmoe.reference_models.unimed.convert import convert_original_checkpoint
-from cmoe.reference_models.unimed.evaluate import load_trained_model
-from cmoe.reference_models.unimed.model import connector_config
-from cmoe.reference_models.unimed.recipe_data import load_split
-from cmoe.reference_models.unimed.tokenizer import build_word_tokenizer
-from cmoe.reference_models.unimed.train import prompt_texts
+from cmoe.reference_models.unimed.paper.convert import convert_original_checkpoint
+from cmoe.reference_models.unimed.evaluation.evaluate import load_trained_model
+from cmoe.reference_models.unimed.model.assembly import connector_config
+from cmoe.reference_models.unimed.data.splits import load_split
+from cmoe.reference_models.unimed.model.tokenizer import build_word_tokenizer
+from cmoe.reference_models.unimed.training.train import prompt_texts
 
 from unimed_original_ref import (RECIPE_NAME, TASKS, lora_state, original_forward, original_state,
                                  write_original_checkpoint)

@@ -99,7 +99,7 @@ def test_fsdp_matches_unsharded_training_and_resumes(tmp_path: Path, mode: str) 
 
 
 def test_shard_model_needs_a_process_group() -> None:
-    from cmoe.reference_models.unimed.distributed import shard_model
+    from cmoe.reference_models.unimed.training.distributed import shard_model
 
     with pytest.raises(CMoEError, match="torchrun"):
         shard_model(torch.nn.Linear(2, 2), torch.device("cpu"))  # type: ignore[arg-type]

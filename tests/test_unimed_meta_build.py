@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from cmoe.plugins.eva_clip import EVAViTConfig, build_eva_clip_g
-from cmoe.reference_models.unimed.model import build_model
-from cmoe.reference_models.unimed.paper_scale import build_on_meta
-from cmoe.reference_models.unimed.recipe_data import load_split
-from cmoe.reference_models.unimed.train import make_tokenizer
+from cmoe.reference_models.unimed.model.assembly import build_model
+from cmoe.reference_models.unimed.model.paper_scale import build_on_meta
+from cmoe.reference_models.unimed.data.splits import load_split
+from cmoe.reference_models.unimed.training.train import make_tokenizer
 
 from unimed_tiny import test_config as tiny_config
 

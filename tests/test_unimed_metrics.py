@@ -10,7 +10,7 @@ import pytest
 
 from cmoe.errors import CMoEError, UnknownNameError
 from cmoe.reference_models.unimed import Box
-from cmoe.reference_models.unimed import metrics as m
+from cmoe.reference_models.unimed.evaluation import metrics as m
 
 pytestmark = pytest.mark.smoke  # in the newest-versions stage (.ci/latest)
 

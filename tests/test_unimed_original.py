@@ -14,9 +14,9 @@ import torch
 from cmoe.connector import build_connector
 from cmoe.errors import CMoEError
 from cmoe.reference_models.unimed.cli import main
-from cmoe.reference_models.unimed.collate import IMAGE_TASKS
+from cmoe.reference_models.unimed.model.collate import IMAGE_TASKS
 from cmoe.reference_models.unimed.config import load_config
-from cmoe.reference_models.unimed.model import CONNECTOR_PRESETS, connector_config
+from cmoe.reference_models.unimed.model.assembly import CONNECTOR_PRESETS, connector_config
 
 from unimed_original_ref import RECIPE_NAME, TASKS, original_forward
 
@@ -99,8 +99,8 @@ def test_hard_routing_follows_the_original_task_order_and_refuses_too_few_expert
 
 
 def test_connector_autocast_runs_the_connector_in_half_precision(tmp_path: Path) -> None:
-    from cmoe.reference_models.unimed.model import build_model
-    from cmoe.reference_models.unimed.tokenizer import build_word_tokenizer
+    from cmoe.reference_models.unimed.model.assembly import build_model
+    from cmoe.reference_models.unimed.model.tokenizer import build_word_tokenizer
 
     assert load_config("paper").model.connector_autocast == "float16"
     config = load_config("tiny", {"model": {"connector_autocast": "float16", "lora": {"enabled": False}}})

@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from cmoe.reference_models.unimed import paper_step
-from cmoe.reference_models.unimed.paper_scale import (
+from cmoe.reference_models.unimed.paper import paper_step
+from cmoe.reference_models.unimed.model.paper_scale import (
     build_on_meta,
     estimate_memory,
     materialize,
     parameter_counts,
     random_weight_config,
 )
-from cmoe.reference_models.unimed.tokenizer import build_word_tokenizer
+from cmoe.reference_models.unimed.model.tokenizer import build_word_tokenizer
 
 
 @pytest.mark.slow

@@ -16,8 +16,8 @@ from cmoe.errors import CMoEError
 from cmoe.plugins.vision_encoders import build_hf_clip
 from cmoe.reference_models.unimed.config import PRETRAINED_DIR, load_config
 from cmoe.reference_models.unimed.data.synthetic import SyntheticConfig, generate
-from cmoe.reference_models.unimed.model import build_model
-from cmoe.reference_models.unimed.pretrain import (
+from cmoe.reference_models.unimed.model.assembly import build_model
+from cmoe.reference_models.unimed.training.pretrain import (
     ENCODER_CONFIG,
     PretrainConfig,
     build_encoder,
@@ -26,7 +26,7 @@ from cmoe.reference_models.unimed.pretrain import (
     probe_sets,
     pretrain_config,
 )
-from cmoe.reference_models.unimed.train import make_tokenizer, prompt_texts
+from cmoe.reference_models.unimed.training.train import make_tokenizer, prompt_texts
 
 CLEARLY_LEARNT = ("modality (texture)", "body region", "organ count", "lesion presence", "lesion brightness",
                   "patch content")
@@ -95,8 +95,8 @@ def test_pretrain_command_from_a_small_budget_beats_random_init(tmp_path: Path) 
 
 def _cls_accuracy(tmp_path: Path, name: str, **model: object) -> float:
     """Classification accuracy after a small budget of cls entries with the tiny config."""
-    from cmoe.reference_models.unimed.evaluate import run_evaluation
-    from cmoe.reference_models.unimed.train import Trainer
+    from cmoe.reference_models.unimed.evaluation.evaluate import run_evaluation
+    from cmoe.reference_models.unimed.training.train import Trainer
 
     overrides = {"output_dir": str(tmp_path / name),
                  "data": {"synthetic": {"num_images": 160, "eval_images": 30, "tasks": ["cls"]},

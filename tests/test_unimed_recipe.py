@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from cmoe.errors import CMoEError, UnknownNameError
-from cmoe.reference_models.unimed.checkpoint import find_latest, read_checkpoint
-from cmoe.reference_models.unimed.collate import Collator, task_id
+from cmoe.reference_models.unimed.model.checkpoint import find_latest, read_checkpoint
+from cmoe.reference_models.unimed.model.collate import Collator, task_id
 from cmoe.reference_models.unimed.config import TrainSection, config_from_dict, load_config, parse_overrides
-from cmoe.reference_models.unimed.evaluate import run_evaluation
-from cmoe.reference_models.unimed.model import CONNECTOR_PRESETS, build_model, connector_config
-from cmoe.reference_models.unimed.recipe_data import load_split
-from cmoe.reference_models.unimed.train import Trainer, learning_rate, make_tokenizer, parameter_groups
+from cmoe.reference_models.unimed.evaluation.evaluate import run_evaluation
+from cmoe.reference_models.unimed.model.assembly import CONNECTOR_PRESETS, build_model, connector_config
+from cmoe.reference_models.unimed.data.splits import load_split
+from cmoe.reference_models.unimed.training.train import Trainer, learning_rate, make_tokenizer, parameter_groups
 
 from unimed_tiny import test_config as tiny_config
 

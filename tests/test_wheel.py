@@ -123,3 +123,20 @@ def test_a_tiny_budget_train_and_eval_with_the_shipped_configs_and_weights(insta
     assert "trained to step 2" in trained.stdout
     evaluated = run(bin_dir / "cmoe", "unimed", "eval", "--config", "tiny", "--output-dir", "run", *small, cwd=work)
     assert "| cls |" in evaluated.stdout and (work / "run" / "eval" / "eval.json").is_file()
+
+
+def test_pyproject_lists_every_package_of_the_source_folders() -> None:
+    """A subpackage missing from pyproject.toml's ``packages`` would be left out of the wheel (and of the editable
+    install's mapping), silently; benchmarks/suite/ (the pytest-benchmark files) is not a package."""
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {dotted: ROOT / folder for dotted, folder in setuptools["package-dir"].items()}
+    found = set()
+    for dotted, folder in folders.items():
+        for init in folder.rglob("__init__.py"):
+            if "examples" not in init.parts and "build" not in init.relative_to(ROOT).parts:
+                relative = init.parent.relative_to(folder).parts
+                found.add(".".join((dotted, *relative)))
+    data_only = {name for name in setuptools["packages"] if "configs" in name or "pretrained" in name}
+    assert found == set(setuptools["packages"]) - data_only

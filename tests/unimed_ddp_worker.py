@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from safetensors.torch import save_file  # noqa: E402
 
-from cmoe.reference_models.unimed.distributed import full_trainable_state  # noqa: E402
-from cmoe.reference_models.unimed.train import Trainer, finish_distributed  # noqa: E402
+from cmoe.reference_models.unimed.training.distributed import full_trainable_state  # noqa: E402
+from cmoe.reference_models.unimed.training.train import Trainer, finish_distributed  # noqa: E402
 from unimed_tiny import test_config  # noqa: E402
 
 out, mode = Path(sys.argv[1]), sys.argv[2]

@@ -26,14 +26,14 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 
 from cmoe.errors import CMoEError  # noqa: E402
 
-from cmoe.reference_models.unimed import distributed  # noqa: E402
-from cmoe.reference_models.unimed.checkpoint import (  # noqa: E402
+from cmoe.reference_models.unimed.training import distributed  # noqa: E402
+from cmoe.reference_models.unimed.model.checkpoint import (  # noqa: E402
     _flatten_optimizer,
     _unflatten_optimizer,
     frozen_fingerprint,
 )
-from cmoe.reference_models.unimed.collate import Collator  # noqa: E402
-from cmoe.reference_models.unimed.distributed import (  # noqa: E402
+from cmoe.reference_models.unimed.model.collate import Collator  # noqa: E402
+from cmoe.reference_models.unimed.training.distributed import (  # noqa: E402
     FSDPGradScaler,
     build_sharded_model,
     clip_grad_norm_,
@@ -45,9 +45,9 @@ from cmoe.reference_models.unimed.distributed import (  # noqa: E402
     shard_model,
     sync_replicated_grads,
 )
-from cmoe.reference_models.unimed.model import UniMedModel, build_model  # noqa: E402
-from cmoe.reference_models.unimed.recipe_data import load_split  # noqa: E402
-from cmoe.reference_models.unimed.train import (  # noqa: E402
+from cmoe.reference_models.unimed.model.assembly import UniMedModel, build_model  # noqa: E402
+from cmoe.reference_models.unimed.data.splits import load_split  # noqa: E402
+from cmoe.reference_models.unimed.training.train import (  # noqa: E402
     finish_distributed,
     init_distributed,
     learning_rate,

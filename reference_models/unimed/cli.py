@@ -30,7 +30,7 @@ def _load(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from cmoe.reference_models.unimed.train import Trainer, finish_distributed
+    from cmoe.reference_models.unimed.training.train import Trainer, finish_distributed
 
     config = _load(args)
     resume = None if args.resume == "none" else args.resume
@@ -43,7 +43,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from cmoe.reference_models.unimed.evaluate import format_results, run_evaluation
+    from cmoe.reference_models.unimed.evaluation.evaluate import format_results, run_evaluation
 
     config = _load(args)
     results = run_evaluation(config, args.checkpoint, args.out, args.limit_per_task)
@@ -52,7 +52,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from cmoe.reference_models.unimed.analyze import analyze_checkpoint
+    from cmoe.reference_models.unimed.analysis.analyze import analyze_checkpoint
 
     config = _load(args)
     report, paths = analyze_checkpoint(config, args.checkpoint, args.out, args.batches_per_task)
@@ -68,8 +68,8 @@ def _analyze(args: argparse.Namespace) -> int:
 
 def _experiment(args: argparse.Namespace) -> int:
     from cmoe.reference_models.unimed.config import parse_overrides
-    from cmoe.reference_models.unimed.experiment import load_experiment, run_experiment
-    from cmoe.reference_models.unimed.experiment_report import format_experiment
+    from cmoe.reference_models.unimed.experiments.experiment import load_experiment, run_experiment
+    from cmoe.reference_models.unimed.experiments.experiment_report import format_experiment
 
     spec = load_experiment(args.experiment)
     if args.seeds:
@@ -90,7 +90,7 @@ def _experiment(args: argparse.Namespace) -> int:
 
 def _data_stats(args: argparse.Namespace) -> int:
     from cmoe.reference_models.unimed.data.imax import annotation_stats, format_stats
-    from cmoe.reference_models.unimed.recipe_data import load_split
+    from cmoe.reference_models.unimed.data.splits import load_split
 
     config = _load(args)
     split = args.split or config.data.train_split
@@ -100,8 +100,8 @@ def _data_stats(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from cmoe.reference_models.unimed.evaluate import run_evaluation, summary_table
-    from cmoe.reference_models.unimed.train import Trainer
+    from cmoe.reference_models.unimed.evaluation.evaluate import run_evaluation, summary_table
+    from cmoe.reference_models.unimed.training.train import Trainer
 
     config = _load(args)
     if args.fresh and Path(config.output_dir).exists():
@@ -118,7 +118,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from cmoe.reference_models.unimed.convert import convert_original_checkpoint
+    from cmoe.reference_models.unimed.paper.convert import convert_original_checkpoint
 
     result = convert_original_checkpoint(args.checkpoint, args.output_dir, router_type=args.router_type,
                                          router_method=args.router_method, tokenizer=args.tokenizer)
@@ -134,7 +134,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _pretrain(args: argparse.Namespace) -> int:
     from cmoe.reference_models.unimed.config import PRETRAINED_DIR
-    from cmoe.reference_models.unimed.pretrain import pretrain, pretrain_config
+    from cmoe.reference_models.unimed.training.pretrain import pretrain, pretrain_config
 
     if args.config != "tiny":
         raise CMoEError(f"--config: expected tiny (the only config whose encoder and LLM are pretrained on the "

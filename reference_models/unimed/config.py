@@ -64,7 +64,7 @@ class AggregationConfig:
 
 @dataclass
 class ConnectorSection:
-    """The connector: a preset (see `cmoe.reference_models.unimed.model.CONNECTOR_PRESETS`) and overrides of
+    """The connector: a preset (see `cmoe.reference_models.unimed.model.assembly.CONNECTOR_PRESETS`) and overrides of
     its `CMoEConfig` / `MLPConnectorConfig` fields."""
 
     _where: ClassVar[str] = "model.connector"

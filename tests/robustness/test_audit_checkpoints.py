@@ -15,7 +15,7 @@ import torch
 from robustness_audit import assert_clear, flip_bit, truncate
 
 from cmoe import CMoEError
-from cmoe.reference_models.unimed.checkpoint import (
+from cmoe.reference_models.unimed.model.checkpoint import (
     find_latest,
     list_checkpoints,
     load_trainable,

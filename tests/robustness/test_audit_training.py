@@ -18,8 +18,8 @@ import pytest
 import torch
 from robustness_audit import flip_bit
 
-from cmoe.reference_models.unimed.checkpoint import read_checkpoint
-from cmoe.reference_models.unimed.train import Trainer
+from cmoe.reference_models.unimed.model.checkpoint import read_checkpoint
+from cmoe.reference_models.unimed.training.train import Trainer
 
 pytestmark = [pytest.mark.robustness_full, pytest.mark.slow]
 TESTS = Path(__file__).resolve().parents[1]
@@ -68,8 +68,8 @@ CHILD = textwrap.dedent("""
     from test_audit_training import _config
     import cmoe.checkpointing as checkpointing
     import safetensors.torch
-    import cmoe.reference_models.unimed.checkpoint as checkpoint
-    from cmoe.reference_models.unimed.train import Trainer
+    import cmoe.reference_models.unimed.model.checkpoint as checkpoint
+    from cmoe.reference_models.unimed.training.train import Trainer
     from pathlib import Path
     stage, out, nth = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
     seen = {"stage": 0, "write": 0}

@@ -47,7 +47,7 @@ def random_weight_config(overrides: dict[str, Any] | None = None, base: str = "p
 
 def build_on_meta(config: RecipeConfig, tokenizer) -> nn.Module:
     """The model of `config` on the meta device: shapes, dtypes and ``requires_grad`` without any storage."""
-    from cmoe.reference_models.unimed.model import build_model
+    from cmoe.reference_models.unimed.model.assembly import build_model
 
     with torch.device("meta"):
         return build_model(config.model, tokenizer)

@@ -26,9 +26,9 @@ from torch import nn
 from cmoe.auto import choices_recorded_in
 from cmoe.errors import CMoEError
 from cmoe.io import atomic_write, write_json
-from cmoe.reference_models.unimed.analyze import REPORT_DIR, TugOfWarProbe, report_meta
-from cmoe.reference_models.unimed import distributed
-from cmoe.reference_models.unimed.checkpoint import (
+from cmoe.reference_models.unimed.analysis.analyze import REPORT_DIR, TugOfWarProbe, report_meta
+from cmoe.reference_models.unimed.training import distributed
+from cmoe.reference_models.unimed.model.checkpoint import (
     find_latest,
     list_checkpoints,
     frozen_fingerprint,
@@ -39,16 +39,16 @@ from cmoe.reference_models.unimed.checkpoint import (
     save_checkpoint,
     save_connector_init,
 )
-from cmoe.reference_models.unimed.collate import Collator
+from cmoe.reference_models.unimed.model.collate import Collator
 from cmoe.reference_models.unimed.config import RecipeConfig, TrainSection
 from cmoe.reference_models.unimed.data.mixing import build_sampler
 from cmoe.reference_models.unimed.data.sample import Sample
-from cmoe.reference_models.unimed.model import UniMedModel, build_model
+from cmoe.reference_models.unimed.model.assembly import UniMedModel, build_model
 from cmoe.reference_models.unimed.prompts import build_prompt
-from cmoe.reference_models.unimed.recipe_data import load_split
+from cmoe.reference_models.unimed.data.splits import load_split
 from cmoe.reference_models.unimed.tasks import get_task
-from cmoe.reference_models.unimed.tokenizer import build_word_tokenizer, load_tokenizer
-from cmoe.reference_models.unimed.tug_of_war import TugOfWarReport, write_report
+from cmoe.reference_models.unimed.model.tokenizer import build_word_tokenizer, load_tokenizer
+from cmoe.reference_models.unimed.analysis.tug_of_war import TugOfWarReport, write_report
 
 METRICS_FILE = "metrics.jsonl"
 AUTO_CHOICES_FILE = "auto_backends.json"  # cmoe.auto's measured backend choices for this run
@@ -147,7 +147,7 @@ def _metric_step(line: str) -> int | None:
 def step_memory_estimate(model: UniMedModel, config: RecipeConfig):
     """The memory one training step of `model` needs on one device (`paper_scale.estimate_memory`), for the
     longest text the config allows."""
-    from cmoe.reference_models.unimed.paper_scale import estimate_memory
+    from cmoe.reference_models.unimed.model.paper_scale import estimate_memory
 
     aggregation = config.model.aggregation
     merged = {"reshape": aggregation.rate, "avg": aggregation.window ** 2, "max": aggregation.window ** 2}

@@ -48,7 +48,7 @@ from cmoe.reference_models.unimed.data.synthetic import (
     generate,
     make_scene,
 )
-from cmoe.reference_models.unimed.images import preprocess_images
+from cmoe.reference_models.unimed.data.images import preprocess_images
 from cmoe.reference_models.unimed.prompts import build_prompt, split_at_image
 from cmoe.reference_models.unimed.tasks import get_task
 
@@ -361,7 +361,7 @@ def format_probe_table(table: dict[str, dict[str, float]]) -> str:
 def build_tokenizer():
     """The fixed word-level tokenizer of the pretrained tiny LLM: every word the synthetic generator and the
     prompt template can emit (`VOCABULARY`), so no recipe text maps to ``<unk>``."""
-    from cmoe.reference_models.unimed.tokenizer import build_word_tokenizer
+    from cmoe.reference_models.unimed.model.tokenizer import build_word_tokenizer
 
     return build_word_tokenizer([" ".join(VOCABULARY)])
 

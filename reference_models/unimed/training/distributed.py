@@ -57,7 +57,7 @@ from torch.distributed.tensor import DTensor
 
 from cmoe.errors import CMoEError
 from cmoe.reference_models.unimed.config import RecipeConfig
-from cmoe.reference_models.unimed.model import UniMedModel
+from cmoe.reference_models.unimed.model.assembly import UniMedModel
 
 BLOCK_SUFFIX = "DecoderLayer"
 
@@ -152,9 +152,9 @@ def build_sharded_model(config: RecipeConfig, tokenizer: Any, device: torch.devi
 
     Returns the sharded model and `frozen_fingerprint` of the unsharded one, as rank 0 computed it (the
     meta-built ranks have no values to hash). An error in rank 0's build or `prepare` is raised on every rank."""
-    from cmoe.reference_models.unimed.checkpoint import frozen_fingerprint
-    from cmoe.reference_models.unimed.model import build_model
-    from cmoe.reference_models.unimed.paper_scale import build_on_meta
+    from cmoe.reference_models.unimed.model.checkpoint import frozen_fingerprint
+    from cmoe.reference_models.unimed.model.assembly import build_model
+    from cmoe.reference_models.unimed.model.paper_scale import build_on_meta
 
     if not dist.is_initialized():
         raise CMoEError("train.distributed=fsdp: torch.distributed is not initialised; launch with torchrun "

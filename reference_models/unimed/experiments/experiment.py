@@ -20,8 +20,8 @@ from cmoe.errors import CMoEError, expect
 from cmoe.io import atomic_write, write_json
 from cmoe.reference_models.unimed.config import BUILTIN_CONFIGS, CONFIG_DIR, load_config, merge_overrides
 from cmoe.reference_models.unimed.data.synthetic import IMAGE_TASKS
-from cmoe.reference_models.unimed.experiment_stats import mean_std, paired_test
-from cmoe.reference_models.unimed.metrics import Metric
+from cmoe.reference_models.unimed.experiments.experiment_stats import mean_std, paired_test
+from cmoe.reference_models.unimed.evaluation.metrics import Metric
 
 TASK_SCORE = {"qa": "all/accuracy", "vqa": "all/f1", "report": "rougeL", "rec": "miou", "reg": "accuracy",
               "cls": "accuracy"}
@@ -168,8 +168,8 @@ RUN_RECORD = "experiment_run.json"
 
 def run_one(config, seed: int) -> dict[str, Any]:
     """Train (resuming), evaluate and summarise one run; reuse its record when the same config finished."""
-    from cmoe.reference_models.unimed.evaluate import results_to_dict, run_evaluation
-    from cmoe.reference_models.unimed.train import Trainer
+    from cmoe.reference_models.unimed.evaluation.evaluate import results_to_dict, run_evaluation
+    from cmoe.reference_models.unimed.training.train import Trainer
 
     run_dir = Path(config.output_dir)
     record_path = run_dir / RUN_RECORD
@@ -210,8 +210,8 @@ def run_experiment(spec: ExperimentSpec, out_dir: str | os.PathLike, overrides: 
                    variants: list[str] | None = None) -> dict[str, Any]:
     """Train, evaluate and analyse every (variant, seed), and the task study; write ``results.json``,
     ``results.md`` and the plots. Finished runs are reused, an interrupted one resumes."""
-    from cmoe.reference_models.unimed.experiment_report import format_experiment, plot_experiment
-    from cmoe.reference_models.unimed.experiment_tasks import run_task_study
+    from cmoe.reference_models.unimed.experiments.experiment_report import format_experiment, plot_experiment
+    from cmoe.reference_models.unimed.experiments.experiment_tasks import run_task_study
 
     out = Path(out_dir)
     chosen = resolve_variants(spec, variants)
@@ -233,7 +233,7 @@ def run_experiment(spec: ExperimentSpec, out_dir: str | os.PathLike, overrides: 
 
 
 def _trainable_connector_params(run_dir: Path) -> int | None:
-    from cmoe.reference_models.unimed.checkpoint import find_latest
+    from cmoe.reference_models.unimed.model.checkpoint import find_latest
     from safetensors import safe_open
 
     latest = find_latest(run_dir)

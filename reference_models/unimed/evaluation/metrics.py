@@ -234,7 +234,7 @@ def coco_caption_metrics(predictions: Sequence[str], references: Sequence[str]) 
     """The COCO caption evaluation (`coco_caption`): PTB tokenisation, BLEU-1..4, METEOR 1.5, ROUGE-L
     (``coco_rougeL``) and CIDEr, as the original scores reports; each unavailable, with how to get Java or the
     package, where they are missing."""
-    from cmoe.reference_models.unimed import coco_caption
+    from cmoe.reference_models.unimed.evaluation import coco_caption
 
     _check_inputs(predictions, references)
     if not predictions:
@@ -256,7 +256,7 @@ def report_metrics(predictions: Sequence[str], references: Sequence[str], coco: 
     if coco:
         coco_scores = coco_caption_metrics(predictions, references)
     else:
-        from cmoe.reference_models.unimed.coco_caption import COCO_METRICS
+        from cmoe.reference_models.unimed.evaluation.coco_caption import COCO_METRICS
 
         coco_scores = {name: Metric.unavailable(COCO_OFF) for name in COCO_METRICS}
     return {**coco_scores, **rouge_scores(predictions, references), "f1": mean_unigram_f1(predictions, references)}

@@ -21,7 +21,7 @@ from cmoe.config import CMoEConfig, ConnectorConfig, MLPConnectorConfig
 from cmoe.connector import PretrainedConnector, build_connector
 from cmoe.errors import CMoEError, UnknownNameError
 from cmoe.registry import get_llm, get_vision_encoder
-from cmoe.reference_models.unimed.collate import IMAGE_TASKS, Batch
+from cmoe.reference_models.unimed.model.collate import IMAGE_TASKS, Batch
 from cmoe.reference_models.unimed.config import AggregationConfig, ModelSection
 from cmoe.reference_models.unimed.original import original_task_experts
 from cmoe.reference_models.unimed.prompts import clean_answer

@@ -1,6 +1,6 @@
 """A few training steps of the ``paper`` model with random weights: step time and peak memory on one device.
 
-``python -m cmoe.reference_models.unimed.paper_step [--steps 5] [--batch-size 4] [--out result.json]``
+``python -m cmoe.reference_models.unimed.paper.paper_step [--steps 5] [--batch-size 4] [--out result.json]``
 
 Full size (EVA-CLIP ViT-g, the original connector, LLaMA-2-7B with LoRA r 8) is built on the meta device and
 materialised on the GPU (`paper_scale.materialize`): frozen weights in float16 as the original keeps them,
@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from cmoe.reference_models.unimed.collate import IMAGE_TASKS, Batch, EncodedText, task_id
+from cmoe.reference_models.unimed.model.collate import IMAGE_TASKS, Batch, EncodedText, task_id
 from cmoe.reference_models.unimed.data.sample import Sample
-from cmoe.reference_models.unimed.paper_scale import (
+from cmoe.reference_models.unimed.model.paper_scale import (
     GiB,
     build_on_meta,
     estimate_memory,
@@ -66,8 +66,8 @@ def random_batch(batch_size: int, text_tokens: int, answer_tokens: int, image_si
 def run(overrides: dict[str, Any] | None = None, steps: int = 5, warmup: int = 1, batch_size: int = 4,
         text_tokens: int = 192, answer_tokens: int = 64, device: str | None = None) -> dict[str, Any]:
     """Build, materialise and train `steps` steps (the first `warmup` untimed); returns the measurements."""
-    from cmoe.reference_models.unimed.tokenizer import build_word_tokenizer
-    from cmoe.reference_models.unimed.train import autocast, parameter_groups
+    from cmoe.reference_models.unimed.model.tokenizer import build_word_tokenizer
+    from cmoe.reference_models.unimed.training.train import autocast, parameter_groups
 
     config = random_weight_config(overrides)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -31,7 +31,7 @@ import torch
 from cmoe.connector import build_connector
 from cmoe.errors import CMoEError
 from cmoe.io import atomic_write, save_tensors
-from cmoe.reference_models.unimed.collate import IMAGE_TASKS
+from cmoe.reference_models.unimed.model.collate import IMAGE_TASKS
 from cmoe.reference_models.unimed.original import ORIGINAL_TASKS, RECIPE_TO_ORIGINAL
 
 ROUTER_TYPES = ("soft", "sparse", "hard", "constant")
@@ -322,7 +322,7 @@ def convert_original_checkpoint(checkpoint: str | os.PathLike, output_dir: str |
     variant = detect_variant(state, model_config, router_type, router_method)
     lora, dropped = _check_keys(state, variant)
     options = connector_options(variant, state)
-    from cmoe.reference_models.unimed.model import connector_config
+    from cmoe.reference_models.unimed.model.assembly import connector_config
 
     config = connector_config(variant.preset, variant.in_features, variant.out_features, variant.aggregate_tokens,
                               options)
@@ -344,7 +344,7 @@ def convert_original_checkpoint(checkpoint: str | os.PathLike, output_dir: str |
     overrides = recipe_overrides(variant, options, lora, state, model_config)
     save_tensors(out / "trainable.safetensors", trainable)
     if tokenizer is not None:
-        from cmoe.reference_models.unimed.tokenizer import load_tokenizer
+        from cmoe.reference_models.unimed.model.tokenizer import load_tokenizer
 
         load_tokenizer(tokenizer).save_pretrained(str(out / "tokenizer"))
     record = {"step": step, "frozen_fingerprint": None, "converted_from": str(Path(checkpoint).resolve()),

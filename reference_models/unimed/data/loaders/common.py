@@ -1,0 +1,192 @@
+"""Helpers every loader shares: the errors (`DataError` and its kinds), split and limit checks, JSON and image
+readers, grounding samples."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Union
+
+from cmoe.errors import CMoEError, expect, unset_variables_hint
+from cmoe.reference_models.unimed.boxes import encode_box, parse_box
+from cmoe.reference_models.unimed.data.loaders.layouts import LAYOUTS
+from cmoe.reference_models.unimed.data.sample import Sample
+from cmoe.reference_models.unimed.prompts import clean_answer
+
+PathLike = Union[str, Path]
+
+
+class DataError(CMoEError):
+    """A dataset that cannot be read as its loader's layout describes; the message names the file."""
+
+
+class MissingDataError(DataError):
+    """A file or folder the layout needs is absent."""
+
+
+class MalformedDataError(DataError):
+    """A file is present but its contents are not what the layout describes."""
+
+
+def _missing(name: str, path: Path, root: Path) -> CMoEError:
+    return MissingDataError(f"{name}: missing {path}{unset_variables_hint(path)}; expected {LAYOUTS[name]} "
+                            f"(root = {root})")
+
+
+def _malformed(name: str, path: Path | str, problem: str) -> MalformedDataError:
+    return MalformedDataError(f"{name}: {path}: {problem}; expected {LAYOUTS[name]}. Fix or replace the file")
+
+
+class _Record(dict):
+    """A record of an annotation file: a missing key raises `MalformedDataError` naming the file and record."""
+
+    __slots__ = ("_where",)
+
+    def __missing__(self, key: object) -> Any:
+        name, path, index = self._where
+        raise _malformed(name, path, f"record {index} has no key {key!r} (keys: {sorted(map(str, self))[:8]})")
+
+
+def _records(value: Any, name: str, path: Path, index: object = "") -> Any:
+    """`value` with every mapping turned into a `_Record` that knows its file and position."""
+    if isinstance(value, dict):
+        record = _Record({k: _records(v, name, path, f"{index}.{k}" if index != "" else k) for k, v in value.items()})
+        record._where = (name, path, index if index != "" else "(top level)")
+        return record
+    if isinstance(value, list):
+        return [_records(v, name, path, f"{index}[{i}]" if index != "" else i) for i, v in enumerate(value)]
+    return value
+
+
+def _require(name: str, path: Path, root: Path) -> Path:
+    """`path` if it exists, else the `CMoEError` naming it and the expected layout."""
+    if not path.exists():
+        raise _missing(name, path, root)
+    return path
+
+
+def _root(name: str, root: PathLike, split: str, valid: Iterable[str]) -> Path:
+    """The data root as a `Path`, after checking `split` is one of `valid` and the root is a directory."""
+    _check_split(name, split, valid)
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise CMoEError(f"{name}: data root {path} is not a directory{unset_variables_hint(path)}; expected "
+                        f"{LAYOUTS[name]}")
+    return path
+
+
+def _check_split(name: str, split: str, valid: Iterable[str]) -> None:
+    valid = tuple(valid)
+    if split not in valid:
+        raise CMoEError(f"{name}: unknown split {split!r}; valid splits: {', '.join(valid)} (use one of them)")
+
+
+def _check_limit(name: str, limit: int | None) -> None:
+    expect(limit is None or (isinstance(limit, int) and limit >= 0), f"{name}: limit",
+           "None or a non-negative int", repr(limit))
+
+
+def _take(name: str, samples: Iterator[Sample], limit: int | None) -> list[Sample]:
+    """The first `limit` samples (all when None), consuming no more of the iterator than needed."""
+    _check_limit(name, limit)
+    try:
+        return list(itertools.islice(samples, limit))
+    except (KeyError, IndexError, TypeError, AttributeError) as error:
+        raise MalformedDataError(f"{name}: a record is not in the expected form ({type(error).__name__}: {error}); "
+                                 f"expected {LAYOUTS[name]}. Fix or replace the annotation file") from error
+
+
+def _words(value: object) -> str:
+    """Whitespace collapsed (questions, object names)."""
+    return " ".join(str(value).split())
+
+
+def _answer(value: object) -> str:
+    """The original's answer clean-up: whitespace collapsed and cut to 50 words."""
+    return clean_answer(str(value))
+
+
+def _read_json(name: str, path: Path, root: Path, kind: type | None = None) -> Any:
+    """The JSON value in `path` (its mappings as `_Record`s); `kind` (dict or list) is the top-level type the
+    layout needs."""
+    try:
+        with _require(name, path, root).open(encoding="utf-8") as handle:
+            value = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise _malformed(name, path, f"not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") \
+            from None
+    except UnicodeDecodeError as error:
+        raise _malformed(name, path, f"not UTF-8 text ({error.reason} at byte {error.start})") from None
+    if kind is not None and not isinstance(value, kind):
+        raise _malformed(name, path, f"the top level is a JSON {type(value).__name__}, not a "
+                                     f"{'JSON object' if kind is dict else 'JSON list'}")
+    return _records(value, name, path)
+
+
+def _read_jsonl(name: str, path: Path, root: Path) -> list[dict[str, Any]]:
+    rows = []
+    try:
+        with _require(name, path, root).open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise _malformed(name, path, f"line {number} is not valid JSON ({error.msg})") from None
+                if not isinstance(row, dict):
+                    raise _malformed(name, path, f"line {number} is a JSON {type(row).__name__}, not an object")
+                rows.append(_records(row, name, path, f"line {number}"))
+    except UnicodeDecodeError as error:
+        raise _malformed(name, path, f"not UTF-8 text ({error.reason} at byte {error.start})") from None
+    if not rows:
+        raise _malformed(name, path, "holds no records (the file is empty)")
+    return rows
+
+
+@functools.lru_cache(maxsize=65536)
+def _image_header(path: Path) -> tuple[int, int] | str:
+    """``(width, height)`` from an image file's header (no pixel decoding), or why it is not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        return f"not an image Pillow can read ({type(error).__name__}: {error})"
+
+
+def _image(name: str, path: Path, root: Path) -> Path:
+    """`path` if it exists and is an image file (checked now, not when a batch is collated)."""
+    header = _image_header(_require(name, path, root))
+    if isinstance(header, str):
+        raise _malformed(name, path, header)
+    return path
+
+
+def _image_size(path: Path, name: str = "image") -> tuple[int, int]:
+    """``(width, height)`` from the image header (Pillow opens lazily, no pixel decoding)."""
+    header = _image_header(path)
+    if isinstance(header, str):
+        raise MalformedDataError(f"{name}: {path}: {header}; replace the file with the image")
+    return header
+
+
+def _box_meta(xywh: Iterable[float], width: int, height: int) -> tuple[str, dict[str, Any]]:
+    """The box text and the meta REC/REG evaluation needs (`Box`, image size)."""
+    text = encode_box(tuple(float(v) for v in xywh), width, height)
+    return text, {"box": parse_box(text), "image_size": (width, height)}
+
+
+def _grounding_sample(name: str, task: str, obj: str, xywh: Iterable[float], size: tuple[int, int],
+                      image: Path, image_id: str) -> Sample:
+    """A REC sample (object → box) or a REG sample (box → object) for one object of one image."""
+    box_text, meta = _box_meta(xywh, *size)
+    obj = _words(obj)
+    meta["object"] = obj
+    if task == "rec":
+        return Sample("rec", {"object": obj}, box_text, str(image), image_id, name, meta)
+    return Sample("reg", {"box": box_text}, _answer(obj), str(image), image_id, name, meta)
