@@ -29,6 +29,7 @@ def sign_flip_p(diffs: list[float]) -> float:
     hits = sum(abs(sum(s * abs(d) for s, d in zip(signs, diffs))) >= observed - 1e-12 for signs in patterns)
     return hits / len(patterns)
 
+@pytest.mark.smoke
 
 def test_paired_test_on_hand_made_numbers() -> None:
     test = paired_test([2, 4, 6, 8, 10], [1, 2, 3, 4, 5])  # differences 1..5: mean 3, sample sd √2.5
@@ -38,6 +39,7 @@ def test_paired_test_on_hand_made_numbers() -> None:
     assert math.isclose(test.p_t, 0.013236, abs_tol=1e-6)
     assert test.p_sign_flip == 2 / 32  # every difference positive: only all-plus and all-minus are as extreme
 
+@pytest.mark.smoke
 
 def test_sign_flip_p_counts_every_pattern_at_least_as_extreme() -> None:
     a, b = [1.0, 0.5, 2.0, -0.5], [0.0, 0.0, 0.0, 0.0]

@@ -211,6 +211,7 @@ def test_report_records_every_group() -> None:
     steps, values = report.index_curves("magnitude")["router"]
     assert steps == [0, 10] and len(values) == 2
 
+@pytest.mark.smoke
 
 def test_write_report_plots_and_json_round_trip(tmp_path) -> None:
     report = make_report()

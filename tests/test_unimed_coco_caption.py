@@ -11,6 +11,8 @@ from cmoe.reference_models.unimed.evaluation import coco_caption
 from cmoe.reference_models.unimed.evaluation import metrics as m
 from cmoe.reference_models.unimed.evaluation.evaluate import summary_table
 
+pytestmark = pytest.mark.smoke  # in the newest-versions stage (.ci/latest)
+
 REFERENCES = ["The heart size is normal. No pleural effusion.", "Lungs are clear; no pneumothorax.",
               "Mild cardiomegaly with small left effusion.", "There is a fracture of the left radius."]
 PREDICTIONS = ["The heart is normal, no effusion.", "lungs clear", "Cardiomegaly.", ""]
