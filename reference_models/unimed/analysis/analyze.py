@@ -13,11 +13,6 @@ import numpy as np
 import torch
 
 from cmoe.errors import CMoEError
-from cmoe.reference_models.unimed.model.checkpoint import load_connector_init
-from cmoe.reference_models.unimed.model.collate import IMAGE_TASKS, Batch, Collator
-from cmoe.reference_models.unimed.config import RecipeConfig
-from cmoe.reference_models.unimed.data.sample import Sample
-from cmoe.reference_models.unimed.model.assembly import UniMedModel, build_model
 from cmoe.reference_models.unimed.analysis.tug_of_war import (
     TugOfWarReport,
     TugOfWarStep,
@@ -27,6 +22,11 @@ from cmoe.reference_models.unimed.analysis.tug_of_war import (
     snapshot_parameters,
     write_report,
 )
+from cmoe.reference_models.unimed.config import RecipeConfig
+from cmoe.reference_models.unimed.data.sample import Sample
+from cmoe.reference_models.unimed.model.assembly import UniMedModel, build_model
+from cmoe.reference_models.unimed.model.checkpoint import load_connector_init
+from cmoe.reference_models.unimed.model.collate import IMAGE_TASKS, Batch, Collator
 
 REPORT_DIR = "tug_of_war"
 
@@ -99,8 +99,8 @@ def analyze_checkpoint(config: RecipeConfig, checkpoint: str | os.PathLike | Non
     before its first step). Runs without that file get it by rebuilding the model from the seed (the init
     draws from the same RNG stream as the frozen weights, so the whole model is built once more). Writes the
     JSON and plots to `out_dir` (default ``output_dir/tug_of_war_<step>``)."""
-    from cmoe.reference_models.unimed.evaluation.evaluate import load_trained_model, resolve_checkpoint
     from cmoe.reference_models.unimed.data.splits import load_split
+    from cmoe.reference_models.unimed.evaluation.evaluate import load_trained_model, resolve_checkpoint
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     path = resolve_checkpoint(config, checkpoint)

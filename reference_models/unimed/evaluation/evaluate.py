@@ -12,14 +12,14 @@ import torch
 
 from cmoe.errors import CMoEError
 from cmoe.io import atomic_write, write_json
-from cmoe.reference_models.unimed.model.checkpoint import find_latest, load_trainable, read_checkpoint
-from cmoe.reference_models.unimed.model.collate import Collator
 from cmoe.reference_models.unimed.config import RecipeConfig
+from cmoe.reference_models.unimed.data.splits import by_task, load_split
 from cmoe.reference_models.unimed.evaluation.metrics import Metric, evaluate_task
 from cmoe.reference_models.unimed.model.assembly import UniMedModel, build_model
-from cmoe.reference_models.unimed.data.splits import by_task, load_split
-from cmoe.reference_models.unimed.tasks import TASKS
+from cmoe.reference_models.unimed.model.checkpoint import find_latest, load_trainable, read_checkpoint
+from cmoe.reference_models.unimed.model.collate import Collator
 from cmoe.reference_models.unimed.model.tokenizer import load_tokenizer
+from cmoe.reference_models.unimed.tasks import TASKS
 
 TASK_ORDER = tuple(TASKS)
 

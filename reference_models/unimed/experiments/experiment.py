@@ -20,8 +20,8 @@ from cmoe.errors import CMoEError, expect
 from cmoe.io import atomic_write, write_json
 from cmoe.reference_models.unimed.config import BUILTIN_CONFIGS, CONFIG_DIR, load_config, merge_overrides
 from cmoe.reference_models.unimed.data.synthetic import IMAGE_TASKS
-from cmoe.reference_models.unimed.experiments.experiment_stats import mean_std, paired_test
 from cmoe.reference_models.unimed.evaluation.metrics import Metric
+from cmoe.reference_models.unimed.experiments.experiment_stats import mean_std, paired_test
 
 TASK_SCORE = {"qa": "all/accuracy", "vqa": "all/f1", "report": "rougeL", "rec": "miou", "reg": "accuracy",
               "cls": "accuracy"}
@@ -233,8 +233,9 @@ def run_experiment(spec: ExperimentSpec, out_dir: str | os.PathLike, overrides: 
 
 
 def _trainable_connector_params(run_dir: Path) -> int | None:
-    from cmoe.reference_models.unimed.model.checkpoint import find_latest
     from safetensors import safe_open
+
+    from cmoe.reference_models.unimed.model.checkpoint import find_latest
 
     latest = find_latest(run_dir)
     if latest is None:

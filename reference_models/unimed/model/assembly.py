@@ -20,11 +20,11 @@ from cmoe.aggregation import pool_tokens
 from cmoe.config import CMoEConfig, ConnectorConfig, MLPConnectorConfig
 from cmoe.connector import PretrainedConnector, build_connector
 from cmoe.errors import CMoEError, UnknownNameError
-from cmoe.registry import get_llm, get_vision_encoder
-from cmoe.reference_models.unimed.model.collate import IMAGE_TASKS, Batch
 from cmoe.reference_models.unimed.config import AggregationConfig, ModelSection
+from cmoe.reference_models.unimed.model.collate import IMAGE_TASKS, Batch
 from cmoe.reference_models.unimed.original import original_task_experts
 from cmoe.reference_models.unimed.prompts import clean_answer
+from cmoe.registry import get_llm, get_vision_encoder
 
 IGNORE_INDEX = -100
 

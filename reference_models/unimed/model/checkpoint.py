@@ -26,13 +26,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from cmoe import checkpointing
 from cmoe.checkpointing import CheckpointError, atomic_directory, verify_directory
 from cmoe.errors import CMoEError
 from cmoe.io import atomic_write, load_tensors, save_tensors
-from safetensors.torch import save_file
 
 logger = logging.getLogger("cmoe.unimed.checkpoint")
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cmoe.reference_models.unimed.data.sample import Sample
 from cmoe.reference_models.unimed.data.images import preprocess_images
+from cmoe.reference_models.unimed.data.sample import Sample
 from cmoe.reference_models.unimed.prompts import build_prompt, split_at_image
 from cmoe.reference_models.unimed.tasks import get_task
 

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from cmoe.reference_models.unimed.model.collate import IMAGE_TASKS, Batch, EncodedText, task_id
 from cmoe.reference_models.unimed.data.sample import Sample
+from cmoe.reference_models.unimed.model.collate import IMAGE_TASKS, Batch, EncodedText, task_id
 from cmoe.reference_models.unimed.model.paper_scale import (
     GiB,
     build_on_meta,

@@ -152,8 +152,8 @@ def build_sharded_model(config: RecipeConfig, tokenizer: Any, device: torch.devi
 
     Returns the sharded model and `frozen_fingerprint` of the unsharded one, as rank 0 computed it (the
     meta-built ranks have no values to hash). An error in rank 0's build or `prepare` is raised on every rank."""
-    from cmoe.reference_models.unimed.model.checkpoint import frozen_fingerprint
     from cmoe.reference_models.unimed.model.assembly import build_model
+    from cmoe.reference_models.unimed.model.checkpoint import frozen_fingerprint
     from cmoe.reference_models.unimed.model.paper_scale import build_on_meta
 
     if not dist.is_initialized():

@@ -35,6 +35,7 @@ from torch import nn
 
 from cmoe.errors import CMoEError, expect
 from cmoe.reference_models.unimed.config import CLIP_MEAN, CLIP_STD, PRETRAINED_DIR
+from cmoe.reference_models.unimed.data.images import preprocess_images
 from cmoe.reference_models.unimed.data.synthetic import (
     LESION_LEVELS,
     LESION_RADII,
@@ -48,7 +49,6 @@ from cmoe.reference_models.unimed.data.synthetic import (
     generate,
     make_scene,
 )
-from cmoe.reference_models.unimed.data.images import preprocess_images
 from cmoe.reference_models.unimed.prompts import build_prompt, split_at_image
 from cmoe.reference_models.unimed.tasks import get_task
 

@@ -27,11 +27,16 @@ from cmoe.auto import choices_recorded_in
 from cmoe.errors import CMoEError
 from cmoe.io import atomic_write, write_json
 from cmoe.reference_models.unimed.analysis.analyze import REPORT_DIR, TugOfWarProbe, report_meta
-from cmoe.reference_models.unimed.training import distributed
+from cmoe.reference_models.unimed.analysis.tug_of_war import TugOfWarReport, write_report
+from cmoe.reference_models.unimed.config import RecipeConfig, TrainSection
+from cmoe.reference_models.unimed.data.mixing import build_sampler
+from cmoe.reference_models.unimed.data.sample import Sample
+from cmoe.reference_models.unimed.data.splits import load_split
+from cmoe.reference_models.unimed.model.assembly import UniMedModel, build_model
 from cmoe.reference_models.unimed.model.checkpoint import (
     find_latest,
-    list_checkpoints,
     frozen_fingerprint,
+    list_checkpoints,
     load_trainable,
     load_training_state,
     read_checkpoint,
@@ -40,15 +45,10 @@ from cmoe.reference_models.unimed.model.checkpoint import (
     save_connector_init,
 )
 from cmoe.reference_models.unimed.model.collate import Collator
-from cmoe.reference_models.unimed.config import RecipeConfig, TrainSection
-from cmoe.reference_models.unimed.data.mixing import build_sampler
-from cmoe.reference_models.unimed.data.sample import Sample
-from cmoe.reference_models.unimed.model.assembly import UniMedModel, build_model
-from cmoe.reference_models.unimed.prompts import build_prompt
-from cmoe.reference_models.unimed.data.splits import load_split
-from cmoe.reference_models.unimed.tasks import get_task
 from cmoe.reference_models.unimed.model.tokenizer import build_word_tokenizer, load_tokenizer
-from cmoe.reference_models.unimed.analysis.tug_of_war import TugOfWarReport, write_report
+from cmoe.reference_models.unimed.prompts import build_prompt
+from cmoe.reference_models.unimed.tasks import get_task
+from cmoe.reference_models.unimed.training import distributed
 
 METRICS_FILE = "metrics.jsonl"
 AUTO_CHOICES_FILE = "auto_backends.json"  # cmoe.auto's measured backend choices for this run
