@@ -103,6 +103,8 @@ def attach(
     many weight standard deviations); ``"random"`` keeps the experts' fresh initialisation (to train a
     connector from scratch, e.g. for ablations or a different expert shape); ``"auto"`` (default) upcycles a
     connector built here when its shapes allow and leaves a given connector's weights as they are.
+
+    The connector is moved to the replaced projection's device and dtype (in a bf16 model it is bf16).
     """
     if getattr(model, STATE_ATTRIBUTE, None) is not None:
         raise CMoEError("model: already has a cmoe connector attached; call cmoe.detach(model) first")
@@ -119,8 +121,8 @@ def attach(
         connector = build_connector(connector)
     if not isinstance(connector, PretrainedConnector):
         raise CMoEError(f"connector: expected a cmoe connector or config, got {type(connector).__name__}")
+    source = found.upcycle_source(model) if hasattr(found, "upcycle_source") else None
     if init == "upcycle" or (init == "auto" and built_here):
-        source = found.upcycle_source(model) if hasattr(found, "upcycle_source") else None
         fits = source is not None and upcycle_fits(connector, *source)
         if init == "upcycle" and not fits:
             raise CMoEError("init: expected a connector whose experts have the replaced projection's shapes "
@@ -128,9 +130,11 @@ def attach(
                             "got one that does not fit; drop the overrides that change them or pass init='random'")
         if fits:
             upcycle(connector, source[0], init_noise)
-    reference = next(model.parameters(), None)
+    # The connector follows the model: the replaced projection's device and dtype (bf16 model: bf16 connector).
+    floating = (p for p in model.parameters() if p.is_floating_point())
+    reference = source[0][0][0] if source and source[0] else next(floating, None)
     if reference is not None:
-        connector.to(device=reference.device)
+        connector.to(device=reference.device, dtype=reference.dtype)
     found.attach(model, connector)
     setattr(model, STATE_ATTRIBUTE, name)
     return connector
