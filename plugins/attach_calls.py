@@ -9,6 +9,8 @@ frames, patches).
 
 from __future__ import annotations
 
+import inspect
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,4 +170,34 @@ def install_model_hooks(model: nn.Module, state: AttachState) -> list:
         return output
 
     return [model.register_forward_pre_hook(before, with_kwargs=True),
-            model.register_forward_hook(after, with_kwargs=True)]
+            model.register_forward_hook(after, with_kwargs=True), _advertise_task_ids(model)]
+
+
+class _ForwardSignature:
+    """A handle like a hook's: ``remove()`` takes the instance-level ``forward`` away again."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def remove(self) -> None:
+        self.model.__dict__.pop("forward", None)
+
+
+def _advertise_task_ids(model: nn.Module) -> _ForwardSignature:
+    """Give the attached model a ``forward`` whose signature names ``task_ids``: HF's Trainer keeps only the batch
+    columns ``forward`` names (``remove_unused_columns``, on by default) and would drop them. The instance-level
+    method calls the class's own forward (the pre-hook has popped ``task_ids`` by then)."""
+    signature = inspect.signature(type(model).forward)
+    parameters = list(signature.parameters.values())
+    if "task_ids" not in signature.parameters:
+        keyword = inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
+        at = next((i for i, p in enumerate(parameters) if p.kind is inspect.Parameter.VAR_KEYWORD), len(parameters))
+        parameters.insert(at, keyword)
+
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return type(self).forward(self, *args, **kwargs)
+
+    forward.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+    forward.__doc__ = type(model).forward.__doc__
+    model.__dict__["forward"] = types.MethodType(forward, model)
+    return _ForwardSignature(model)
