@@ -131,8 +131,9 @@ def attach(
         if fits:
             upcycle(connector, source[0], init_noise)
     # The connector follows the model: the replaced projection's device and dtype (bf16 model: bf16 connector).
+    layers = source[0] if source else []
     floating = (p for p in model.parameters() if p.is_floating_point())
-    reference = source[0][0][0] if source and source[0] else next(floating, None)
+    reference = layers[0][0] if layers else next(floating, None)
     if reference is not None:
         connector.to(device=reference.device, dtype=reference.dtype)
     found.attach(model, connector)

@@ -9,7 +9,7 @@ therefore starts with a guard: imported under any name but its ``cmoe.*`` one, i
 loads the next module of that name on ``sys.path`` outside the repository in its place, or raises
 ``ModuleNotFoundError`` as if the folder were not there. A bare name never resolves to our code.
 
-This file uses the standard library only: the guards load it by path (`load_hand_over`), without importing
+This file uses the standard library only: the guards load it by path (``runpy.run_path``), without importing
 the ``cmoe`` package (which imports torch and may import transformers, the very importer of ``kernels``).
 """
 
