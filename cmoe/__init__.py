@@ -5,7 +5,7 @@ easing the multi-task "tug-of-war" at the connector (Uni-Med, arXiv 2409.17508).
 """
 
 from cmoe.aggregation import aggregate_tokens, pool_tokens
-from cmoe.attach import attach, detach, using_task_ids
+from cmoe.attach import attach, attached_model, detach, load_attached, using_task_ids
 from cmoe.config import CMoEConfig, ConnectorConfig, MLPConnectorConfig
 from cmoe.connector import (
     CMoEConnector,
@@ -44,9 +44,10 @@ __all__ = [
     "ATTACHERS", "BACKENDS", "Backend", "CMoEConfig", "CMoEConnector", "CMoEError", "ConnectorConfig",
     "ConnectorOutput", "EXPERTS", "LLMS", "LinearExperts", "MLPConnector", "MLPConnectorConfig", "MLPExperts",
     "PluginError", "PretrainedConnector", "ROUTERS", "Router", "RoutingResult", "RoutingStats",
-    "StackedExperts", "UnknownNameError", "VISION_ENCODERS", "aggregate_tokens", "attach", "build_connector", "detach",
+    "StackedExperts", "UnknownNameError", "VISION_ENCODERS", "aggregate_tokens", "attach", "attached_model",
+    "build_connector", "detach",
     "get_attacher", "get_backend", "get_expert", "get_llm", "get_plugin_manager", "get_router",
     "get_vision_encoder", "hookimpl", "list_plugins", "load_balancing_loss", "load_connector",
-    "mean_weight_per_task", "moe_project", "pool_tokens", "register_plugin", "router_z_loss", "routing_stats",
-    "select_backend", "unregister_plugin", "using_task_ids",
+    "load_attached", "mean_weight_per_task", "moe_project", "pool_tokens", "register_plugin", "router_z_loss",
+    "routing_stats", "select_backend", "unregister_plugin", "using_task_ids",
 ]

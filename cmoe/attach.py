@@ -5,6 +5,10 @@ Which module is "the connector" differs per model family; attachers registered b
 ``matches`` the model (attachers marked ``fallback = True`` last) and lets the first that does replace the
 connector. Task ids are given per image.
 
+Saving: `attach` records what it did (the attacher, the connector's config) in ``model.config.cmoe_attach``, so
+a folder written by the model's own ``save_pretrained`` (or HF Trainer's ``save_model``) holds everything needed;
+`load_attached` rebuilds the model with its connector from such a folder.
+
 Upcycling (sparse upcycling, as MoE-LLaVA initialises its experts from the dense FFN): an attacher that
 exposes ``upcycle_source(model)`` lets `attach` copy the projection it replaces into every expert, so the
 model starts exactly where it was (routing weights sum to one, so identical experts give the original output).
@@ -12,8 +16,11 @@ model starts exactly where it was (routing weights sum to one, so identical expe
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -26,6 +33,8 @@ from cmoe.experts import StackedExperts
 from cmoe.registry import ATTACHERS
 
 STATE_ATTRIBUTE = "_cmoe_attached"
+RECORD_FIELD = "cmoe_attach"
+RECORD_FORMAT = 1
 INITS = ("auto", "upcycle", "random")
 Layers = list[tuple[torch.Tensor, "torch.Tensor | None"]]
 
@@ -33,7 +42,9 @@ Layers = list[tuple[torch.Tensor, "torch.Tensor | None"]]
 class Attacher(Protocol):
     """What an attacher plugin provides for one MLLM family. Optional: ``upcycle_source(model)`` returning
     ``([(weight [out, in], bias or None), ...], activation name or None)`` of the projection it replaces (for
-    ``init="upcycle"``), and ``fallback = True`` for attachers asked only after all the others."""
+    ``init="upcycle"``), ``fallback = True`` for attachers asked only after all the others, ``attach_record(model)``
+    returning extra JSON fields for the saved record, and ``from_pretrained(path, record, **options)`` rebuilding a
+    saved attached model (for `load_attached`)."""
 
     def matches(self, model: nn.Module) -> bool: ...
 
@@ -108,6 +119,7 @@ def attach(
     """
     if getattr(model, STATE_ATTRIBUTE, None) is not None:
         raise CMoEError("model: already has a cmoe connector attached; call cmoe.detach(model) first")
+    _check_no_dropped_connector(model)
     expect(init in INITS, "init", f"one of {INITS}", repr(init))
     expect(isinstance(init_noise, (int, float)) and init_noise >= 0, "init_noise", "a number >= 0", repr(init_noise))
     name, found = find_attacher(model, attacher)
@@ -138,29 +150,91 @@ def attach(
         connector.to(device=reference.device, dtype=reference.dtype)
     found.attach(model, connector)
     setattr(model, STATE_ATTRIBUTE, name)
+    model_config = getattr(model, "config", None)
+    if model_config is not None:
+        extra = found.attach_record(model) if hasattr(found, "attach_record") else {}
+        setattr(model_config, RECORD_FIELD, {"format": RECORD_FORMAT, "attacher": name,
+                                             "connector": connector.config.to_dict(), **extra})
     return connector
 
 
+def _check_no_dropped_connector(model: nn.Module) -> None:
+    """A model whose config records a connector that is not attached was loaded from an attached model's folder
+    by a plain ``from_pretrained``, which re-initialised the projection and dropped the trained connector."""
+    if isinstance(getattr(getattr(model, "config", None), RECORD_FIELD, None), dict):
+        raise CMoEError("model: its config records a cmoe connector (the folder was saved from an attached model) but "
+                        "none is attached: a plain from_pretrained dropped the saved connector and re-initialised the "
+                        "projection; load the folder with cmoe.load_attached(path) instead")
+
+
+def attached_model(model: nn.Module) -> nn.Module:
+    """`model` if a connector is attached to it, else the module inside it that has one (a peft or DDP wrapper
+    holds the attached model as a submodule)."""
+    for module in model.modules():
+        if STATE_ATTRIBUTE in module.__dict__:
+            return module
+    _check_no_dropped_connector(model)
+    raise CMoEError(f"model: expected a model with a cmoe connector attached (cmoe.attach), or a wrapper of one "
+                    f"(peft, DDP), got {type(model).__name__} without one; call cmoe.attach(model) first")
+
+
 def detach(model: nn.Module) -> PretrainedConnector:
-    """Restore the model's original connector; returns the cmoe connector that was attached."""
-    name = getattr(model, STATE_ATTRIBUTE, None)
-    if name is None:
-        raise CMoEError("model: expected a model with a cmoe connector attached (cmoe.attach), got one without")
-    connector = ATTACHERS.get(name).detach(model)
+    """Restore the model's original connector; returns the cmoe connector that was attached. `model` may be a
+    wrapper of the attached model (peft, DDP)."""
+    model = attached_model(model)
+    connector = ATTACHERS.get(model.__dict__[STATE_ATTRIBUTE]).detach(model)
     delattr(model, STATE_ATTRIBUTE)
+    model_config = getattr(model, "config", None)
+    if model_config is not None and hasattr(model_config, RECORD_FIELD):
+        delattr(model_config, RECORD_FIELD)
     return connector
 
 
 @contextmanager
 def using_task_ids(model: nn.Module, task_ids: torch.Tensor | list[int]) -> Iterator[None]:
-    """Route by these task ids (one per image) for every call inside the block — e.g. around ``generate``,
-    which does not pass unknown keyword arguments on to ``forward``."""
-    name = getattr(model, STATE_ATTRIBUTE, None)
-    if name is None:
-        raise CMoEError("model: expected a model with a cmoe connector attached (cmoe.attach), got one without")
-    found = ATTACHERS.get(name)
+    """Route by these task ids (one per example or per image) for every call inside the block — e.g. around
+    ``generate``, which does not pass unknown keyword arguments on to ``forward``. `model` may be a wrapper of
+    the attached model (peft, DDP)."""
+    model = attached_model(model)
+    found = ATTACHERS.get(model.__dict__[STATE_ATTRIBUTE])
     found.set_task_ids(model, torch.as_tensor(task_ids))
     try:
         yield
     finally:
         found.set_task_ids(model, None)
+
+
+def read_attach_record(path: str | os.PathLike) -> dict[str, Any]:
+    """The attach record in the ``config.json`` of a folder saved from an attached model."""
+    folder = Path(path)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        if (folder / "adapter_config.json").is_file():
+            raise CMoEError(f"{folder}: a peft adapter folder, not a whole model; load the base model, cmoe.attach it "
+                            "as before training and use peft.PeftModel.from_pretrained(model, folder), or save the "
+                            "whole model with model.merge_and_unload().save_pretrained(dir) and load that")
+        raise CMoEError(f"{folder}: no config.json here; pass a folder written by save_pretrained of an attached model")
+    try:
+        record = json.loads(config_file.read_text(encoding="utf-8")).get(RECORD_FIELD)
+    except (ValueError, AttributeError) as error:
+        raise CMoEError(f"{config_file}: not a JSON object ({error}); save the model again") from None
+    if not isinstance(record, dict):
+        raise CMoEError(f"{folder}: expected a model saved with a cmoe connector attached (config.json with a "
+                        f"{RECORD_FIELD!r} entry), got one without; load it with from_pretrained and call "
+                        "cmoe.attach(model) to add a connector")
+    expect(record.get("format") == RECORD_FORMAT, f"{config_file} {RECORD_FIELD}.format",
+           f"{RECORD_FORMAT} (written by this cmoe)", f"{record.get('format')!r}; upgrade cmoe")
+    return record
+
+
+def load_attached(path: str | os.PathLike, **options: Any) -> nn.Module:
+    """The attached model saved in `path` by its own ``save_pretrained`` (or HF Trainer's ``save_model``): base
+    weights and connector, attached as before, so ``model(..., task_ids=...)``, `using_task_ids` and a further
+    ``save_pretrained`` work as they did. `options` go to the base class's ``from_pretrained`` (``dtype``,
+    ``device_map``, ...; ``model_class`` picks the class instead of the one ``config.json`` names)."""
+    record = read_attach_record(path)
+    found = ATTACHERS.get(record["attacher"])
+    if not hasattr(found, "from_pretrained"):
+        raise CMoEError(f"attacher {record['attacher']!r}: cannot rebuild a saved model (no from_pretrained); "
+                        "rebuild the base model, cmoe.attach it and load the saved state dict")
+    return found.from_pretrained(path, record, **options)

@@ -120,9 +120,9 @@ def grouped_mm_backend(x: torch.Tensor, experts: StackedExperts, index: torch.Te
         out = hidden.new_zeros(num_tokens, w_last.shape[1], dtype=acc)
     else:
         mixing = weight.new_zeros(num_tokens, experts.num_experts, dtype=acc).scatter_add(1, index, weight.to(acc))
-        out = mixing @ b_last.to(acc)
+        out = (mixing @ b_last.to(acc)).to(acc)  # under autocast the matmul comes back in the autocast dtype
     slot_weight = weight.reshape(-1).index_select(0, order).to(acc)
-    out = out.index_add_(0, token_of, hidden * slot_weight[:, None])
+    out = out.index_add_(0, token_of, (hidden * slot_weight[:, None]).to(acc))
     if out.shape[1] != experts.out_features:
         out = out[:, :experts.out_features]
     return out.to(x.dtype)

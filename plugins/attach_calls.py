@@ -1,10 +1,21 @@
-"""One call of an attached model: per-image task ids in, per-row task ids out, the aux loss added.
+"""One call of an attached model: task ids in (per example or per image), per-row task ids out, the aux loss
+added.
 
-Hooks on the top-level model (`install_model_hooks`) pop a ``task_ids=`` keyword (one per image, or per video),
-work out how many images the call carries and how big each is, and after the forward add the connector's aux
-loss to ``output.loss`` and expose ``output.cmoe_aux_loss`` and ``output.cmoe_routing``. In between, the
-`AttachedProjection` in the connector asks its `AttachState` for the task id of each row it sees (crops, tiles,
-frames, patches).
+Hooks on the top-level model (`install_model_hooks`) pop a ``task_ids=`` (or ``cmoe_task_ids=``) keyword, work out
+how many images the call carries, how big each is and which example each belongs to, and after the forward add
+the connector's aux loss to ``output.loss`` and expose ``output.cmoe_aux_loss`` and ``output.cmoe_routing``. In
+between, the `AttachedProjection` in the connector asks its `AttachState` for the task id of each row it sees
+(crops, tiles, frames, patches).
+
+Task ids come one per example (a row of ``input_ids``; text-only rows are ignored) or one per image (or video).
+When a batch has as many examples as images, each example carrying one image, the two readings agree.
+
+``cmoe_task_ids`` is the same keyword under a name no wrapper claims: peft's ``PeftModelForCausalLM.forward``
+has a ``task_ids`` parameter of its own and does not pass it on.
+
+Under HF's Trainer with gradient accumulation the language-model loss of a micro-batch is divided by the tokens
+of the whole accumulated batch (``num_items_in_batch``); the aux loss is weighted by the micro-batch's share of
+those tokens, so over the accumulated batch it counts once, at any accumulation.
 """
 
 from __future__ import annotations
@@ -37,13 +48,29 @@ class AttachState:
     restore: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)
     config_fields: dict[str, Any] = field(default_factory=dict)
     projection: str = ""
+    image_task_ids: torch.Tensor | None = None
+    generate_task_ids: torch.Tensor | None = None
+    aux_weight: torch.Tensor | None = None
+    logged_aux: torch.Tensor | None = None
+    logged_calls: int = 0
 
     def current_task_ids(self) -> torch.Tensor | None:
         return self.task_ids if self.task_ids is not None else self.sticky_task_ids
 
+    def take_logged_aux(self) -> float | None:
+        """The mean aux loss of the training calls since the last take (None if there were none), then reset."""
+        if not self.logged_calls:
+            return None
+        value = float(self.logged_aux) / self.logged_calls
+        self.logged_aux, self.logged_calls = None, 0
+        return value
+
     def row_task_ids(self, rows: int, device: torch.device) -> torch.Tensor | None:
-        """Per-image task ids spread over the `rows` the projection sees (crops, tiles, frames, patches)."""
-        ids = self.current_task_ids()
+        """Per-image task ids spread over the `rows` the projection sees (crops, tiles, frames, patches). Outside
+        a call of the model (``generate`` projects images before its first forward) the ids `generate` worked
+        out apply, else those of `using_task_ids`, read per image."""
+        ids = next((i for i in (self.image_task_ids, self.generate_task_ids, self.sticky_task_ids) if i is not None),
+                   None)
         if ids is None:
             return None
         ids = ids.to(device)
@@ -85,7 +112,12 @@ class AttachedProjection(nn.Module):
         per_row = x.dim() >= 3 and self.state.rows != "tokens"
         rows = x.reshape(-1, x.shape[-2], width) if per_row else x.reshape(-1, 1, width)
         task_ids = self.state.row_task_ids(rows.shape[0], x.device)
-        out = self.connector(rows.to(next(self.connector.parameters()).dtype), task_ids)
+        try:
+            out = self.connector(rows.to(next(self.connector.parameters()).dtype), task_ids)
+        except CMoEError as error:
+            if task_ids is None and str(error).startswith("task_ids:"):
+                raise CMoEError(NO_TASK_IDS) from error
+            raise
         self.state.outputs.append(out)
         hidden = out.hidden_states.to(x.dtype)
         if per_row:
@@ -123,6 +155,83 @@ def _anyres_crops(config: Any, sizes: Any) -> torch.Tensor | None:
                                                    config.vision_config.image_size) for size in sizes])
 
 
+NO_TASK_IDS = ("task_ids: the attached connector routes by task and got no task ids; pass task_ids=... (one per "
+               "example or per image) to the model, or wrap generate in cmoe.using_task_ids(model, ids). A peft "
+               "model with task_type='CAUSAL_LM' keeps task_ids for itself: pass cmoe_task_ids=... instead; HF's "
+               "Trainer keeps the column when the ids are named so, TRL's SFTTrainer only with "
+               "remove_unused_columns=False")
+TASK_ID_KEYWORDS = ("task_ids", "cmoe_task_ids")
+
+
+def _example_rows(kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """The call's token ids ``[examples, tokens]`` when it has them."""
+    input_ids = kwargs.get("input_ids")
+    return input_ids if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 else None
+
+
+def _placeholder_id(config: Any, videos: bool) -> int | None:
+    names = ("video_token_id", "video_token_index") if videos else ("image_token_id", "image_token_index")
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _image_examples(input_ids: torch.Tensor, placeholder: int, images: int,
+                    weights: torch.Tensor | None) -> torch.Tensor | None:
+    """The example (row of `input_ids`) each image belongs to, from the placeholder tokens in the rows: one run of
+    placeholders per image, or placeholders split over the images in proportion to their sizes (equally when
+    sizes are unknown). None when neither reading fits."""
+    marks = input_ids == placeholder
+    starts = marks.clone()
+    starts[:, 1:] &= ~marks[:, :-1]
+    runs = starts.sum(-1)
+    if int(runs.sum()) == images:
+        return torch.repeat_interleave(torch.arange(input_ids.shape[0]), runs.cpu())
+    counts = marks.sum(-1).cpu()
+    total = int(counts.sum())
+    if total == 0:
+        return None
+    sizes = (weights / weights.sum() * total) if weights is not None else torch.full((images,), total / images)
+    if not torch.equal(sizes, sizes.round()):
+        return None
+    tokens = sizes.round().long()
+    image_end, row_end = tokens.cumsum(0), counts.cumsum(0)
+    rows = torch.searchsorted(row_end, image_end - tokens, right=True)
+    if bool((rows >= row_end.shape[0]).any()) or bool((image_end > row_end[rows]).any()):
+        return None  # an image would start past the last row or run over its row's end
+    return rows
+
+
+def per_image_task_ids(ids: torch.Tensor, kwargs: dict[str, Any], config: Any, images: int | None,
+                       weights: torch.Tensor | None) -> torch.Tensor:
+    """One task id per image (or video) from `ids`, given one per example (a row of ``input_ids``: text-only rows
+    are ignored) or one per image."""
+    input_ids = _example_rows(kwargs)
+    if images is None or (input_ids is None and ids.shape[0] == images):
+        return ids
+    examples = input_ids.shape[0] if input_ids is not None else None
+    if ids.shape[0] == examples:
+        videos = all(kwargs.get(k) is None for k in _IMAGE_INPUTS)
+        placeholder = _placeholder_id(config, videos)
+        owner = None if placeholder is None else _image_examples(input_ids, placeholder, images, weights)
+        if owner is not None:
+            return ids[owner.to(ids.device)]
+        if examples == images:
+            return ids
+        raise CMoEError(f"task_ids: got one per example ({examples}) for {images} images, and the examples' image "
+                        "placeholder tokens do not say which example each image belongs to; pass one task id per "
+                        f"image, shape [{images}]")
+    if ids.shape[0] == images:
+        return ids
+    if examples is None or examples == images:
+        expected = f"one task id per {'image' if examples is None else 'example or per image'}, shape [{images}]"
+    else:
+        expected = f"one task id per example, shape [{examples}], or per image, shape [{images}]"
+    raise CMoEError(f"task_ids: expected {expected}, got shape {list(ids.shape)}")
+
+
 _IMAGE_INPUTS = ("pixel_values", "pixel_values_images")
 _VIDEO_INPUTS = ("pixel_values_videos",)
 
@@ -137,10 +246,31 @@ def _check_not_mixed(kwargs: dict[str, Any]) -> None:
                         "each with one task id per image (or per video), or drop task_ids for the mixed call")
 
 
+def _given_task_ids(kwargs: dict[str, Any]) -> torch.Tensor | None:
+    given = {name: kwargs.pop(name) for name in TASK_ID_KEYWORDS if kwargs.get(name) is not None}
+    for name in TASK_ID_KEYWORDS:
+        kwargs.pop(name, None)
+    if len(given) > 1:
+        raise CMoEError("task_ids: got both task_ids= and cmoe_task_ids=; pass one of them (cmoe_task_ids where a "
+                        "wrapper such as peft's PeftModelForCausalLM keeps task_ids for itself)")
+    return next((torch.as_tensor(ids).reshape(-1) for ids in given.values()), None)
+
+
+def _aux_weight(kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """This micro-batch's share of the accumulated batch's label tokens, when the caller (HF's Trainer) divides
+    the language-model loss by those tokens (``num_items_in_batch``); None otherwise."""
+    total, labels = kwargs.get("num_items_in_batch"), kwargs.get("shift_labels")
+    if labels is None and isinstance(kwargs.get("labels"), torch.Tensor):
+        labels = kwargs["labels"][..., 1:]
+    if total is None or not isinstance(labels, torch.Tensor):
+        return None
+    total = torch.as_tensor(total, device=labels.device).reshape(-1)[0]
+    return labels.ne(-100).sum() / total.clamp(min=1)
+
+
 def install_model_hooks(model: nn.Module, state: AttachState) -> list:
     def before(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
-        task_ids = kwargs.pop("task_ids", None)
-        state.task_ids = None if task_ids is None else torch.as_tensor(task_ids).reshape(-1)
+        state.task_ids = _given_task_ids(kwargs)
         if state.current_task_ids() is not None:
             _check_not_mixed(kwargs)
         state.outputs, state.calls = [], 0
@@ -149,14 +279,15 @@ def install_model_hooks(model: nn.Module, state: AttachState) -> list:
         if state.rows == "anyres" and kwargs.get("pixel_values") is not None:
             state.image_rows = _anyres_crops(module.config, kwargs.get("image_sizes"))
         ids = state.current_task_ids()
-        if ids is not None and images is not None:
-            expect(ids.shape[0] == images, "task_ids", f"one task id per image, shape [{images}]",
-                   f"shape {list(ids.shape)}")
+        config = getattr(module, "config", None)
+        state.image_task_ids = None if ids is None else per_image_task_ids(ids, kwargs, config, images,
+                                                                           state.image_weights)
+        state.aux_weight = _aux_weight(kwargs)
         return args, kwargs
 
     def after(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any):
-        ids, calls = state.current_task_ids(), state.calls
-        state.task_ids, state.calls = None, 0
+        ids, calls = state.image_task_ids, state.calls
+        state.task_ids, state.image_task_ids, state.calls = None, None, 0
         if state.rows == "per_call" and ids is not None and calls:
             expect(calls == ids.shape[0], "task_ids", f"one task id per image, shape [{calls}]",
                    f"shape {list(ids.shape)}")
@@ -165,34 +296,73 @@ def install_model_hooks(model: nn.Module, state: AttachState) -> list:
         aux = sum(o.aux_loss for o in state.outputs) / len(state.outputs)
         output["cmoe_aux_loss"] = aux
         output["cmoe_routing"] = [o.routing for o in state.outputs]
+        if module.training:
+            logged = aux.detach().float()
+            state.logged_aux = logged if state.logged_aux is None else state.logged_aux + logged
+            state.logged_calls += 1
         if getattr(output, "loss", None) is not None:
-            output["loss"] = output.loss + aux.to(output.loss.dtype)
+            weighted = aux if state.aux_weight is None else aux * state.aux_weight.to(aux.dtype)
+            output["loss"] = output.loss + weighted.to(output.loss.dtype)
         return output
 
-    return [model.register_forward_pre_hook(before, with_kwargs=True),
-            model.register_forward_hook(after, with_kwargs=True), _advertise_task_ids(model)]
+    handles = [model.register_forward_pre_hook(before, with_kwargs=True),
+               model.register_forward_hook(after, with_kwargs=True), _advertise_task_ids(model)]
+    if callable(getattr(type(model), "generate", None)):
+        handles.append(_generate_with_task_ids(model, state))
+    return handles
 
 
-class _ForwardSignature:
-    """A handle like a hook's: ``remove()`` takes the instance-level ``forward`` away again."""
+class _InstanceMethod:
+    """A handle like a hook's: ``remove()`` takes an instance-level method (``forward``, ``generate``) away."""
 
-    def __init__(self, model: nn.Module):
-        self.model = model
+    def __init__(self, model: nn.Module, name: str):
+        self.model, self.name = model, name
 
     def remove(self) -> None:
-        self.model.__dict__.pop("forward", None)
+        self.model.__dict__.pop(self.name, None)
 
 
-def _advertise_task_ids(model: nn.Module) -> _ForwardSignature:
-    """Give the attached model a ``forward`` whose signature names ``task_ids``: HF's Trainer keeps only the batch
-    columns ``forward`` names (``remove_unused_columns``, on by default) and would drop them. The instance-level
-    method calls the class's own forward (the pre-hook has popped ``task_ids`` by then)."""
+def _generate_with_task_ids(model: nn.Module, state: AttachState) -> _InstanceMethod:
+    """``generate`` taking ``task_ids=`` / ``cmoe_task_ids=`` (or the ids of `using_task_ids`) per example or per
+    image. HF's generate projects the images before its first forward, outside the model's hooks, so the ids per
+    image are worked out here from generate's own inputs."""
+
+    def generate(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        given = _given_task_ids(kwargs)
+        ids = given if given is not None else state.sticky_task_ids
+        if ids is None:
+            return type(self).generate(self, *args, **kwargs)
+        inputs = dict(kwargs)
+        if args and isinstance(args[0], torch.Tensor) and "input_ids" not in inputs:
+            inputs["input_ids"] = args[0]
+        images, weights = _images_in_call(inputs)
+        sticky = state.sticky_task_ids
+        state.sticky_task_ids = ids
+        state.generate_task_ids = per_image_task_ids(ids, inputs, getattr(self, "config", None), images, weights)
+        try:
+            return type(self).generate(self, *args, **kwargs)
+        finally:
+            state.sticky_task_ids, state.generate_task_ids = sticky, None
+
+    generate.__signature__ = inspect.signature(type(model).generate)  # type: ignore[attr-defined]
+    generate.__doc__ = type(model).generate.__doc__
+    model.__dict__["generate"] = types.MethodType(generate, model)
+    return _InstanceMethod(model, "generate")
+
+
+def _advertise_task_ids(model: nn.Module) -> _InstanceMethod:
+    """Give the attached model a ``forward`` whose signature names ``task_ids`` and ``cmoe_task_ids``: HF's Trainer
+    keeps only the batch columns ``forward`` names (``remove_unused_columns``, on by default; for a peft model it
+    reads the base model's forward) and would drop them. The instance-level method calls the class's own forward
+    (the pre-hook has popped the task ids by then)."""
     signature = inspect.signature(type(model).forward)
     parameters = list(signature.parameters.values())
-    if "task_ids" not in signature.parameters:
-        keyword = inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
-        at = next((i for i, p in enumerate(parameters) if p.kind is inspect.Parameter.VAR_KEYWORD), len(parameters))
-        parameters.insert(at, keyword)
+    for name in TASK_ID_KEYWORDS:
+        if name not in signature.parameters:
+            keyword = inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+            at = next((i for i, p in enumerate(parameters) if p.kind is inspect.Parameter.VAR_KEYWORD),
+                      len(parameters))
+            parameters.insert(at, keyword)
 
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         return type(self).forward(self, *args, **kwargs)
@@ -200,4 +370,4 @@ def _advertise_task_ids(model: nn.Module) -> _ForwardSignature:
     forward.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
     forward.__doc__ = type(model).forward.__doc__
     model.__dict__["forward"] = types.MethodType(forward, model)
-    return _ForwardSignature(model)
+    return _InstanceMethod(model, "forward")

@@ -106,15 +106,37 @@ class FamilyAttacher:
         state.hooks = install_model_hooks(model, state)
         model.__dict__[STATE] = state
 
+    def attach_record(self, model: nn.Module) -> dict[str, Any]:
+        """What a reload needs besides the connector's config: the model config fields attach changed, as they
+        were before."""
+        return {"config_fields": dict(model.__dict__[STATE].config_fields)}
+
+    def from_pretrained(self, path: Any, record: dict[str, Any], model_class: type | None = None,
+                        **options: Any) -> nn.Module:
+        """The attached model saved in `path`: the base class's ``from_pretrained`` on a subclass that attaches a
+        connector built from `record` as it is constructed, so every saved tensor (connector included) loads by
+        name; a folder whose tensors do not match exactly raises."""
+        from cmoe.plugins.attach_saving import load_saved_attached
+
+        return load_saved_attached(path, record, model_class, options)
+
     def detach(self, model: nn.Module) -> PretrainedConnector:
-        state: AttachState = model.__dict__.pop(STATE)
+        state: AttachState = model.__dict__[STATE]
+        if any(p.is_meta for _, _, original in state.restore for p in original.parameters()):
+            raise CMoEError("model: loaded with its connector (cmoe.load_attached), and the projection the connector "
+                            "replaced is not saved with it, so detach has nothing to restore; load the base model "
+                            "(without cmoe.load_attached) for the original projection")
+        parent, name, _ = state.restore[0]
+        installed = getattr(parent, name)
+        connector = installed.connector if isinstance(installed, AttachedProjection) else installed.projection.connector
+        if not isinstance(connector, PretrainedConnector):
+            raise CMoEError(f"model: its connector is wrapped by {type(connector).__name__} (peft's modules_to_save), "
+                            "so detach would hand back the wrapper; call model.merge_and_unload() first and detach "
+                            "the model it returns")
+        model.__dict__.pop(STATE)
         for handle in state.hooks:
             handle.remove()
-        connector = None
         for parent, name, original in state.restore:
-            module = getattr(parent, name)
-            if connector is None:
-                connector = module.connector if isinstance(module, AttachedProjection) else module.projection.connector
             setattr(parent, name, original)
         for name, value in state.config_fields.items():
             setattr(model.config, name, value)

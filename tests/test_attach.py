@@ -93,9 +93,10 @@ def test_task_routed_output_depends_on_task() -> None:
     a = model(**inputs, task_ids=torch.tensor([0])).logits
     b = model(**inputs, task_ids=torch.tensor([2])).logits
     assert not torch.allclose(a, b)
-    with pytest.raises(CMoEError, match="task_ids: router 'task' needs one task id per sample"):
+    with pytest.raises(CMoEError, match="task_ids: the attached connector routes by task and got no task ids"):
         model(**inputs)
-    with pytest.raises(CMoEError, match=r"task_ids: expected one task id per image, shape \[1\]"):
+    with pytest.raises(CMoEError, match=r"task_ids: expected one task id per example or per image, shape \[1\], "
+                                        r"got shape \[2\]"):
         model(**inputs, task_ids=torch.tensor([0, 1]))
 
 

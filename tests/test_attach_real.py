@@ -110,7 +110,8 @@ def test_bad_input_errors_name_the_fix() -> None:
     cmoe.attach(model)
     with pytest.raises(CMoEError, match="already has a cmoe connector attached; call cmoe.detach"):
         cmoe.attach(model)
-    with pytest.raises(CMoEError, match=r"task_ids: expected one task id per image, shape \[2\], got shape \[1\]"):
+    with pytest.raises(CMoEError, match=r"task_ids: expected one task id per example or per image, shape \[2\], "
+                                        r"got shape \[1\]"):
         model(**inputs, task_ids=[0])
     cmoe.detach(model)
 

@@ -123,3 +123,22 @@ def test_cuda_auto_result_matches_loop() -> None:
     ref = cmoe.moe_project(x.float(), experts.float(), index, weight.float(), backend="loop")
     out = cmoe.moe_project(x, experts, index, weight)
     assert float((out.float() - ref).norm() / ref.norm()) < 3e-2
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_autocast_bfloat16_matches_sorted_forward_and_backward(bias: bool) -> None:
+    """Under CPU autocast (TRL's SFTTrainer turns bf16 autocast on) the bias mix came back in bf16 and
+    ``index_add_`` refused the float32 rows; both backends must give the same float32 result and gradients."""
+    results = {}
+    for backend in ("sorted", "grouped_mm"):
+        torch.manual_seed(0)
+        connector = cmoe.CMoEConnector(cmoe.CMoEConfig(32, 64, num_experts=4, top_k=2, backend=backend,
+                                                       expert="mlp", expert_bias=bias))
+        x = torch.randn(2, 8, 32, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = connector(x).hidden_states
+        out.float().square().mean().backward()
+        results[backend] = (out, x.grad, connector.experts.layers[0][0].grad)
+    assert results["grouped_mm"][0].dtype == results["sorted"][0].dtype
+    error, worst = max_relative_error(list(results["grouped_mm"]), list(results["sorted"]))
+    assert error < 3e-2, (error, worst)
