@@ -268,8 +268,20 @@ def _aux_weight(kwargs: dict[str, Any]) -> torch.Tensor | None:
     return labels.ne(-100).sum() / total.clamp(min=1)
 
 
+STATE_KEY = "_cmoe_state"
+"""Where an attached model keeps its `AttachState` (``model.__dict__``). The hooks and instance methods look it up
+on the module they run for, so a deep copy of the model (EMA, a reference model) routes by its own state."""
+
+
+def _state_of(module: nn.Module, default: AttachState) -> AttachState:
+    return module.__dict__.get(STATE_KEY, default)
+
+
 def install_model_hooks(model: nn.Module, state: AttachState) -> list:
+    installed = state
+
     def before(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+        state = _state_of(module, installed)
         state.task_ids = _given_task_ids(kwargs)
         if state.current_task_ids() is not None:
             _check_not_mixed(kwargs)
@@ -286,6 +298,7 @@ def install_model_hooks(model: nn.Module, state: AttachState) -> list:
         return args, kwargs
 
     def after(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any):
+        state = _state_of(module, installed)
         ids, calls = state.image_task_ids, state.calls
         state.task_ids, state.image_task_ids, state.calls = None, None, 0
         if state.rows == "per_call" and ids is not None and calls:
@@ -296,6 +309,7 @@ def install_model_hooks(model: nn.Module, state: AttachState) -> list:
         aux = sum(o.aux_loss for o in state.outputs) / len(state.outputs)
         output["cmoe_aux_loss"] = aux
         output["cmoe_routing"] = [o.routing for o in state.outputs]
+        state.outputs = []  # the call's graph lives on in the output only (a deep copy of the model stays possible)
         if module.training:
             logged = aux.detach().float()
             state.logged_aux = logged if state.logged_aux is None else state.logged_aux + logged
@@ -322,12 +336,13 @@ class _InstanceMethod:
         self.model.__dict__.pop(self.name, None)
 
 
-def _generate_with_task_ids(model: nn.Module, state: AttachState) -> _InstanceMethod:
+def _generate_with_task_ids(model: nn.Module, installed: AttachState) -> _InstanceMethod:
     """``generate`` taking ``task_ids=`` / ``cmoe_task_ids=`` (or the ids of `using_task_ids`) per example or per
     image. HF's generate projects the images before its first forward, outside the model's hooks, so the ids per
     image are worked out here from generate's own inputs."""
 
     def generate(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        state = _state_of(self, installed)
         given = _given_task_ids(kwargs)
         ids = given if given is not None else state.sticky_task_ids
         if ids is None:

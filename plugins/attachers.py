@@ -22,11 +22,11 @@ from torch import nn
 from cmoe.config import CMoEConfig
 from cmoe.connector import PretrainedConnector
 from cmoe.errors import CMoEError, expect
-from cmoe.plugins.attach_calls import AttachedProjection, AttachState, install_model_hooks
+from cmoe.plugins.attach_calls import STATE_KEY, AttachedProjection, AttachState, install_model_hooks
 from cmoe.plugins.attach_families import CONNECTOR_NAMES, FAMILIES
 from cmoe.plugins.attach_projection import Layers, Projection, find_projection, resolve, text_width
 
-STATE = "_cmoe_state"
+STATE = STATE_KEY
 
 
 class FamilyAttacher:

@@ -14,6 +14,7 @@ from torch import nn
 
 from cmoe.attach import STATE_ATTRIBUTE
 from cmoe.extras import require
+from cmoe.plugins.attach_calls import STATE_KEY
 
 LOG_KEY = "cmoe_aux_loss"
 
@@ -21,8 +22,8 @@ LOG_KEY = "cmoe_aux_loss"
 def _attach_states(model: nn.Module | None) -> list[Any]:
     if model is None:
         return []
-    return [module.__dict__["_cmoe_state"] for module in model.modules()
-            if STATE_ATTRIBUTE in module.__dict__ and "_cmoe_state" in module.__dict__]
+    return [module.__dict__[STATE_KEY] for module in model.modules()
+            if STATE_ATTRIBUTE in module.__dict__ and STATE_KEY in module.__dict__]
 
 
 def aux_loss_callback() -> Any:

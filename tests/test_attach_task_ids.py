@@ -128,3 +128,24 @@ def test_generate_takes_per_example_ids_in_using_task_ids_or_as_a_keyword() -> N
     model.generate(**mixed, max_new_tokens=4, do_sample=False, cmoe_task_ids=[1, 0, 2])
     assert torch.equal(both[[0, 2]], alone) and torch.equal(given, both)
     assert [ids.tolist() for ids in seen] == [[2, 1], [2, 1], [2, 1], [1, 2]]
+
+
+def test_a_deep_copy_after_a_forward_routes_by_its_own_task_ids() -> None:
+    """EMA weights and reference models are deep copies: the copy's hooks must feed the copy's connector."""
+    import copy
+
+    torch.manual_seed(0)
+    model = tiny_llava()
+    connector = cmoe.attach(model, **OPTIONS)
+    batch = llava_inputs(model, batch=2)
+    model(**batch, task_ids=[0, 1]).loss.backward()
+    twin = copy.deepcopy(model)
+    seen, twin_seen = _seen_task_ids(connector), _seen_task_ids(cmoe.attached_model(twin).model.multi_modal_projector
+                                                                 .linear_1.connector)
+    with torch.no_grad():
+        out = model(**batch, task_ids=[2, 1]).logits
+        twin_out = twin(**batch, task_ids=[2, 1]).logits
+        twin(**batch, cmoe_task_ids=[1, 0])
+    assert [ids.tolist() for ids in seen] == [[2, 1]]
+    assert [ids.tolist() for ids in twin_seen] == [[2, 1], [1, 0]]
+    assert torch.equal(out, twin_out)
