@@ -304,3 +304,14 @@ def test_an_unset_variable_in_a_data_path_is_named(tmp_path: Path, monkeypatch: 
     with pytest.raises(CMoEError) as error:
         load_dataset("medqa", tmp_path / "nowhere", "test")
     assert "environment variable" not in str(error.value)
+
+
+def test_release_layouts_are_detected_and_named(slake_root: Path, samed2d_root: Path) -> None:
+    """SLAKE 1.0 and SAMed2Dv1 folders are read as the ``release`` layout (the original reads ``uni-med``; see
+    tests/test_unimed_original_layouts.py), and their samples say so."""
+    from cmoe.reference_models.unimed.data.loaders import detect_layout
+
+    assert detect_layout("slake_vqa", slake_root).name == "release"
+    assert {s.meta["layout"] for s in _loaded("slake_rec", slake_root)} == {"release"}
+    assert detect_layout("samed2d_reg", samed2d_root, "all").name == "release"
+    assert {s.meta["layout"] for s in _loaded("samed2d_reg", samed2d_root, "all")} == {"release"}

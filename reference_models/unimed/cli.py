@@ -1,4 +1,4 @@
-"""``cmoe unimed train | eval | analyze | experiment | data-stats | convert-original | demo | pretrain``:
+"""``cmoe unimed train | eval | analyze | experiment | data-stats | check-data | convert-original | demo | pretrain``:
 the recipe's command line (registered as a ``cmoe`` subcommand)."""
 
 from __future__ import annotations
@@ -37,8 +37,12 @@ def _train(args: argparse.Namespace) -> int:
     trainer = Trainer(config, resume=resume)
     result = trainer.train(args.steps)
     finish_distributed()
+    target = config.train.steps if args.steps is None else args.steps
     if result.history and trainer.ctx.is_main:
         print(f"trained to step {result.step}: loss {result.history[-1]['loss']:.4f}; checkpoint {result.checkpoint}")
+    elif trainer.ctx.is_main and result.step >= target:
+        print(f"nothing to do: {result.output_dir} is already at step {result.step} (training stops at step "
+              f"{target}); raise --steps or train.steps to train further, or pass another --output-dir")
     return 0
 
 
@@ -46,8 +50,9 @@ def _eval(args: argparse.Namespace) -> int:
     from cmoe.reference_models.unimed.evaluation.evaluate import format_results, run_evaluation
 
     config = _load(args)
-    results = run_evaluation(config, args.checkpoint, args.out, args.limit_per_task)
-    print(format_results(results))
+    protocol = args.protocol or config.eval.protocol
+    results = run_evaluation(config, args.checkpoint, args.out, args.limit_per_task, protocol=protocol)
+    print(format_results(results, protocol))
     return 0
 
 
@@ -89,13 +94,31 @@ def _experiment(args: argparse.Namespace) -> int:
 
 
 def _data_stats(args: argparse.Namespace) -> int:
+    from cmoe.reference_models.unimed.data.check import format_layouts
     from cmoe.reference_models.unimed.data.imax import annotation_stats, format_stats
     from cmoe.reference_models.unimed.data.splits import load_split
 
     config = _load(args)
     split = args.split or config.data.train_split
     samples = load_split(config.data, split)
+    layouts = format_layouts(config.data, split)
+    if layouts:
+        print(layouts)
     print(format_stats(annotation_stats(samples, identity=args.identity), title=f"{config.name}: {split} split"))
+    return 0
+
+
+def _check_data(args: argparse.Namespace) -> int:
+    from cmoe.reference_models.unimed.data.check import check_data, format_check
+
+    config = _load(args)
+    check = check_data(config.data)
+    print(format_check(check, title=config.name))
+    if not check.can_train:
+        problems = check.train_problems()
+        raise CMoEError(f"{config.name}: cannot train, {len(problems)} problem(s) with the training data, the "
+                        f"first: {problems[0][:300]}; add or fix the files listed above, or remove those datasets "
+                        "from data.datasets")
     return 0
 
 
@@ -157,7 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(evaluate)
     evaluate.add_argument("--checkpoint", help="checkpoint directory (default: output_dir/latest)")
     evaluate.add_argument("--out", help="folder for eval.md, eval.json, predictions.jsonl (default: output_dir/eval)")
-    evaluate.add_argument("--limit-per-task", type=int, help="evaluate at most this many entries per task")
+    evaluate.add_argument("--limit-per-task", type=int, help="evaluate at most this many entries per task "
+                                                             "(per dataset under --protocol original)")
+    evaluate.add_argument("--protocol", choices=["original", "cmoe"],
+                          help="scoring: original (the original Uni-Med code's metrics, each dataset on its own) or "
+                               "cmoe (ours: smoothed BLEU, SQuAD F1, lenient boxes, datasets pooled per task); "
+                               "default: the config's eval.protocol (paper: original, tiny: cmoe)")
     evaluate.set_defaults(run=_eval)
     analyze = commands.add_parser("analyze", help="tug-of-war analysis of a checkpoint: gradient conflict and "
                                                   "magnitude indexes, routing, parameter statistics, plots")
@@ -187,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--identity", default="image_id", choices=["image_id", "hash"],
                        help="how images are matched across datasets: their ids, or a hash of their pixels/bytes")
     stats.set_defaults(run=_data_stats)
+    check = commands.add_parser("check-data", help="can the config's data be read? per dataset: the layout found, "
+                                                   "entries per split, what is missing and the file that fixes it; "
+                                                   "exits non-zero when the config cannot train")
+    _common(check)
+    check.set_defaults(run=_check_data)
     convert = commands.add_parser("convert-original", help="convert the original Uni-Med's checkpoint_*.pth "
                                   "into a CMoEConnector and a recipe checkpoint (eval / analyze run on it)")
     convert.add_argument("checkpoint", help="the original's checkpoint_*.pth (read with weights_only=True)")
@@ -214,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The Uni-Med recipe: train, eval, analyze, experiment, data-stats, demo, pretrain, convert-original."""
+    """The Uni-Med recipe: train, eval, analyze, experiment, data-stats, check-data, demo, pretrain,
+    convert-original."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return args.run(args)

@@ -24,6 +24,8 @@ BUILTIN_CONFIGS = {"tiny": "tiny.yaml", "paper": "unimed_paper.yaml", "tiny_rand
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 """The shipped pretrained tiny encoder and LLM (``cmoe unimed pretrain``); configs name it ``${UNIMED_PRETRAINED}``
 (the environment variable of that name, when set, points elsewhere)."""
+EVAL_PROTOCOLS = ("original", "cmoe")
+"""How evaluation scores: ``original`` as the original Uni-Med code (per dataset), ``cmoe`` ours (per task)."""
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -145,7 +147,9 @@ class ModelSection:
 @dataclass
 class DatasetEntry:
     """One real dataset: a loader name (``cmoe.reference_models.unimed.data.loaders.LOADERS``), its local root,
-    the mixing ratio, and loader options (e.g. ``limit``)."""
+    the mixing ratio, and loader options (e.g. ``limit``). ``mix_source`` names the ``task_ratio`` sampler's source
+    the dataset is drawn in (default: its own name): entries that share one are drawn as one source, their
+    entries together, so each dataset's share of it follows its size (the original's ``medmnist_2d_small``)."""
 
     _where: ClassVar[str] = "data.datasets[]"
 
@@ -153,6 +157,7 @@ class DatasetEntry:
     root: str
     ratio: float | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    mix_source: str | None = None
 
     def __post_init__(self) -> None:
         check_field_types(self, self._where)
@@ -181,12 +186,26 @@ class DataSection:
         expect((self.synthetic is None) != (not self.datasets), "data",
                "exactly one of `synthetic` (built-in set) or `datasets` (real data under local roots)",
                f"synthetic={'set' if self.synthetic is not None else None}, {len(self.datasets)} datasets")
+        given: dict[str, float] = {}
+        for entry in self.datasets:
+            source = entry.mix_source or entry.name
+            expect(entry.ratio is None or given.get(source, entry.ratio) == entry.ratio,
+                   f"data.datasets[{entry.name}].ratio", f"the ratio of the other entries of mix source {source!r} "
+                   f"({given.get(source)}): entries drawn as one source share one ratio", entry.ratio)
+            if entry.ratio is not None:
+                given[source] = entry.ratio
 
     def mixing_ratios(self) -> dict[str, float] | None:
         """Mixing ratios by source for the ``task_ratio`` sampler: ``ratios``, else each dataset entry's
-        ``ratio``; None means the original's (`UNIMED_RATIOS`)."""
-        given = {d.name: d.ratio for d in self.datasets if d.ratio is not None}
+        ``ratio`` under its ``mix_source`` (default its name); None means the sampler's default
+        (`UNIMED_RATIOS`)."""
+        given = {d.mix_source or d.name: d.ratio for d in self.datasets if d.ratio is not None}
         return self.ratios or given or None
+
+    def mixing_groups(self) -> dict[str, str] | None:
+        """Dataset name → the ``task_ratio`` source it is drawn in, for the entries that set ``mix_source``
+        (None when none does)."""
+        return {d.name: d.mix_source for d in self.datasets if d.mix_source} or None
 
 
 @dataclass
@@ -241,13 +260,17 @@ class TrainSection:
 @dataclass
 class EvalSection:
     """Greedy decoding limits; ``coco_caption`` scores reports with pycocoevalcap's Java PTB tokenizer, BLEU,
-    METEOR 1.5, ROUGE-L and CIDEr (the original's; METEOR's start-up takes seconds), false skips them."""
+    METEOR 1.5 (and, under ``cmoe``, ROUGE-L and CIDEr; METEOR's start-up takes seconds), false skips them.
+    ``protocol``: ``original`` scores every dataset as the original code does (its numbers; ``limit_per_task``
+    then caps each dataset), ``cmoe`` pools each task's datasets and scores them our way (see
+    ``evaluation/evaluate.py``)."""
     _where: ClassVar[str] = "eval"
 
     max_new_tokens: int = 100
     batch_size: int = 8
     limit_per_task: int | None = None
     coco_caption: bool = True
+    protocol: str = "cmoe"
 
     def __post_init__(self) -> None:
         check_field_types(self, self._where)
@@ -255,6 +278,8 @@ class EvalSection:
             expect(getattr(self, name) >= 1, f"eval.{name}", "an int >= 1", repr(getattr(self, name)))
         expect(self.limit_per_task is None or self.limit_per_task >= 0, "eval.limit_per_task",
                "None or an int >= 0", repr(self.limit_per_task))
+        expect(self.protocol in EVAL_PROTOCOLS, "eval.protocol",
+               "original (the original code's scoring, per dataset) or cmoe (ours, per task)", repr(self.protocol))
 
 
 @dataclass

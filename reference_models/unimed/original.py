@@ -27,3 +27,11 @@ def original_task_experts(tasks: Sequence[str]) -> list[int]:
         raise CMoEError(f"tasks: expected image tasks of the recipe ({', '.join(RECIPE_TO_ORIGINAL)}), got "
                         f"{unknown}; the original's hard routing is defined for those five only")
     return [ORIGINAL_TASKS.index(RECIPE_TO_ORIGINAL[task]) for task in tasks]
+
+
+ORIGINAL_EVAL_DATASETS: dict[str, str] = {
+    "slake_vqa": "slakevqa_en", "pathvqa": "path_vqa", "slake_rec": "ref_slake", "samed2d_rec": "ref_sa_med",
+    "slake_reg": "invref_slake", "samed2d_reg": "invref_sa_med", "mimic_cxr": "mimic_caption",
+    "medpix": "medpix_single", "dermamnist": "medmnist_2d_derma", "organsmnist": "medmnist_2d_organs"}
+"""The recipe's dataset loaders → the ``--dataset`` names of the original's ``eval_*.py`` scripts, which score each
+dataset on its own. MedQA and PubMedQA have none: the original evaluates no text QA."""

@@ -35,11 +35,13 @@ UNIMED_RATIOS: dict[str, float] = {
     "medpix": 8, "mimic_cxr": 8,
     "dermamnist": 2, "organsmnist": 2,
 }
-"""Uni-Med's per-dataset sampling ratios (sum 50), keyed by this project's loader names.
+"""Uni-Med's per-dataset sampling ratios (sum 50), keyed by this project's loader names, with MedMNIST split.
 
-The original has one MedMNIST dataset with ratio 4 that serves both DermaMNIST and OrganSMNIST; our loaders
-keep them as two sources, so the 4 is split evenly (2 + 2): the classification task keeps its share of 4/50
-and each MedMNIST subset gets half of it.
+The original has one MedMNIST source with ratio 4 (``medmnist_2d_small``: DermaMNIST and OrganSMNIST
+concatenated, so each batch is drawn from both by size, DermaMNIST about 1/3); these default ratios, for
+configs that give none, keep them as two sources and split the 4 evenly (2 + 2). The ``paper`` config has the
+original's mix: both entries set ``mix_source: medmnist_2d_small`` (drawn as one source, see
+`TaskRatioSampler`'s ``groups``) with ratio 4.
 """
 
 _RATIO_BLOCK = 1024
@@ -223,16 +225,20 @@ class TaskRatioSampler(BatchSampler):
     every entry of a source is seen once before any is seen twice; a batch may run over a pass boundary, and a
     source with fewer entries than ``batch_size`` repeats entries within a batch). A ratio for a source with no
     entries is an error unless ``ignore_absent`` is set, in which case it is dropped and the remaining ratios
-    renormalised.
+    renormalised. ``groups`` maps a ``Sample.source`` to the source it is drawn in: sources mapped to one name
+    are one source here (one ratio, one cycle over all their entries), so each one's share of that source's
+    batches follows its number of entries, as the original's concatenated MedMNIST sets.
     """
 
     def __init__(self, samples: Sequence[Sample], batch_size: int, seed: int = 42,
-                 ratios: Mapping[str, float] | None = None, ignore_absent: bool = False) -> None:
+                 ratios: Mapping[str, float] | None = None, ignore_absent: bool = False,
+                 groups: Mapping[str, str] | None = None) -> None:
         super().__init__(samples, batch_size, seed)
         ratios = dict(UNIMED_RATIOS if ratios is None else ratios)
+        groups = dict(groups or {})
         by_source: dict[str, list[int]] = {}
         for index, sample in enumerate(samples):
-            by_source.setdefault(sample.source, []).append(index)
+            by_source.setdefault(groups.get(sample.source, sample.source), []).append(index)
         missing = sorted(set(by_source) - set(ratios))
         absent = [] if ignore_absent else sorted(set(ratios) - set(by_source))
         bad = sorted(name for name in set(by_source) & set(ratios)
@@ -296,7 +302,7 @@ SAMPLERS: dict[str, type[BatchSampler]] = {
 
 def build_sampler(kind: str, samples: Sequence[Sample], batch_size: int, seed: int = 42,
                   **options: Any) -> BatchSampler:
-    """The sampler called ``kind`` with its ``options``: ``task_ratio`` (``ratios``, ``ignore_absent``),
+    """The sampler called ``kind`` with its ``options``: ``task_ratio`` (``ratios``, ``ignore_absent``, ``groups``),
     ``mixed`` (``drop_last``) or ``image_centric`` (``drop_last``, ``lookahead``)."""
     if kind not in SAMPLERS:
         raise UnknownNameError("sampler", kind, SAMPLERS)

@@ -20,7 +20,8 @@ Tasks, each needing different visual information (so that a small shared connect
 - ``cls``: the modality, answerable from the global texture alone (organs and region carry no information);
   the question lists the four classes; meta ``label`` (index in `MODALITIES`) and ``classes``.
 - ``rec`` / ``reg``: organ name → box text (`encode_box`), and box text → organ name: positions and extents,
-  plus organ identity from grey level within the region; meta ``box`` (`Box`) and ``image_size``.
+  plus organ identity from grey level within the region; meta ``box`` (`Box`), ``xywh`` (the pixel box) and
+  ``image_size``.
 - ``vqa``: alternately closed (yes/no: lesion in an organ, abnormal image, organ shown, lesion large or
   bright) and open questions (brightest/darkest organ, organ count, body region, lesion quadrant, organ,
   size, brightness), mostly about lesion details; meta ``answer_type`` and ``question_type``.
@@ -480,7 +481,7 @@ def _report(scene: Scene, rng: np.random.Generator, config: SyntheticConfig) -> 
 
 def _box_meta(organ: PlacedOrgan, size: int) -> tuple[str, dict]:
     text = encode_box(organ.xywh, size, size)
-    return text, {"box": parse_box(text), "image_size": (size, size)}
+    return text, {"box": parse_box(text), "xywh": tuple(organ.xywh), "image_size": (size, size)}
 
 
 def _rec(scene: Scene, rng: np.random.Generator, config: SyntheticConfig) -> list[Entry]:

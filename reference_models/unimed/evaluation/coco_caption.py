@@ -1,5 +1,6 @@
-"""The COCO caption evaluation the original scores report generation with: ``pycocoevalcap``'s Stanford PTB
-tokenizer, BLEU-1..4, METEOR 1.5, ROUGE-L and CIDEr (one reference per sample).
+"""The COCO caption evaluation with ``pycocoevalcap``: its Stanford PTB tokenizer, BLEU-1..4, METEOR 1.5, ROUGE-L
+and CIDEr (one reference per sample). The original Uni-Med scores reports' BLEU with it (`bleu_scores`) and METEOR on
+its normalised text (`meteor_score`); it reports no CIDEr nor this ROUGE-L (see `original_protocol`).
 
 The tokenizer and METEOR are Java programs shipped inside ``pycocoevalcap``; they need a Java runtime on the
 PATH (Debian: ``apt-get install -y default-jre-headless``). Without Java, or without the package, every metric
@@ -80,14 +81,42 @@ def coco_caption_scores(predictions: Sequence[str], references: Sequence[str]) -
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    tokenizer = PTBTokenizer()
-    gts = tokenizer.tokenize({i: [{"caption": text}] for i, text in enumerate(references)})
-    res = tokenizer.tokenize({i: [{"caption": text}] for i, text in enumerate(predictions)})
+    gts, res = _tokenized(predictions, references)
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     meteor, _ = _shared_meteor().compute_score(gts, res)
     rouge, _ = Rouge().compute_score(gts, res)
     cider, _ = Cider().compute_score(gts, res)
     return {**{f"bleu{n + 1}": float(bleu[n]) for n in range(4)}, "meteor": float(meteor),
             "coco_rougeL": float(rouge), "cider": float(cider)}
+
+
+def _tokenized(predictions: Sequence[str], references: Sequence[str]) -> tuple[dict, dict]:
+    """References and predictions PTB-tokenised (lower-cased, punctuation dropped), keyed by sample index."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    tokenizer = PTBTokenizer()
+    return (tokenizer.tokenize({i: [{"caption": text}] for i, text in enumerate(references)}),
+            tokenizer.tokenize({i: [{"caption": text}] for i, text in enumerate(predictions)}))
+
+
+def bleu_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Corpus BLEU-1..4 of pycocoevalcap on PTB-tokenised text (``bleu1`` … ``bleu4``); raises `RuntimeError`
+    with `unavailable_reason` when the package or Java is missing."""
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(reason)
+    from pycocoevalcap.bleu.bleu import Bleu
+
+    bleu, _ = Bleu(4).compute_score(*_tokenized(predictions, references), verbose=0)
+    return {f"bleu{n + 1}": float(bleu[n]) for n in range(4)}
+
+
+def meteor_score(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus METEOR 1.5 of pycocoevalcap on PTB-tokenised text; raises `RuntimeError` with
+    `unavailable_reason` when the package or Java is missing."""
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(reason)
+    meteor, _ = _shared_meteor().compute_score(*_tokenized(predictions, references))
+    return float(meteor)

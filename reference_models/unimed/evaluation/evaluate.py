@@ -1,5 +1,8 @@
-"""Evaluation of every task with the original's metrics: greedy answers → `metrics.evaluate_task` → a
-Markdown and a JSON table (plus every prediction, for inspection)."""
+"""Evaluation of every task: greedy answers → scores → a Markdown and a JSON table (plus every prediction, for
+inspection). Two scoring protocols (``eval.protocol``, ``--protocol``): ``original`` scores each dataset as the
+original Uni-Med code does (`original_protocol`, one row per task/dataset), ``cmoe`` pools each task's datasets
+and scores them with `metrics.evaluate_task` (smoothed BLEU, SQuAD F1, lenient box parsing; one row per task).
+Both tables say which protocol made them."""
 
 from __future__ import annotations
 
@@ -12,16 +15,32 @@ import torch
 
 from cmoe.errors import CMoEError
 from cmoe.io import atomic_write, write_json
-from cmoe.reference_models.unimed.config import RecipeConfig
+from cmoe.reference_models.unimed.config import EVAL_PROTOCOLS, RecipeConfig
 from cmoe.reference_models.unimed.data.splits import by_task, load_split
 from cmoe.reference_models.unimed.evaluation.metrics import Metric, evaluate_task
+from cmoe.reference_models.unimed.evaluation.original_protocol import evaluate_dataset
 from cmoe.reference_models.unimed.model.assembly import UniMedModel, build_model
 from cmoe.reference_models.unimed.model.checkpoint import find_latest, load_trainable, read_checkpoint
 from cmoe.reference_models.unimed.model.collate import Collator
 from cmoe.reference_models.unimed.model.tokenizer import load_tokenizer
+from cmoe.reference_models.unimed.original import ORIGINAL_EVAL_DATASETS
 from cmoe.reference_models.unimed.tasks import TASKS
 
 TASK_ORDER = tuple(TASKS)
+PROTOCOL_DESCRIPTIONS = {
+    "original": "the original Uni-Med code's scoring, one row per task/dataset (unsmoothed BLEU, its F1, the rouge "
+                "package, strict box parsing and pixel IoU)",
+    "cmoe": "cmoe's scoring, one row per task with its datasets pooled (smoothed BLEU, SQuAD-style F1, "
+            "rouge-score with stemming, lenient box parsing)",
+}
+
+
+def check_protocol(protocol: str) -> str:
+    """`protocol` if it is ``original`` or ``cmoe``, else a `CMoEError` naming both."""
+    if protocol not in EVAL_PROTOCOLS:
+        raise CMoEError(f"protocol: expected one of {', '.join(EVAL_PROTOCOLS)} (original: the original code's "
+                        f"numbers, per dataset; cmoe: ours, per task), got {protocol!r}")
+    return protocol
 
 
 def resolve_checkpoint(config: RecipeConfig, checkpoint: str | os.PathLike | None) -> Path:
@@ -65,26 +84,57 @@ def predict(model: UniMedModel, samples: list, config: RecipeConfig, device: tor
     return answers
 
 
+def _rows(task: str, group: list, protocol: str, limit: int | None) -> list[tuple[str, list]]:
+    """The table rows of one task: the task (``cmoe``) or one per dataset, ``task/source`` (``original``); each
+    cut to `limit` entries."""
+    if protocol == "cmoe":
+        return [(task, group[:limit] if limit is not None else group)]
+    sources: dict[str, list] = {}
+    for sample in group:
+        sources.setdefault(sample.source, []).append(sample)
+    return [(f"{task}/{source}", items[:limit] if limit is not None else items) for source, items in sources.items()]
+
+
 def evaluate_model(model: UniMedModel, samples: list, config: RecipeConfig, limit_per_task: int | None = None,
-                   device: torch.device | str = "cpu") -> tuple[dict[str, dict[str, Metric]], list[dict[str, Any]]]:
-    """Per-task metrics and the predictions (task, prompt fields, reference, prediction) of `samples`."""
+                   device: torch.device | str = "cpu", protocol: str | None = None
+                   ) -> tuple[dict[str, dict[str, Metric]], list[dict[str, Any]]]:
+    """Metrics per row and the predictions (task, source, prompt fields, reference, prediction) of `samples`.
+
+    `protocol` (default ``eval.protocol``): ``cmoe`` gives one row per task, its datasets pooled, at most
+    `limit_per_task` entries each; ``original`` one row per task and dataset (``vqa/slake_vqa``), scored as the
+    original code does, the limit applying to each dataset.
+    """
+    protocol = check_protocol(protocol or config.eval.protocol)
     limit = limit_per_task if limit_per_task is not None else config.eval.limit_per_task
     results: dict[str, dict[str, Metric]] = {}
     records: list[dict[str, Any]] = []
     groups = by_task(samples)
     for task in [t for t in TASK_ORDER if t in groups]:
-        group = groups[task][:limit] if limit is not None else groups[task]
-        predictions = predict(model, group, config, device)
-        results[task] = evaluate_task(task, predictions, [s.answer for s in group], [s.meta for s in group],
-                                      coco=config.eval.coco_caption)
-        records.extend({"task": task, "source": s.source, "fields": s.fields, "reference": s.answer,
-                        "prediction": p} for s, p in zip(group, predictions))
+        for row, group in _rows(task, groups[task], protocol, limit):
+            predictions = predict(model, group, config, device)
+            score = evaluate_task if protocol == "cmoe" else evaluate_dataset
+            results[row] = score(task, predictions, [s.answer for s in group], [s.meta for s in group],
+                                 coco=config.eval.coco_caption)
+            records.extend({"task": task, "source": s.source, "fields": s.fields, "reference": s.answer,
+                            "prediction": p} for s, p in zip(group, predictions))
     return results, records
 
 
-def format_results(results: dict[str, dict[str, Metric]]) -> str:
-    """A Markdown table: one row per (task, metric), values in percent, unavailable metrics with their reason."""
-    lines = ["| task | metric | value | n |", "|---|---|---:|---:|"]
+def protocol_line(protocol: str, rows: Any = ()) -> str:
+    """The line a table starts with: which scoring protocol made it, and the original's names of the datasets
+    among `rows` (``task/dataset`` keys) under ``original``."""
+    line = f"Scoring protocol: {check_protocol(protocol)}: {PROTOCOL_DESCRIPTIONS[protocol]}."
+    names = [f"{row} = {ORIGINAL_EVAL_DATASETS[row.split('/', 1)[1]]}" for row in rows
+             if "/" in row and row.split("/", 1)[1] in ORIGINAL_EVAL_DATASETS]
+    return line + (f" The original's dataset names: {', '.join(names)}." if names else "")
+
+
+def format_results(results: dict[str, dict[str, Metric]], protocol: str | None = None) -> str:
+    """A Markdown table: one row per (task or task/dataset, metric), values in percent, unavailable metrics with
+    their reason; headed by `protocol_line` when `protocol` is given."""
+    head = [protocol_line(protocol, results), ""] if protocol is not None else []
+    lines = [*head, f"| {'task/dataset' if protocol == 'original' else 'task'} | metric | value | n |",
+             "|---|---|---:|---:|"]
     for task, metrics in results.items():
         for name, metric in metrics.items():
             value = f"{100 * metric.value:.2f}" if metric.value is not None else f"n/a ({metric.note})"
@@ -104,13 +154,13 @@ HEADLINE = {
 
 
 def summary_table(results: dict[str, dict[str, Metric]]) -> str:
-    """One Markdown row per task with its headline metrics in percent; an unavailable one shows n/a, and why
-    (e.g. how to get the Java runtime the caption metrics need) is said once under the table."""
+    """One Markdown row per task (or task/dataset) with its headline metrics in percent; an unavailable one shows
+    n/a, and why (e.g. how to get the Java runtime the caption metrics need) is said once under the table."""
     lines = ["| task | n | headline metrics (%) |", "|---|---:|---|"]
     notes: dict[str, list[str]] = {}
     for task, metrics in results.items():
         shown = []
-        for label, key in HEADLINE.get(task, []):
+        for label, key in HEADLINE.get(task.split("/")[0], []):
             metric = metrics.get(key)
             if metric is not None:
                 shown.append(f"{label} {100 * metric.value:.1f}" if metric.value is not None else f"{label} n/a")
@@ -128,26 +178,31 @@ def results_to_dict(results: dict[str, dict[str, Metric]]) -> dict[str, dict[str
 
 
 def write_results(out_dir: str | os.PathLike, results: dict[str, dict[str, Metric]],
-                  records: list[dict[str, Any]], header: str = "") -> list[Path]:
-    """``eval.md``, ``eval.json`` and ``predictions.jsonl`` in `out_dir`, each written atomically."""
+                  records: list[dict[str, Any]], header: str = "", protocol: str = "cmoe") -> list[Path]:
+    """``eval.md``, ``eval.json`` and ``predictions.jsonl`` in `out_dir`, each written atomically; both tables
+    name the scoring `protocol` (eval.json: a ``"protocol"`` key beside one key per row)."""
     out = Path(out_dir)
-    table = (header + "\n\n" if header else "") + format_results(results) + "\n"
+    table = (header + "\n\n" if header else "") + format_results(results, protocol) + "\n"
     lines = "".join(json.dumps(record) + "\n" for record in records)
     return [atomic_write(out / "eval.md", lambda p: Path(p).write_text(table)),
-            write_json(out / "eval.json", results_to_dict(results)),
+            write_json(out / "eval.json", {"protocol": protocol, **results_to_dict(results)}),
             atomic_write(out / "predictions.jsonl", lambda p: Path(p).write_text(lines))]
 
 
 def run_evaluation(config: RecipeConfig, checkpoint: str | os.PathLike | None = None,
                    out_dir: str | os.PathLike | None = None, limit_per_task: int | None = None,
-                   device: torch.device | str | None = None) -> dict[str, dict[str, Metric]]:
-    """Evaluate a checkpoint on the config's eval split and write the tables next to it (or to `out_dir`)."""
+                   device: torch.device | str | None = None, protocol: str | None = None
+                   ) -> dict[str, dict[str, Metric]]:
+    """Evaluate a checkpoint on the config's eval split and write the tables next to it (or to `out_dir`), scored
+    by `protocol` (default ``eval.protocol``; see `evaluate_model`)."""
+    protocol = check_protocol(protocol or config.eval.protocol)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, _ = load_trained_model(config, checkpoint, device)
     samples = load_split(config.data, config.data.eval_split)
     if not samples:
         raise CMoEError(f"data: the {config.data.eval_split!r} split is empty; check the dataset roots")
-    results, records = evaluate_model(model, samples, config, limit_per_task, device)
+    results, records = evaluate_model(model, samples, config, limit_per_task, device, protocol)
     target = Path(out_dir) if out_dir is not None else Path(config.output_dir) / "eval"
-    write_results(target, results, records, header=f"# {config.name}: evaluation on {config.data.eval_split}")
+    write_results(target, results, records, header=f"# {config.name}: evaluation on {config.data.eval_split}",
+                  protocol=protocol)
     return results

@@ -1,8 +1,10 @@
-"""Uni-Med's evaluation metrics, offline: pure functions over prediction and reference strings.
+"""Uni-Med's evaluation metrics as ``--protocol cmoe`` computes them, offline: pure functions over prediction and
+reference strings. ``original_protocol`` reproduces the original code's own numbers instead (its normalisation,
+unsmoothed BLEU, its F1, the ``rouge`` package, strict box parsing, per dataset).
 
 Every metric is a `Metric`: a value in 0–1 over ``count`` samples, or ``value=None`` with a ``note`` saying why
 there is none (no samples, or a missing Java runtime for the COCO caption metrics), so tables print
-``n/a (reason)`` instead of a wrong number. Reports are scored as the original does, with pycocoevalcap
+``n/a (reason)`` instead of a wrong number. Reports are scored with the COCO caption evaluation of pycocoevalcap
 (`coco_caption`: PTB tokenizer, BLEU, METEOR 1.5, ROUGE-L, CIDEr; Java programs). `evaluate_task` dispatches by task name (``qa``, ``vqa``,
 ``report``, ``rec``, ``reg``, ``cls``).
 
@@ -143,7 +145,7 @@ def corpus_bleu4(predictions: Sequence[str], references: Sequence[str]) -> Metri
 
 def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, Metric]:
     """ROUGE-1, ROUGE-2 and ROUGE-L F-measures per sample (``rouge_score``, Porter stemmer, its own
-    tokenizer), averaged."""
+    tokenizer), averaged; the original used the ``rouge`` package instead (see `original_protocol`)."""
     from rouge_score import rouge_scorer
 
     _check_inputs(predictions, references)
@@ -251,8 +253,7 @@ def coco_caption_metrics(predictions: Sequence[str], references: Sequence[str]) 
 
 def report_metrics(predictions: Sequence[str], references: Sequence[str], coco: bool = True) -> dict[str, Metric]:
     """Report generation: the COCO caption metrics (BLEU-1..4, METEOR 1.5, ``coco_rougeL``, CIDEr; see
-    `coco_caption_metrics`), ROUGE-1/2/L F-measures per sample (``rouge_score``, as the original's ``rouge``
-    package) and unigram F1. ``coco=False`` skips the Java metrics (listed as unavailable)."""
+    `coco_caption_metrics`), ROUGE-1/2/L F-measures per sample (``rouge_score``) and unigram F1. ``coco=False`` skips the Java metrics (listed as unavailable)."""
     if coco:
         coco_scores = coco_caption_metrics(predictions, references)
     else:

@@ -25,7 +25,9 @@ from cmoe.reference_models.unimed.experiments.experiment_stats import mean_std, 
 
 TASK_SCORE = {"qa": "all/accuracy", "vqa": "all/f1", "report": "rougeL", "rec": "miou", "reg": "accuracy",
               "cls": "accuracy"}
-"""The one number per task that the average is taken over (all in 0–1, higher is better)."""
+"""The one number per task that the average is taken over (all in 0–1, higher is better). Under
+``eval.protocol: original`` a task has one row per dataset (``vqa/slake_vqa``): its number is the unweighted mean
+of its datasets' (None where none has one, e.g. text QA, which the original does not score)."""
 
 BUILTIN_EXPERIMENTS = {"cmoe_vs_mlp": "experiment_cmoe_vs_mlp.yaml", "imax": "experiment_imax.yaml",
                        "paper": "experiment_paper.yaml", "tug_of_war": "experiment_tug_of_war.yaml"}
@@ -134,9 +136,15 @@ def run_config(spec: ExperimentSpec, variant: str, seed: int, out_dir: Path, ove
     return load_config(spec.base, merged)
 
 
+def _task_rows(results: dict[str, dict[str, Metric]], task: str) -> list[dict[str, Metric]]:
+    """The rows of `task`: ``task`` itself (``cmoe`` protocol) or its ``task/<dataset>`` rows (``original``)."""
+    return [metrics for row, metrics in results.items() if row.split("/")[0] == task]
+
+
 def _score(results: dict[str, dict[str, Metric]], task: str) -> float | None:
-    metric = results.get(task, {}).get(TASK_SCORE[task])
-    return None if metric is None else metric.value
+    metrics = [row.get(TASK_SCORE[task]) for row in _task_rows(results, task)]
+    values = [metric.value for metric in metrics if metric is not None and metric.value is not None]
+    return statistics.fmean(values) if values else None
 
 
 def _tug_summary(run_dir: Path) -> dict[str, Any] | None:
@@ -183,7 +191,7 @@ def run_one(config, seed: int) -> dict[str, Any]:
         _refuse_other_config(run_dir, json.loads((run_dir / "config.json").read_text()), wanted)
     Trainer(config, resume="auto").train()
     results = run_evaluation(config)
-    record = {"seed": seed, "scores": {t: _score(results, t) for t in TASK_SCORE if t in results},
+    record = {"seed": seed, "scores": {t: _score(results, t) for t in TASK_SCORE if _task_rows(results, t)},
               "metrics": results_to_dict(results), "tug_of_war": _tug_summary(run_dir),
               "connector_params": _trainable_connector_params(run_dir), "config": config.to_dict()}
     write_json(record_path, record)

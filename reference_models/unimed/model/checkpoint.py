@@ -222,6 +222,58 @@ def find_latest(output_dir: str | os.PathLike, verify: bool = True) -> Path | No
     return None
 
 
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The step in a checkpoint's ``state.json``, read alone (no tensors, no checksums); None when it cannot be
+    read (`read_checkpoint` then says why)."""
+    try:
+        state = json.loads((Path(path) / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    step = state.get("step") if isinstance(state, dict) else None
+    return step if isinstance(step, int) else None
+
+
+RESUME_KEPT = "the weights, optimiser, schedule, RNG state and step"
+"""What a resumed run takes from its checkpoint, whatever the config says now."""
+
+
+def _differences(old: Any, new: Any, where: str) -> list[tuple[str, Any, Any]]:
+    """``(key path, old value, new value)`` for every leaf that differs between two config mappings."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [change for key in sorted(set(old) | set(new), key=str)
+                for change in _differences(old.get(key), new.get(key), f"{where}.{key}")]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [change for index, (a, b) in enumerate(zip(old, new))
+                for change in _differences(a, b, f"{where}[{index}]")]
+    return [] if old == new else [(where, old, new)]
+
+
+def resume_note(state: dict[str, Any], config: dict[str, Any], path: str | os.PathLike, shown: int = 4) -> str | None:
+    """One line for a run resumed from the checkpoint at `path` (its ``state.json`` is `state`) whose current
+    config (`config`, `RecipeConfig.to_dict`) has a ``seed`` or ``data`` section other than the one the checkpoint
+    was written with: what changed (the first `shown` data keys) and what the run keeps. None when nothing changed
+    or the checkpoint holds no config."""
+    saved = state.get("config")
+    if not isinstance(saved, dict):
+        return None
+    config = json.loads(json.dumps(config, default=str))  # as the checkpoint stored it: tuples as lists
+    seed = _differences(saved.get("seed"), config.get("seed"), "seed")
+    data = _differences(saved.get("data"), config.get("data"), "data")
+    if not seed and not data:
+        return None
+    changed = []
+    if seed:
+        changed.append(f"seed {seed[0][1]} → {seed[0][2]}")
+    changed += [f"{key} {old!r} → {new!r}" for key, old, new in data[:shown]]
+    if len(data) > shown:
+        changed.append(f"and {len(data) - shown} more data key(s)")
+    follows = " and ".join(part for part, diff in (("seed", seed), ("data", data)) if diff)
+    return (f"resuming from {Path(path).name} (step {state.get('step')}) with {'a ' if seed else ''}changed {follows} "
+            f"({'; '.join(changed)}): kept from the checkpoint: {RESUME_KEPT}; the new {follows} choose the "
+            "batches from here on, so the run differs from one that never stopped (start a new --output-dir to "
+            "train from scratch with them)")
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """The parts of a checkpoint directory: ``trainable``, ``optimizer``, ``rng`` tensors and ``state``, after
     checking every file against the checksums recorded when it was written."""

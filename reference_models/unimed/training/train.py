@@ -34,12 +34,14 @@ from cmoe.reference_models.unimed.data.sample import Sample
 from cmoe.reference_models.unimed.data.splits import load_split
 from cmoe.reference_models.unimed.model.assembly import UniMedModel, build_model
 from cmoe.reference_models.unimed.model.checkpoint import (
+    checkpoint_step,
     find_latest,
     frozen_fingerprint,
     list_checkpoints,
     load_trainable,
     load_training_state,
     read_checkpoint,
+    resume_note,
     rng_state,
     save_checkpoint,
     save_connector_init,
@@ -215,6 +217,11 @@ class Trainer:
         self.ctx = init_distributed()
 
     def _checkpoint_to_resume(self) -> Path | None:
+        if not hasattr(self, "_resume_from"):
+            self._resume_from = self._find_checkpoint()
+        return self._resume_from
+
+    def _find_checkpoint(self) -> Path | None:
         if self.resume is None:
             if list_checkpoints(self.output_dir) or (self.output_dir / "latest").exists():
                 raise CMoEError(f"output_dir {self.output_dir} already holds checkpoints; resume from them "
@@ -224,6 +231,14 @@ class Trainer:
             return find_latest(self.output_dir)
         return Path(self.resume)
 
+    def finished_step(self, steps: int | None = None) -> int | None:
+        """The step of the checkpoint this trainer would resume from when it is already at or past ``steps``
+        (default ``train.steps``), so training has nothing to do; else None. Reads only its ``state.json``."""
+        total = self.config.train.steps if steps is None else steps
+        path = self._checkpoint_to_resume()
+        step = checkpoint_step(path) if path is not None else None
+        return step if step is not None and step >= total else None
+
     def setup(self) -> None:
         config, ctx = self.config, self.ctx
         self.train_samples = load_split(config.data, config.data.train_split)
@@ -231,6 +246,10 @@ class Trainer:
             raise CMoEError(f"data: the {config.data.train_split!r} split is empty; check the dataset roots")
         resume_from = self._checkpoint_to_resume()
         parts = read_checkpoint(resume_from) if resume_from is not None else None
+        if parts is not None and ctx.is_main:
+            note = resume_note(parts["state"], config.to_dict(), resume_from)
+            if note:
+                print(note, flush=True)
         if resume_from is not None and (resume_from / "tokenizer").is_dir():
             self.tokenizer = load_tokenizer(resume_from / "tokenizer")
         else:
@@ -274,6 +293,8 @@ class Trainer:
         options = dict(config.data.sampler_options)
         if config.data.sampler == "task_ratio":
             options.setdefault("ratios", config.data.mixing_ratios())
+            if config.data.mixing_groups():
+                options.setdefault("groups", config.data.mixing_groups())
         self.sampler = build_sampler(config.data.sampler, self.train_samples, train.batch_size, seed=config.seed,
                                      **options)
         self.probe, self.report = None, None
@@ -344,13 +365,17 @@ class Trainer:
             write_report(self.report, self.output_dir / REPORT_DIR, plots=plots)
 
     def train(self, steps: int | None = None) -> TrainResult:
-        """Train until step ``steps`` (default ``train.steps``); returns the last checkpoint and the metrics."""
+        """Train until step ``steps`` (default ``train.steps``); returns the last checkpoint and the metrics. A run
+        already at that step returns at once, without building the model: its checkpoint and no history."""
         from tqdm.auto import tqdm
 
-        if not hasattr(self, "model"):
-            self.setup()
         config, ctx, train = self.config, self.ctx, self.config.train
         total = train.steps if steps is None else steps
+        if not hasattr(self, "model"):
+            finished = self.finished_step(total)
+            if finished is not None:
+                return TrainResult(self.output_dir, finished, self._checkpoint_to_resume(), [])
+            self.setup()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._trim_metrics()
         if ctx.is_main:

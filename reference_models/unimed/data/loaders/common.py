@@ -1,22 +1,25 @@
-"""Helpers every loader shares: the errors (`DataError` and its kinds), split and limit checks, JSON and image
-readers, grounding samples."""
+"""Helpers every loader shares: the errors (`DataError` and its kinds), split, limit and layout checks, JSON and
+image readers, grounding samples."""
 
 from __future__ import annotations
 
 import functools
 import itertools
 import json
+import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Union
 
 from cmoe.errors import CMoEError, expect, unset_variables_hint
-from cmoe.reference_models.unimed.boxes import encode_box, parse_box
-from cmoe.reference_models.unimed.data.loaders.layouts import LAYOUTS
+from cmoe.reference_models.unimed.boxes import SCALE, parse_box
+from cmoe.reference_models.unimed.data.loaders.layouts import AUTO, LAYOUT_CHOICES, LAYOUTS
 from cmoe.reference_models.unimed.data.sample import Sample
 from cmoe.reference_models.unimed.prompts import clean_answer
 
 PathLike = Union[str, Path]
+
+logger = logging.getLogger("cmoe.unimed.data")
 
 
 class DataError(CMoEError):
@@ -24,16 +27,20 @@ class DataError(CMoEError):
 
 
 class MissingDataError(DataError):
-    """A file or folder the layout needs is absent."""
+    """A file or folder the layout needs is absent; ``path`` is the one that would fix it."""
+
+    path: Path | None = None
 
 
 class MalformedDataError(DataError):
     """A file is present but its contents are not what the layout describes."""
 
 
-def _missing(name: str, path: Path, root: Path) -> CMoEError:
-    return MissingDataError(f"{name}: missing {path}{unset_variables_hint(path)}; expected {LAYOUTS[name]} "
-                            f"(root = {root})")
+def _missing(name: str, path: Path, root: Path) -> MissingDataError:
+    error = MissingDataError(f"{name}: missing {path}{unset_variables_hint(path)}; expected {LAYOUTS[name]} "
+                             f"(root = {root})")
+    error.path = path
+    return error
 
 
 def _malformed(name: str, path: Path | str, problem: str) -> MalformedDataError:
@@ -73,8 +80,10 @@ def _root(name: str, root: PathLike, split: str, valid: Iterable[str]) -> Path:
     _check_split(name, split, valid)
     path = Path(root).expanduser()
     if not path.is_dir():
-        raise CMoEError(f"{name}: data root {path} is not a directory{unset_variables_hint(path)}; expected "
-                        f"{LAYOUTS[name]}")
+        error = MissingDataError(f"{name}: data root {path} is not a directory{unset_variables_hint(path)}; "
+                                 f"expected {LAYOUTS[name]}")
+        error.path = path
+        raise error
     return path
 
 
@@ -82,6 +91,19 @@ def _check_split(name: str, split: str, valid: Iterable[str]) -> None:
     valid = tuple(valid)
     if split not in valid:
         raise CMoEError(f"{name}: unknown split {split!r}; valid splits: {', '.join(valid)} (use one of them)")
+
+
+def _check_layout(name: str, layout: str) -> None:
+    """`layout` is ``auto`` or one of the layouts `name` reads."""
+    valid = (AUTO, *(choice.name for choice in LAYOUT_CHOICES[name]))
+    if layout not in valid:
+        raise CMoEError(f"{name}: unknown layout {layout!r}; use one of {', '.join(valid)} (auto detects it from the "
+                        "files present)")
+
+
+def _log_layout(name: str, layout: str, root: Path, split: str) -> None:
+    """One log line naming the layout a loader found."""
+    logger.info("%s: reading the %s layout of %s (%s split)", name, layout, root, split)
 
 
 def _check_limit(name: str, limit: int | None) -> None:
@@ -107,6 +129,12 @@ def _words(value: object) -> str:
 def _answer(value: object) -> str:
     """The original's answer clean-up: whitespace collapsed and cut to 50 words."""
     return clean_answer(str(value))
+
+
+def _cut(value: object, max_words: int | None) -> str:
+    """Whitespace collapsed and, unless `max_words` is None, cut to `max_words` words (the original's text
+    processor, ``blip_caption_new``, cuts whatever it is given to 50 words)."""
+    return _words(value) if max_words is None else clean_answer(str(value), max_words)
 
 
 def _read_json(name: str, path: Path, root: Path, kind: type | None = None) -> Any:
@@ -175,18 +203,37 @@ def _image_size(path: Path, name: str = "image") -> tuple[int, int]:
     return header
 
 
+def _box_text(xywh: Iterable[float], width: int, height: int) -> str:
+    """Pixel ``[x, y, w, h]`` → ``{<x1><y1><x2><y2>}`` with the original's arithmetic: ``int(v / size * 100)``,
+    dividing first (``v * 100 / size`` rounds differently for a few values, e.g. 29 px of 100 gives 28 here, as in
+    the original), clamped to 0–100 (the original does not clamp; equal for every box inside the image)."""
+    values = tuple(float(v) for v in xywh)
+    if len(values) != 4 or width <= 0 or height <= 0 or values[2] < 0 or values[3] < 0:
+        raise CMoEError(f"box: expected [x, y, w, h] in pixels with w, h >= 0 on a positive image size, got {values} "
+                        f"on {width}x{height}; fix the annotation")
+    x, y, w, h = values
+    corners = (x / width, y / height, (x + w) / width, (y + h) / height)
+    return "{" + "".join(f"<{min(SCALE, max(0, int(c * SCALE)))}>" for c in corners) + "}"
+
+
 def _box_meta(xywh: Iterable[float], width: int, height: int) -> tuple[str, dict[str, Any]]:
-    """The box text and the meta REC/REG evaluation needs (`Box`, image size)."""
-    text = encode_box(tuple(float(v) for v in xywh), width, height)
-    return text, {"box": parse_box(text), "image_size": (width, height)}
+    """The box text and the meta REC/REG evaluation needs (`Box`, the pixel box ``xywh`` as annotated: the
+    original protocol's REC IoU is against it, image size)."""
+    values = tuple(float(v) for v in xywh)
+    text = _box_text(values, width, height)
+    return text, {"box": parse_box(text), "xywh": values, "image_size": (width, height)}
 
 
 def _grounding_sample(name: str, task: str, obj: str, xywh: Iterable[float], size: tuple[int, int],
-                      image: Path, image_id: str) -> Sample:
-    """A REC sample (object → box) or a REG sample (box → object) for one object of one image."""
-    box_text, meta = _box_meta(xywh, *size)
-    obj = _words(obj)
-    meta["object"] = obj
+                      image: Path, image_id: str, max_words: int | None = None,
+                      meta: dict[str, Any] | None = None) -> Sample:
+    """A REC sample (object → box) or a REG sample (box → object) for one object of one image; `max_words` cuts
+    the object name in the instruction as the original's text processor does (None: whitespace collapsed only);
+    `meta` adds to the sample's meta."""
+    box_text, box_meta = _box_meta(xywh, *size)
+    obj = _cut(obj, max_words)
+    box_meta["object"] = obj
+    box_meta.update(meta or {})
     if task == "rec":
-        return Sample("rec", {"object": obj}, box_text, str(image), image_id, name, meta)
-    return Sample("reg", {"box": box_text}, _answer(obj), str(image), image_id, name, meta)
+        return Sample("rec", {"object": obj}, box_text, str(image), image_id, name, box_meta)
+    return Sample("reg", {"box": box_text}, _answer(obj), str(image), image_id, name, box_meta)
