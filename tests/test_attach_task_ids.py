@@ -149,3 +149,6 @@ def test_a_deep_copy_after_a_forward_routes_by_its_own_task_ids() -> None:
     assert [ids.tolist() for ids in seen] == [[2, 1]]
     assert [ids.tolist() for ids in twin_seen] == [[2, 1], [1, 0]]
     assert torch.equal(out, twin_out)
+    cmoe.detach(twin)  # the copy's detach restores the copy only
+    assert isinstance(twin.model.multi_modal_projector.linear_1, torch.nn.Linear)
+    assert cmoe.attached_model(model) is model and "forward" not in twin.__dict__
