@@ -1,10 +1,10 @@
 """One call of an attached model: task ids in (per example or per image), per-row task ids out, the aux loss
 added.
 
-Hooks on the top-level model (`install_model_hooks`) pop a ``task_ids=`` (or ``cmoe_task_ids=``) keyword, work out
-how many images the call carries, how big each is and which example each belongs to, and after the forward add
-the connector's aux loss to ``output.loss`` and expose ``output.cmoe_aux_loss`` and ``output.cmoe_routing``. In
-between, the `AttachedProjection` in the connector asks its `AttachState` for the task id of each row it sees
+Hooks and an instance-level ``forward`` on the attached model (`install_model_hooks`) pop a ``task_ids=`` (or
+``cmoe_task_ids=``) keyword, works out how many images the call carries, how big each is and which example each
+belongs to, and after the class's forward adds the connector's aux loss to ``output.loss`` and exposes
+``output.cmoe_aux_loss`` and ``output.cmoe_routing``. In between, the `AttachedProjection` in the connector asks its `AttachState` for the task id of each row it sees
 (crops, tiles, frames, patches).
 
 Task ids come one per example (a row of ``input_ids``; text-only rows are ignored) or one per image (or video).
@@ -50,6 +50,7 @@ class AttachState:
     projection: str = ""
     image_task_ids: torch.Tensor | None = None
     generate_task_ids: torch.Tensor | None = None
+    hooked: bool = False
     aux_weight: torch.Tensor | None = None
     logged_aux: torch.Tensor | None = None
     logged_calls: int = 0
@@ -277,50 +278,71 @@ def _state_of(module: nn.Module, default: AttachState) -> AttachState:
     return module.__dict__.get(STATE_KEY, default)
 
 
+def _before_call(module: nn.Module, state: AttachState, kwargs: dict[str, Any]) -> None:
+    """Take this call's task ids out of `kwargs` and work out, per image, the ids the projection will read."""
+    state.task_ids = _given_task_ids(kwargs)
+    if state.current_task_ids() is not None:
+        _check_not_mixed(kwargs)
+    state.outputs, state.calls = [], 0
+    images, state.image_weights = _images_in_call(kwargs)
+    state.image_rows = None  # a previous call's crops per image must not split this call's rows
+    if state.rows == "anyres" and kwargs.get("pixel_values") is not None:
+        state.image_rows = _anyres_crops(module.config, kwargs.get("image_sizes"))
+    ids = state.current_task_ids()
+    config = getattr(module, "config", None)
+    state.image_task_ids = None if ids is None else per_image_task_ids(ids, kwargs, config, images,
+                                                                       state.image_weights)
+    state.aux_weight = _aux_weight(kwargs)
+
+
+def _end_call(state: AttachState) -> tuple[torch.Tensor | None, int]:
+    ids, calls = state.image_task_ids, state.calls
+    state.task_ids, state.image_task_ids, state.calls = None, None, 0
+    return ids, calls
+
+
+def _after_call(module: nn.Module, state: AttachState, output: Any) -> Any:
+    """Check the per-call count and add the connector's aux loss (and routing) to the output."""
+    ids, calls = _end_call(state)
+    if state.rows == "per_call" and ids is not None and calls:
+        expect(calls == ids.shape[0], "task_ids", f"one task id per image, shape [{calls}]",
+               f"shape {list(ids.shape)}")
+    if not state.outputs or not hasattr(output, "keys"):
+        return output
+    aux = sum(o.aux_loss for o in state.outputs) / len(state.outputs)
+    output["cmoe_aux_loss"] = aux
+    output["cmoe_routing"] = [o.routing for o in state.outputs]
+    state.outputs = []  # the call's graph lives on in the output only (a deep copy of the model stays possible)
+    if module.training:
+        logged = aux.detach().float()
+        state.logged_aux = logged if state.logged_aux is None else state.logged_aux + logged
+        state.logged_calls += 1
+    if getattr(output, "loss", None) is not None:
+        weighted = aux if state.aux_weight is None else aux * state.aux_weight.to(aux.dtype)
+        output["loss"] = output.loss + weighted.to(output.loss.dtype)
+    return output
+
+
 def install_model_hooks(model: nn.Module, state: AttachState) -> list:
+    """Take the task ids and add the aux loss around every forward of `model`; returns handles whose ``remove()``
+    undoes it. Forward hooks do it for ``model(...)`` — also when a wrapper replaces ``model.forward`` (TRL's fused
+    loss) — and the instance-level ``forward`` for a direct ``model.forward(...)``, which skips hooks (peft < 0.21's
+    ``LoraModel``). The pre-hook leaves a mark the instance forward takes, so a call is handled once."""
     installed = state
 
     def before(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
-        state = _state_of(module, installed)
-        state.task_ids = _given_task_ids(kwargs)
-        if state.current_task_ids() is not None:
-            _check_not_mixed(kwargs)
-        state.outputs, state.calls = [], 0
-        images, state.image_weights = _images_in_call(kwargs)
-        state.image_rows = None  # a previous call's crops per image must not split this call's rows
-        if state.rows == "anyres" and kwargs.get("pixel_values") is not None:
-            state.image_rows = _anyres_crops(module.config, kwargs.get("image_sizes"))
-        ids = state.current_task_ids()
-        config = getattr(module, "config", None)
-        state.image_task_ids = None if ids is None else per_image_task_ids(ids, kwargs, config, images,
-                                                                           state.image_weights)
-        state.aux_weight = _aux_weight(kwargs)
+        current = _state_of(module, installed)
+        _before_call(module, current, kwargs)
+        current.hooked = True
         return args, kwargs
 
     def after(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any):
-        state = _state_of(module, installed)
-        ids, calls = state.image_task_ids, state.calls
-        state.task_ids, state.image_task_ids, state.calls = None, None, 0
-        if state.rows == "per_call" and ids is not None and calls:
-            expect(calls == ids.shape[0], "task_ids", f"one task id per image, shape [{calls}]",
-                   f"shape {list(ids.shape)}")
-        if not state.outputs or not hasattr(output, "keys"):
-            return output
-        aux = sum(o.aux_loss for o in state.outputs) / len(state.outputs)
-        output["cmoe_aux_loss"] = aux
-        output["cmoe_routing"] = [o.routing for o in state.outputs]
-        state.outputs = []  # the call's graph lives on in the output only (a deep copy of the model stays possible)
-        if module.training:
-            logged = aux.detach().float()
-            state.logged_aux = logged if state.logged_aux is None else state.logged_aux + logged
-            state.logged_calls += 1
-        if getattr(output, "loss", None) is not None:
-            weighted = aux if state.aux_weight is None else aux * state.aux_weight.to(aux.dtype)
-            output["loss"] = output.loss + weighted.to(output.loss.dtype)
-        return output
+        current = _state_of(module, installed)
+        current.hooked = False
+        return _after_call(module, current, output)
 
     handles = [model.register_forward_pre_hook(before, with_kwargs=True),
-               model.register_forward_hook(after, with_kwargs=True), _advertise_task_ids(model)]
+               model.register_forward_hook(after, with_kwargs=True), _forward_with_task_ids(model, state)]
     if callable(getattr(type(model), "generate", None)):
         handles.append(_generate_with_task_ids(model, state))
     return handles
@@ -338,7 +360,7 @@ class _InstanceMethod:
 
 def _generate_with_task_ids(model: nn.Module, installed: AttachState) -> _InstanceMethod:
     """``generate`` taking ``task_ids=`` / ``cmoe_task_ids=`` (or the ids of `using_task_ids`) per example or per
-    image. HF's generate projects the images before its first forward, outside the model's hooks, so the ids per
+    image. HF's generate projects the images before its first forward, outside the model's forward, so the ids per
     image are worked out here from generate's own inputs."""
 
     def generate(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -365,11 +387,10 @@ def _generate_with_task_ids(model: nn.Module, installed: AttachState) -> _Instan
     return _InstanceMethod(model, "generate")
 
 
-def _advertise_task_ids(model: nn.Module) -> _InstanceMethod:
-    """Give the attached model a ``forward`` whose signature names ``task_ids`` and ``cmoe_task_ids``: HF's Trainer
-    keeps only the batch columns ``forward`` names (``remove_unused_columns``, on by default; for a peft model it
-    reads the base model's forward) and would drop them. The instance-level method calls the class's own forward
-    (the pre-hook has popped the task ids by then)."""
+def _forward_with_task_ids(model: nn.Module, installed: AttachState) -> _InstanceMethod:
+    """The attached model's ``forward``: the class's forward between `_before_call` and `_after_call`. Its signature
+    names ``task_ids`` and ``cmoe_task_ids``: HF's Trainer keeps only the batch columns ``forward`` names
+    (``remove_unused_columns``, on by default; for a peft model it reads the base model's forward)."""
     signature = inspect.signature(type(model).forward)
     parameters = list(signature.parameters.values())
     for name in TASK_ID_KEYWORDS:
@@ -380,7 +401,17 @@ def _advertise_task_ids(model: nn.Module) -> _InstanceMethod:
             parameters.insert(at, keyword)
 
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        return type(self).forward(self, *args, **kwargs)
+        state = _state_of(self, installed)
+        if state.hooked:  # called by model(...): the hooks take the ids and add the aux loss
+            state.hooked = False
+            return type(self).forward(self, *args, **kwargs)
+        _before_call(self, state, kwargs)
+        try:
+            output = type(self).forward(self, *args, **kwargs)
+        except BaseException:
+            _end_call(state)
+            raise
+        return _after_call(self, state, output)
 
     forward.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
     forward.__doc__ = type(model).forward.__doc__

@@ -17,7 +17,8 @@ OPTIONS = dict(num_experts=4, top_k=2, router="task_token", num_tasks=3, init_no
 
 def _seen_task_ids(connector: torch.nn.Module) -> list[torch.Tensor]:
     seen: list[torch.Tensor] = []
-    connector.router.register_forward_pre_hook(lambda module, args: seen.append(args[1].clone()))
+    connector.router.register_forward_pre_hook(
+        lambda module, args: seen.append(None if args[1] is None else args[1].clone()))
     return seen
 
 
@@ -152,3 +153,20 @@ def test_a_deep_copy_after_a_forward_routes_by_its_own_task_ids() -> None:
     cmoe.detach(twin)  # the copy's detach restores the copy only
     assert isinstance(twin.model.multi_modal_projector.linear_1, torch.nn.Linear)
     assert cmoe.attached_model(model) is model and "forward" not in twin.__dict__
+
+
+def test_a_direct_forward_call_routes_and_adds_the_aux_loss_like_a_call() -> None:
+    """peft < 0.21's LoraModel calls ``model.forward(...)`` directly, which skips forward hooks."""
+    torch.manual_seed(0)
+    model = tiny_llava()
+    connector = cmoe.attach(model, **OPTIONS, load_balance_coef=0.01)
+    seen = _seen_task_ids(connector)
+    batch = llava_inputs(model, batch=2)
+    called = model(**batch, cmoe_task_ids=[2, 0])
+    direct = model.forward(**batch, cmoe_task_ids=[2, 0])
+    assert [ids.tolist() for ids in seen[:2]] == [[2, 0], [2, 0]]
+    assert torch.equal(direct.loss, called.loss) and torch.equal(direct.cmoe_aux_loss, called.cmoe_aux_loss)
+    assert called.cmoe_aux_loss > 0
+    with pytest.raises(CMoEError, match="routes by task and got no task ids"):
+        model.forward(**batch)
+    assert torch.equal(model(**batch, task_ids=[2, 0]).loss, called.loss)  # no state left over from the failure
