@@ -68,6 +68,23 @@ def test_per_pair_bleu_f1_accuracy_and_rouge_equal_the_originals() -> None:
     assert len(found) > 300
 
 
+RANDOM = json.loads((Path(__file__).parent / "data" / "unimed_original_random.json").read_text())
+
+
+def test_random_cases_written_apart_from_the_golden_ones_equal_the_originals() -> None:
+    """A second, seeded random set (not made by the code's author): normalisation, F1, unsmoothed BLEU and REC IoU
+    equal the original's outputs on every case."""
+    assert "63b9dfb" in RANDOM["produced_by"]
+    assert [o.normalize_answer(t) for t in RANDOM["texts"]] == RANDOM["normalized"]
+    for (prediction, reference), f1, bleu in zip(RANDOM["pairs"], RANDOM["f1"], RANDOM["bleu"], strict=True):
+        assert o.original_f1(prediction, reference) == pytest.approx(f1, abs=1e-12)
+        ours = o.sentence_bleu_unsmoothed(prediction, reference)
+        assert [ours[f"bleu{n}"] for n in range(1, 5)] == pytest.approx(bleu, rel=1e-12, abs=1e-300)
+    ious = [o.rec_iou(answer, xywh, size) for answer, xywh, size in RANDOM["boxes"]]
+    assert ious == pytest.approx(RANDOM["iou"], abs=1e-12)
+    assert sum(iou > 0 for iou in RANDOM["iou"]) > 200  # most boxes overlap their ground truth
+
+
 def test_vqa_per_dataset_equals_the_originals() -> None:
     for dataset, data in GOLDEN["vqa"].items():
         rows = data["rows"]
