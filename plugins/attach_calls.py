@@ -34,11 +34,15 @@ from cmoe.errors import CMoEError, expect
 
 @dataclass
 class AttachState:
-    """What one attached model needs between its hooks and the attached projection during a call."""
+    """What one attached model needs between its hooks and the attached projection during a call.
+
+    ``sticky_task_ids``: the ids of `cmoe.using_task_ids`; ``image_task_ids``: this call's ids, one per image;
+    ``generate_task_ids``: the same for a ``generate`` (it projects images outside any forward); ``hooked``: the
+    pre-hook ran for this call; ``aux_weight``: this micro-batch's share of the accumulated batch's tokens;
+    ``logged_aux`` / ``logged_calls``: the aux losses of training calls since the Trainer last logged."""
 
     family: str
     rows: str = "auto"
-    task_ids: torch.Tensor | None = None
     sticky_task_ids: torch.Tensor | None = None
     image_weights: torch.Tensor | None = None
     image_rows: torch.Tensor | None = None
@@ -54,9 +58,6 @@ class AttachState:
     aux_weight: torch.Tensor | None = None
     logged_aux: torch.Tensor | None = None
     logged_calls: int = 0
-
-    def current_task_ids(self) -> torch.Tensor | None:
-        return self.task_ids if self.task_ids is not None else self.sticky_task_ids
 
     def take_logged_aux(self) -> float | None:
         """The mean aux loss of the training calls since the last take (None if there were none), then reset."""
@@ -280,15 +281,15 @@ def _state_of(module: nn.Module, default: AttachState) -> AttachState:
 
 def _before_call(module: nn.Module, state: AttachState, kwargs: dict[str, Any]) -> None:
     """Take this call's task ids out of `kwargs` and work out, per image, the ids the projection will read."""
-    state.task_ids = _given_task_ids(kwargs)
-    if state.current_task_ids() is not None:
+    given = _given_task_ids(kwargs)
+    ids = given if given is not None else state.sticky_task_ids
+    if ids is not None:
         _check_not_mixed(kwargs)
     state.outputs, state.calls = [], 0
     images, state.image_weights = _images_in_call(kwargs)
     state.image_rows = None  # a previous call's crops per image must not split this call's rows
     if state.rows == "anyres" and kwargs.get("pixel_values") is not None:
         state.image_rows = _anyres_crops(module.config, kwargs.get("image_sizes"))
-    ids = state.current_task_ids()
     config = getattr(module, "config", None)
     state.image_task_ids = None if ids is None else per_image_task_ids(ids, kwargs, config, images,
                                                                        state.image_weights)
@@ -297,7 +298,7 @@ def _before_call(module: nn.Module, state: AttachState, kwargs: dict[str, Any]) 
 
 def _end_call(state: AttachState) -> tuple[torch.Tensor | None, int]:
     ids, calls = state.image_task_ids, state.calls
-    state.task_ids, state.image_task_ids, state.calls = None, None, 0
+    state.image_task_ids, state.calls = None, 0
     return ids, calls
 
 
