@@ -17,7 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_PLUGIN = ROOT / "plugins" / "examples" / "cmoe-example-router"
-TORCH = "torch==2.13.0"  # the Makefile's CPU wheel rule
+TORCH = next(line for line in (ROOT / ".ci" / "torch-cpu.txt").read_text().splitlines()
+             if line and not line.startswith("#"))  # the CPU wheel every set-up installs first
 
 
 def run(*command: str | Path, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
