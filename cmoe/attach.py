@@ -16,7 +16,6 @@ model starts exactly where it was (routing weights sum to one, so identical expe
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +25,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from cmoe.config import CMoEConfig, ConnectorConfig
+from cmoe.config import CMoEConfig, ConnectorConfig, read_config_json
 from cmoe.connector import PretrainedConnector, build_connector
 from cmoe.errors import CMoEError, expect
 from cmoe.experts import StackedExperts
@@ -207,22 +206,16 @@ def using_task_ids(model: nn.Module, task_ids: torch.Tensor | list[int]) -> Iter
 def read_attach_record(path: str | os.PathLike) -> dict[str, Any]:
     """The attach record in the ``config.json`` of a folder saved from an attached model."""
     folder = Path(path)
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        if (folder / "adapter_config.json").is_file():
-            raise CMoEError(f"{folder}: a peft adapter folder, not a whole model; load the base model, cmoe.attach it "
-                            "as before training and use peft.PeftModel.from_pretrained(model, folder), or save the "
-                            "whole model with model.merge_and_unload().save_pretrained(dir) and load that")
-        raise CMoEError(f"{folder}: no config.json here; pass a folder written by save_pretrained of an attached model")
-    try:
-        record = json.loads(config_file.read_text(encoding="utf-8")).get(RECORD_FIELD)
-    except (ValueError, AttributeError) as error:
-        raise CMoEError(f"{config_file}: not a JSON object ({error}); save the model again") from None
+    if not (folder / "config.json").is_file() and (folder / "adapter_config.json").is_file():
+        raise CMoEError(f"{folder}: a peft adapter folder, not a whole model; load the base model, cmoe.attach it "
+                        "as before training and use peft.PeftModel.from_pretrained(model, folder), or save the "
+                        "whole model with model.merge_and_unload().save_pretrained(dir) and load that")
+    record = read_config_json(folder).get(RECORD_FIELD)
     if not isinstance(record, dict):
         raise CMoEError(f"{folder}: expected a model saved with a cmoe connector attached (config.json with a "
                         f"{RECORD_FIELD!r} entry), got one without; load it with from_pretrained and call "
                         "cmoe.attach(model) to add a connector")
-    expect(record.get("format") == RECORD_FORMAT, f"{config_file} {RECORD_FIELD}.format",
+    expect(record.get("format") == RECORD_FORMAT, f"{folder / 'config.json'} {RECORD_FIELD}.format",
            f"{RECORD_FORMAT} (written by this cmoe)", f"{record.get('format')!r}; upgrade cmoe")
     return record
 

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_unimed_loaders import _loaded
 
 from cmoe.errors import CMoEError
 from cmoe.reference_models.unimed.boxes import Box
 from cmoe.reference_models.unimed.config import DataSection, DatasetEntry
-from cmoe.reference_models.unimed.data.loaders import LAYOUTS, LOADERS, detect_layout, load_dataset
+from cmoe.reference_models.unimed.data.loaders import LAYOUTS, detect_layout, load_dataset
 from cmoe.reference_models.unimed.data.mixing import TaskRatioSampler
-from cmoe.reference_models.unimed.data.sample import Sample
 from cmoe.reference_models.unimed.data.splits import load_split
 from cmoe.reference_models.unimed.tasks import get_task
 
@@ -82,14 +82,6 @@ def samed2d_unimed(root: Path) -> Path:
         write_json(root / f"regions_small_{split}" / modality / f"{image_id}.json", entries)
         write_image(root / f"images_small_{split}" / modality / f"{image_id}.png", width, height)
     return root
-
-
-def _loaded(name: str, root: Path, split: str = "train", **options: object) -> list[Sample]:
-    samples = load_dataset(name, root, split, **options)
-    for sample in samples:
-        assert sample.task == LOADERS[name].task and sample.source == name
-        get_task(sample.task).instruction(**sample.fields)
-    return samples
 
 
 @pytest.mark.smoke
