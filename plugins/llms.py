@@ -51,10 +51,12 @@ def build_hf_causal_lm(
     dtype: torch.dtype | str | None = None,
     lora: dict[str, Any] | None = None,
     gradient_checkpointing: bool = False,
+    upcast: torch.dtype | str | None = None,
 ) -> CausalLM:
     """Build from a LOCAL checkpoint directory (`path`) or from `config` (a dict with ``model_type``, e.g.
     ``{"model_type": "llama", "hidden_size": 64, ...}``, random weights). `lora` (e.g. ``{"r": 8}``) wraps
-    the model with peft (see `apply_lora`)."""
+    the model with peft (see `apply_lora`). `upcast` casts the weights, once loaded in `dtype`, to that dtype
+    (Uni-Med loads LLaMA in float16 and peft's ``prepare_model_for_kbit_training`` casts it to float32)."""
     require("hf", "the hf_causal_lm LLM")
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -77,6 +79,8 @@ def build_hf_causal_lm(
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **options))
         if dtype is not None:
             model = model.to(dtype)
+    if upcast is not None:
+        model = model.to(getattr(torch, upcast) if isinstance(upcast, str) else upcast)
     if gradient_checkpointing:  # transformers >= 5.2x names it activation checkpointing; older, gradient
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()

@@ -215,8 +215,8 @@ def test_eval_command_writes_tables_that_name_the_protocol(tmp_path: Path, monke
 
     real_load_split = evaluate.load_split
 
-    def two_sources(section, split):
-        samples = real_load_split(section, split)
+    def two_sources(section, split, text_processor="cmoe"):
+        samples = real_load_split(section, split, text_processor)
         names = {"vqa": ("slake_vqa", "pathvqa"), "rec": ("slake_rec", "samed2d_rec")}
         seen: Counter[str] = Counter()
         for sample in samples:
@@ -238,7 +238,7 @@ def test_eval_command_writes_tables_that_name_the_protocol(tmp_path: Path, monke
     written = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert written["protocol"] == "original"
     assert {"vqa/slake_vqa", "vqa/pathvqa", "rec/slake_rec", "rec/samed2d_rec", "report/synthetic_report",
-            "reg/synthetic_reg", "cls/synthetic_cls", "qa/synthetic_qa"} == set(written) - {"protocol"}
+            "reg/synthetic_reg", "cls/synthetic_cls", "qa/synthetic_qa"} == set(written) - {"protocol", "original_run"}
     assert written["vqa/pathvqa"]["all/f1"] == {"value": 1.0, "count": 4, "note": ""}
     assert written["cls/synthetic_cls"]["accuracy"]["value"] == 1.0
     assert 0.5 < written["rec/slake_rec"]["miou"]["value"] < 1  # the reference box text, on the 0–100 grid
@@ -247,6 +247,6 @@ def test_eval_command_writes_tables_that_name_the_protocol(tmp_path: Path, monke
     assert cli.main(["eval", "--output-dir", str(tmp_path), "--out", str(tmp_path / "ours"), *SMALL]) == 0
     assert "Scoring protocol: cmoe" in capsys.readouterr().out  # the tiny config's default
     ours = json.loads((tmp_path / "ours" / "eval.json").read_text())
-    assert ours["protocol"] == "cmoe" and set(ours) - {"protocol"} == {"qa", "vqa", "report", "rec", "reg", "cls"}
+    assert ours["protocol"] == "cmoe" and set(ours) - {"protocol", "original_run"} == {"qa", "vqa", "report", "rec", "reg", "cls"}
     assert ours["vqa"]["all/f1"]["count"] == 4
     assert "Scoring protocol: cmoe" in (tmp_path / "ours" / "eval.md").read_text()

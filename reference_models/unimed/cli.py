@@ -100,7 +100,7 @@ def _data_stats(args: argparse.Namespace) -> int:
 
     config = _load(args)
     split = args.split or config.data.train_split
-    samples = load_split(config.data, split)
+    samples = load_split(config.data, split, config.prompts.resolved().text_processor)
     layouts = format_layouts(config.data, split)
     if layouts:
         print(layouts)

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, TypeVar
 
 from cmoe.errors import CMoEError, expect
 from cmoe.extras import require
+from cmoe.reference_models.unimed.prompt_style import PromptStyle, points, resolve_style
 from cmoe.validation import check_field_types, check_values, parse_bool
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -117,7 +118,8 @@ class TokenizerSection:
 class ModelSection:
     """The model. ``connector_autocast: float16`` runs the connector under fp16 autocast in training and
     generation, as the original does on a GPU (its ``maybe_autocast``); null keeps the connector's float32 outside
-    a training autocast."""
+    a training autocast. ``llm_upcast: float32`` loads the LLM in ``dtype`` and then casts its weights to float32
+    (the original: fp16 weights upcast by peft's ``prepare_model_for_kbit_training``, run under fp16 autocast)."""
     _where: ClassVar[str] = "model"
 
     vision_encoder: ComponentConfig
@@ -132,11 +134,15 @@ class ModelSection:
     dtype: str = "float32"
     gradient_checkpointing: bool = False
     connector_autocast: str | None = None
+    llm_upcast: str | None = None
 
     def __post_init__(self) -> None:
         check_field_types(self, self._where)
         expect(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", "float32, bfloat16 or float16",
                repr(self.dtype))
+        expect(self.llm_upcast in (None, "float32"), "model.llm_upcast",
+               "null (the LLM keeps model.dtype) or float32 (loaded in model.dtype, then cast to float32, as the "
+               "original's peft prepare_model_for_kbit_training does)", repr(self.llm_upcast))
         expect(self.connector_autocast in (None, "float16", "bfloat16"), "model.connector_autocast",
                "null (the connector in its own float32), float16 (the original) or bfloat16",
                repr(self.connector_autocast))
@@ -283,6 +289,34 @@ class EvalSection:
 
 
 @dataclass
+class PromptsSection:
+    """How prompts are worded and answers read (`prompt_style`): ``style: original`` reproduces the original's run
+    word for word (the paper config's default), ``cmoe`` is ours; each other key, when set, overrides one point
+    of the style (``templates``, ``space_before_inst``, ``eval_bos``, ``cut_answers``, ``pubmedqa_instruction``,
+    ``text_processor``, ``tokenizer``, ``min_new_tokens``)."""
+
+    _where: ClassVar[str] = "prompts"
+
+    style: str = "cmoe"
+    templates: str | None = None
+    space_before_inst: bool | None = None
+    eval_bos: int | None = None
+    cut_answers: bool | None = None
+    pubmedqa_instruction: str | None = None
+    text_processor: str | None = None
+    tokenizer: str | None = None
+    min_new_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        check_field_types(self, self._where)
+        self.resolved()
+
+    def resolved(self) -> PromptStyle:
+        """The style with this section's overrides applied (errors name the known styles, points and values)."""
+        return resolve_style(self.style, {point: getattr(self, point) for point in points()})
+
+
+@dataclass
 class RecipeConfig:
     """The whole recipe. ``output_dir`` holds checkpoints, metrics and evaluation tables."""
 
@@ -292,6 +326,7 @@ class RecipeConfig:
     data: DataSection
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    prompts: PromptsSection = field(default_factory=PromptsSection)
     seed: int = 42
     output_dir: str = "runs/unimed"
     name: str = "unimed"
@@ -339,6 +374,7 @@ def _build(cls: type[T], data: Any, where: str) -> T:
 _NESTED: dict[tuple[type, str], Any] = {
     (RecipeConfig, "model"): ModelSection, (RecipeConfig, "data"): DataSection,
     (RecipeConfig, "train"): TrainSection, (RecipeConfig, "eval"): EvalSection,
+    (RecipeConfig, "prompts"): PromptsSection,
     (ModelSection, "vision_encoder"): ComponentConfig, (ModelSection, "llm"): ComponentConfig,
     (ModelSection, "tokenizer"): TokenizerSection, (ModelSection, "connector"): ConnectorSection,
     (ModelSection, "aggregation"): AggregationConfig, (ModelSection, "lora"): LoraSection,

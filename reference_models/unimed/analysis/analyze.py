@@ -109,9 +109,9 @@ def analyze_checkpoint(config: RecipeConfig, checkpoint: str | os.PathLike | Non
     if initial_state is None:
         torch.manual_seed(config.seed)
         initial_state = snapshot_parameters(build_model(config.model, model.tokenizer).connector)
-    samples = load_split(config.data, config.data.train_split)
+    samples = load_split(config.data, config.data.train_split, config.prompts.resolved().text_processor)
     collator = Collator(model.tokenizer, model.vision_encoder.image_size, config.model.image_mean,
-                        config.model.image_std, config.model.max_text_tokens)
+                        config.model.image_std, config.model.max_text_tokens, style=config.prompts.resolved())
     probe = TugOfWarProbe(samples, collator, batches_per_task, config.train.batch_size, seed=config.seed)
     probe.previous_state = initial_state
     report = TugOfWarReport(meta=report_meta(model, config))

@@ -5,10 +5,13 @@ from __future__ import annotations
 from cmoe.errors import expect
 from cmoe.reference_models.unimed.config import DataSection
 from cmoe.reference_models.unimed.data.sample import Sample
+from cmoe.reference_models.unimed.text_processing import using_text_processor
 
 
-def load_split(section: DataSection, split: str) -> list[Sample]:
-    """The entries of `split` (``train`` or the eval split): generated, or read by each dataset's loader."""
+def load_split(section: DataSection, split: str, text_processor: str = "cmoe") -> list[Sample]:
+    """The entries of `split` (``train`` or the eval split): generated, or read by each dataset's loader with
+    `text_processor` (``prompts.text_processor``: ``original`` or ``cmoe``, see `text_processing`) applied to
+    questions, object names and answers."""
     if section.synthetic is not None:
         from cmoe.reference_models.unimed.data.synthetic import SyntheticConfig, generate_splits
 
@@ -22,10 +25,11 @@ def load_split(section: DataSection, split: str) -> list[Sample]:
     from cmoe.reference_models.unimed.data.loaders import load_dataset
 
     samples: list[Sample] = []
-    for entry in section.datasets:
-        for sample in load_dataset(entry.name, entry.root, split, **entry.options):
-            sample.source = sample.source or entry.name
-            samples.append(sample)
+    with using_text_processor(text_processor):
+        for entry in section.datasets:
+            for sample in load_dataset(entry.name, entry.root, split, **entry.options):
+                sample.source = sample.source or entry.name
+                samples.append(sample)
     return samples
 
 

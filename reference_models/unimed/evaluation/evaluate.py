@@ -24,6 +24,7 @@ from cmoe.reference_models.unimed.model.checkpoint import find_latest, load_trai
 from cmoe.reference_models.unimed.model.collate import Collator
 from cmoe.reference_models.unimed.model.tokenizer import load_tokenizer
 from cmoe.reference_models.unimed.original import ORIGINAL_EVAL_DATASETS
+from cmoe.reference_models.unimed.prompt_style import format_record, run_record
 from cmoe.reference_models.unimed.tasks import TASKS
 
 TASK_ORDER = tuple(TASKS)
@@ -59,10 +60,11 @@ def load_trained_model(config: RecipeConfig, checkpoint: str | os.PathLike | Non
     path = resolve_checkpoint(config, checkpoint)
     parts = read_checkpoint(path)
     tokenizer_dir = path / "tokenizer"
+    original = config.prompts.resolved().tokenizer == "original"
     if tokenizer_dir.is_dir():
-        tokenizer = load_tokenizer(tokenizer_dir)
+        tokenizer = load_tokenizer(tokenizer_dir, original)
     elif config.model.tokenizer.kind == "pretrained":
-        tokenizer = load_tokenizer(config.model.tokenizer.path)
+        tokenizer = load_tokenizer(config.model.tokenizer.path, original)
     else:
         raise CMoEError(f"checkpoint {path}: no tokenizer/ folder, and the config's word-level tokenizer is "
                         "built at training time; evaluate a checkpoint written by `cmoe unimed train`")
@@ -73,14 +75,15 @@ def load_trained_model(config: RecipeConfig, checkpoint: str | os.PathLike | Non
 
 
 def predict(model: UniMedModel, samples: list, config: RecipeConfig, device: torch.device | str = "cpu") -> list[str]:
-    """Greedy answers for `samples`, in batches of ``eval.batch_size``."""
+    """Greedy answers for `samples`, in batches of ``eval.batch_size``, asked and read as ``prompts`` says."""
+    style = config.prompts.resolved()
     collator = Collator(model.tokenizer, model.vision_encoder.image_size, config.model.image_mean,
-                        config.model.image_std, config.model.max_text_tokens, with_answers=False)
+                        config.model.image_std, config.model.max_text_tokens, with_answers=False, style=style)
     answers: list[str] = []
     size = config.eval.batch_size
     for start in range(0, len(samples), size):
         batch = collator(samples[start:start + size]).to(device)
-        answers.extend(model.generate(batch, config.eval.max_new_tokens))
+        answers.extend(model.generate(batch, config.eval.max_new_tokens, style))
     return answers
 
 
@@ -178,14 +181,18 @@ def results_to_dict(results: dict[str, dict[str, Metric]]) -> dict[str, dict[str
 
 
 def write_results(out_dir: str | os.PathLike, results: dict[str, dict[str, Metric]],
-                  records: list[dict[str, Any]], header: str = "", protocol: str = "cmoe") -> list[Path]:
+                  records: list[dict[str, Any]], header: str = "", protocol: str = "cmoe",
+                  run: dict[str, Any] | None = None) -> list[Path]:
     """``eval.md``, ``eval.json`` and ``predictions.jsonl`` in `out_dir`, each written atomically; both tables
-    name the scoring `protocol` (eval.json: a ``"protocol"`` key beside one key per row)."""
+    name the scoring `protocol` (eval.json: a ``"protocol"`` key beside one key per row) and, when given, what
+    the `run` reproduces of the original's (`prompt_style.run_record`; eval.json: ``"original_run"``)."""
     out = Path(out_dir)
-    table = (header + "\n\n" if header else "") + format_results(results, protocol) + "\n"
+    run_line = format_record(run) + "\n\n" if run else ""
+    table = (header + "\n\n" if header else "") + run_line + format_results(results, protocol) + "\n"
     lines = "".join(json.dumps(record) + "\n" for record in records)
+    payload = {"protocol": protocol, **({"original_run": run} if run else {}), **results_to_dict(results)}
     return [atomic_write(out / "eval.md", lambda p: Path(p).write_text(table)),
-            write_json(out / "eval.json", {"protocol": protocol, **results_to_dict(results)}),
+            write_json(out / "eval.json", payload),
             atomic_write(out / "predictions.jsonl", lambda p: Path(p).write_text(lines))]
 
 
@@ -198,11 +205,11 @@ def run_evaluation(config: RecipeConfig, checkpoint: str | os.PathLike | None = 
     protocol = check_protocol(protocol or config.eval.protocol)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, _ = load_trained_model(config, checkpoint, device)
-    samples = load_split(config.data, config.data.eval_split)
+    samples = load_split(config.data, config.data.eval_split, config.prompts.resolved().text_processor)
     if not samples:
         raise CMoEError(f"data: the {config.data.eval_split!r} split is empty; check the dataset roots")
     results, records = evaluate_model(model, samples, config, limit_per_task, device, protocol)
     target = Path(out_dir) if out_dir is not None else Path(config.output_dir) / "eval"
     write_results(target, results, records, header=f"# {config.name}: evaluation on {config.data.eval_split}",
-                  protocol=protocol)
+                  protocol=protocol, run=run_record(config, getattr(model, "tokenizer", None)))
     return results

@@ -23,7 +23,8 @@ from cmoe.errors import CMoEError, UnknownNameError
 from cmoe.reference_models.unimed.config import AggregationConfig, ModelSection
 from cmoe.reference_models.unimed.model.collate import IMAGE_TASKS, Batch
 from cmoe.reference_models.unimed.original import original_task_experts
-from cmoe.reference_models.unimed.prompts import clean_answer
+from cmoe.reference_models.unimed.prompt_style import PROMPT_STYLES, PromptStyle
+from cmoe.reference_models.unimed.prompts import clean_answer, original_answer
 from cmoe.registry import get_llm, get_vision_encoder
 
 IGNORE_INDEX = -100
@@ -182,8 +183,13 @@ class UniMedModel(nn.Module):
         return UniMedOutput(loss + aux, sample_losses.detach(), aux.detach(), routing)
 
     @torch.no_grad()
-    def generate(self, batch: Batch, max_new_tokens: int = 100) -> list[str]:
-        """Greedy answers (cleaned: ``</s>`` dropped, whitespace collapsed, 50 words at most), left-padded."""
+    def generate(self, batch: Batch, max_new_tokens: int = 100, style: PromptStyle | None = None) -> list[str]:
+        """Greedy answers, left-padded, read as `style` says (default ``cmoe``): ``cut_answers`` drops ``</s>``,
+        collapses whitespace and keeps 50 words; otherwise the text is kept whole as the original's ``generate``
+        returns it (cut at a literal ``</s>``, ``<s>`` removed, what follows the last ``[/INST]``, stripped).
+        ``min_new_tokens: 1`` forbids an end-of-sequence token as the first new token (the original's
+        ``min_length=1``)."""
+        style = style or PROMPT_STYLES["cmoe"]
         sequences, _, _ = self._sequences(batch, with_answers=False)
         length = max(seq.shape[0] for seq in sequences)
         embeds = torch.stack([F.pad(seq, (0, 0, length - seq.shape[0], 0)) for seq in sequences])
@@ -192,8 +198,12 @@ class UniMedModel(nn.Module):
         tokenizer = self.tokenizer
         output = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
                                    do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id,
-                                   eos_token_id=tokenizer.eos_token_id)
-        return [clean_answer(text) for text in tokenizer.batch_decode(output, skip_special_tokens=True)]
+                                   eos_token_id=tokenizer.eos_token_id,
+                                   min_new_tokens=style.min_new_tokens or None)
+        texts = tokenizer.batch_decode(output, skip_special_tokens=True)
+        if style.cut_answers:
+            return [clean_answer(text) for text in texts]
+        return [original_answer(text, tokenizer.bos_token, tokenizer.eos_token) for text in texts]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The parameters that train (connector, LoRA): what a checkpoint holds, as in the original."""
@@ -217,6 +227,8 @@ def _llm_options(section: ModelSection, tokenizer) -> dict[str, Any]:
     if section.gradient_checkpointing:
         options["gradient_checkpointing"] = True
     options.setdefault("dtype", section.dtype)
+    if section.llm_upcast is not None:
+        options.setdefault("upcast", section.llm_upcast)
     return options
 
 

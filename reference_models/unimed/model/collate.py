@@ -13,8 +13,8 @@ import torch
 
 from cmoe.reference_models.unimed.data.images import preprocess_images
 from cmoe.reference_models.unimed.data.sample import Sample
-from cmoe.reference_models.unimed.prompts import build_prompt, split_at_image
-from cmoe.reference_models.unimed.tasks import get_task
+from cmoe.reference_models.unimed.prompt_style import PROMPT_STYLES, PromptStyle
+from cmoe.reference_models.unimed.prompts import sample_prompt, split_at_image
 
 IMAGE_TASKS = ("vqa", "report", "rec", "reg", "cls")
 """Tasks that have an image, in the order of the connector's task ids (one learned task token each)."""
@@ -64,20 +64,23 @@ class Collator:
     """
 
     def __init__(self, tokenizer, image_size: int, mean: Sequence[float], std: Sequence[float],
-                 max_text_tokens: int = 1024, with_answers: bool = True):
+                 max_text_tokens: int = 1024, with_answers: bool = True, style: PromptStyle | None = None):
         self.tokenizer = tokenizer
         self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
         self.max_text_tokens = max_text_tokens
         self.with_answers = with_answers
+        self.style = style or PROMPT_STYLES["cmoe"]
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids if text else []
 
     def encode(self, sample: Sample) -> EncodedText:
-        parts = build_prompt(get_task(sample.task), sample.fields)
+        parts = sample_prompt(sample, self.style, training=self.with_answers)
         pieces = split_at_image(parts.prompt)
         before, after = pieces if pieces is not None else ("", parts.prompt)
-        bos = [] if self.tokenizer.bos_token_id is None else [self.tokenizer.bos_token_id]
+        # The original's eval prompts carry "<s>" in their text besides the tokenizer's BOS (`eval_bos: 2`).
+        repeat = 1 if self.with_answers else self.style.eval_bos
+        bos = [] if self.tokenizer.bos_token_id is None else [self.tokenizer.bos_token_id] * repeat
         before_ids, after_ids = bos + self._ids(before), self._ids(after)
         answer_ids = self._ids(sample.answer) + [self.tokenizer.eos_token_id] if self.with_answers else []
         budget = self.max_text_tokens - len(before_ids) - len(after_ids)

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from cmoe.errors import CMoEError
+from cmoe.reference_models.unimed.model.sentencepiece_llama import OriginalLlamaTokenizer, sentencepiece_model
 
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
@@ -47,9 +48,13 @@ def build_word_tokenizer(texts: Iterable[str]):
     return PreTrainedTokenizerFast(tokenizer_object=model, **SPECIAL_TOKENS)
 
 
-def load_tokenizer(path: str | os.PathLike):
+def load_tokenizer(path: str | os.PathLike, original: bool = False):
     """The tokenizer saved in a LOCAL directory (e.g. LLaMA-2's); nothing is downloaded. A tokenizer without a
-    pad token gets its unk (or eos) token as pad: padding is masked out of attention and loss anyway."""
+    pad token gets its unk (or eos) token as pad: padding is masked out of attention and loss anyway.
+
+    With `original` (``prompts.tokenizer: original``) and a SentencePiece ``tokenizer.model`` in the folder, the
+    result tokenises as the original's slow transformers-4.30 ``LlamaTokenizer`` (`OriginalLlamaTokenizer`);
+    a folder without one (e.g. the tiny word-level tokenizer) loads as it is (`tokenizer_setting` says which)."""
     from transformers import AutoTokenizer
 
     if not Path(path).is_dir():
@@ -58,4 +63,13 @@ def load_tokenizer(path: str | os.PathLike):
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    model_file = sentencepiece_model(path)
+    if original and model_file is not None:
+        return OriginalLlamaTokenizer(model_file, tokenizer)
     return tokenizer
+
+
+def tokenizer_setting(tokenizer) -> str:
+    """What a run's tokenizer is, for its records: ``original`` (the slow SentencePiece LLaMA tokenizer) or
+    ``as_loaded``."""
+    return "original" if isinstance(tokenizer, OriginalLlamaTokenizer) else "as_loaded"

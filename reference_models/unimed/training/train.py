@@ -46,6 +46,8 @@ from cmoe.reference_models.unimed.model.checkpoint import (
     save_checkpoint,
     save_connector_init,
 )
+from cmoe.reference_models.unimed.prompt_style import run_record
+from cmoe.reference_models.unimed.instructions import DrawnInstructions, keyed_batches
 from cmoe.reference_models.unimed.model.collate import Collator
 from cmoe.reference_models.unimed.model.tokenizer import build_word_tokenizer, load_tokenizer
 from cmoe.reference_models.unimed.prompts import build_prompt
@@ -125,7 +127,7 @@ def make_tokenizer(config: RecipeConfig, train_samples: list[Sample]):
     section = config.model.tokenizer
     if section.kind == "word_level":
         return build_word_tokenizer(prompt_texts(train_samples))
-    return load_tokenizer(section.path)
+    return load_tokenizer(section.path, original=config.prompts.resolved().tokenizer == "original")
 
 
 def autocast(precision: str, device: torch.device):
@@ -212,6 +214,7 @@ class Trainer:
     def __init__(self, config: RecipeConfig, output_dir: str | os.PathLike | None = None,
                  resume: str | os.PathLike | None = "auto"):
         self.config = config
+        self.style = config.prompts.resolved()
         self.output_dir = Path(output_dir or config.output_dir)
         self.resume = resume
         self.ctx = init_distributed()
@@ -241,7 +244,8 @@ class Trainer:
 
     def setup(self) -> None:
         config, ctx = self.config, self.ctx
-        self.train_samples = load_split(config.data, config.data.train_split)
+        self.train_samples = load_split(config.data, config.data.train_split,
+                                        config.prompts.resolved().text_processor)
         if not self.train_samples:
             raise CMoEError(f"data: the {config.data.train_split!r} split is empty; check the dataset roots")
         resume_from = self._checkpoint_to_resume()
@@ -251,7 +255,7 @@ class Trainer:
             if note:
                 print(note, flush=True)
         if resume_from is not None and (resume_from / "tokenizer").is_dir():
-            self.tokenizer = load_tokenizer(resume_from / "tokenizer")
+            self.tokenizer = load_tokenizer(resume_from / "tokenizer", original=self.style.tokenizer == "original")
         else:
             self.tokenizer = make_tokenizer(config, self.train_samples)
         train = config.train
@@ -289,7 +293,7 @@ class Trainer:
         if ctx.world_size > 1 and not self.fsdp:
             self.wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         self.collator = Collator(self.tokenizer, model.vision_encoder.image_size, config.model.image_mean,
-                                 config.model.image_std, config.model.max_text_tokens)
+                                 config.model.image_std, config.model.max_text_tokens, style=self.style)
         options = dict(config.data.sampler_options)
         if config.data.sampler == "task_ratio":
             options.setdefault("ratios", config.data.mixing_ratios())
@@ -311,10 +315,14 @@ class Trainer:
         ctx, accum = self.ctx, self.config.train.grad_accum
         start = self.step * accum * ctx.world_size + ctx.rank
         indices = islice(self.sampler.iter_from(start), 0, None, ctx.world_size)
+        # Each read of a sample is keyed by its global batch and position: a pool template drawn from that key is
+        # the same in a resumed run and with any number of processes.
+        keys = keyed_batches(indices, start, ctx.world_size)
+        samples = DrawnInstructions(self.train_samples, self.config.seed, self.style.templates == "pools")
         # Its own generator: creating the iterator must not draw from the global RNG (dropout's), or a resumed
         # run would see shifted dropout masks.
         generator = torch.Generator().manual_seed(self.config.seed)
-        loader = torch.utils.data.DataLoader(self.train_samples, batch_sampler=indices, collate_fn=self.collator,
+        loader = torch.utils.data.DataLoader(samples, batch_sampler=keys, collate_fn=self.collator,
                                              num_workers=self.config.data.num_workers, generator=generator)
         return iter(loader)
 
@@ -346,7 +354,8 @@ class Trainer:
             optimizer_state = distributed.full_optimizer_state(self.model, self.optimizer)
         path = None
         if ctx.is_main:
-            extra = {"config": self.config.to_dict(), "world_size": ctx.world_size}
+            extra = {"config": self.config.to_dict(), "world_size": ctx.world_size,
+                     "original_run": run_record(self.config, self.tokenizer)}
             path = save_checkpoint(self.output_dir, self.step, self.model, self.optimizer, self.scheduler, extra,
                                    keep=self.config.train.keep_checkpoints, tokenizer=self.tokenizer,
                                    rng_states=states, trainable=trainable, optimizer_state=optimizer_state,

@@ -16,6 +16,7 @@ from cmoe.reference_models.unimed.boxes import SCALE, parse_box
 from cmoe.reference_models.unimed.data.loaders.layouts import AUTO, LAYOUT_CHOICES, LAYOUTS
 from cmoe.reference_models.unimed.data.sample import Sample
 from cmoe.reference_models.unimed.prompts import clean_answer
+from cmoe.reference_models.unimed.text_processing import current_text_processor, original_text
 
 PathLike = Union[str, Path]
 
@@ -122,18 +123,26 @@ def _take(name: str, samples: Iterator[Sample], limit: int | None) -> list[Sampl
 
 
 def _words(value: object) -> str:
-    """Whitespace collapsed (questions, object names)."""
+    """Questions and object names: whitespace collapsed (``cmoe``), or the original's text processor with its
+    50-word cut when loading under ``original`` (it processes every question; `using_text_processor`)."""
+    if current_text_processor() == "original":
+        return original_text(str(value))
     return " ".join(str(value).split())
 
 
 def _answer(value: object) -> str:
-    """The original's answer clean-up: whitespace collapsed and cut to 50 words."""
+    """The answer clean-up of the current text processor (`using_text_processor`): whitespace collapsed and cut
+    to 50 words, ``</s>`` dropped under ``cmoe``; the original's ``blip_caption_new`` under ``original``."""
+    if current_text_processor() == "original":
+        return original_text(str(value))
     return clean_answer(str(value))
 
 
 def _cut(value: object, max_words: int | None) -> str:
     """Whitespace collapsed and, unless `max_words` is None, cut to `max_words` words (the original's text
     processor, ``blip_caption_new``, cuts whatever it is given to 50 words)."""
+    if current_text_processor() == "original":
+        return original_text(str(value), max_words)
     return _words(value) if max_words is None else clean_answer(str(value), max_words)
 
 

@@ -26,6 +26,7 @@ from cmoe.reference_models.unimed.data.loaders.common import (
 )
 from cmoe.reference_models.unimed.data.sample import Sample
 from cmoe.reference_models.unimed.tasks import TASKS
+from cmoe.reference_models.unimed.text_processing import current_text_processor
 
 
 def question_words(instruction_words: int | None) -> int | None:
@@ -38,8 +39,13 @@ def question_words(instruction_words: int | None) -> int | None:
 
 
 def _question(name: str, value: object, instruction_words: int | None) -> str:
+    """The question as the instruction will hold it: under the ``original`` text processor unchanged (the
+    original processes the whole instruction once its template is drawn: `prompts.qa_instruction`), under
+    ``cmoe`` whitespace-collapsed and cut to fit ``instruction_words`` after our template."""
     expect(instruction_words is None or (isinstance(instruction_words, int) and instruction_words > 0),
            f"{name}: instruction_words", "None (keep the whole question) or a positive int", repr(instruction_words))
+    if current_text_processor() == "original":
+        return str(value)
     keep = question_words(instruction_words)
     return _words(value) if keep is None else _cut(value, keep) if keep else ""
 
@@ -59,7 +65,8 @@ def load_medqa(root: PathLike, split: str = "train", instruction_words: int | No
     rows = _read_jsonl(name, root / "questions" / "US" / f"{split}.jsonl", root)
     samples = (Sample("qa", {"question": _question(name, row["question"], instruction_words)},
                       _answer(row["answer"]), source=name,
-                      meta={"options": row.get("options"), "answer_idx": row.get("answer_idx")})
+                      meta={"options": row.get("options"), "answer_idx": row.get("answer_idx"),
+                            "instruction_words": instruction_words})
                for row in rows)
     return _take(name, samples, limit)
 
@@ -94,6 +101,7 @@ def load_pubmedqa(root: PathLike, split: str = "train", fold: int = 0, instructi
     _question(name, "", instruction_words)
     records = _pubmedqa_records(root, split, fold)
     samples = (Sample("qa", {"question": _question(name, rec["QUESTION"], instruction_words)},
-                      _answer(rec["final_decision"]), source=name, meta={"pmid": str(pmid)})
+                      _answer(rec["final_decision"]), source=name,
+                      meta={"pmid": str(pmid), "instruction_words": instruction_words})
                for pmid, rec in records.items())
     return _take(name, samples, limit)

@@ -45,18 +45,23 @@ def _first_path(image_path: str | list[str]) -> str:
 
 
 def load_mimic_cxr(root: PathLike, split: str = "train", image_root: PathLike | None = None,
-                   annotation: str = "annotation.json", limit: int | None = None) -> list[Sample]:
+                   annotation: str = "annotation.json", eval_annotation: str | None = None,
+                   limit: int | None = None) -> list[Sample]:
     """MIMIC-CXR report generation in the layout Uni-Med reads (R2Gen's ``annotation.json``).
 
     ``<root>/<annotation>`` is ``{"train"|"val"|"test": [{"image_path": [relative jpg, ...], "report": text,
     ...}]}``; each study uses its first image, at ``<image_root>/files/<relative jpg>`` (``image_root``
     defaults to ``root``; Uni-Med points it at MIMIC-CXR-JPG 2.0.0). Studies whose image is absent are
     skipped, as in the original. ``annotation`` selects a subset file (Uni-Med trains on
-    ``annotation_small.json``). Answer = the report collapsed to one line and cut to 50 words.
+    ``annotation_small.json``); ``eval_annotation``, when set, is read for the ``val`` and ``test`` splits instead
+    (the original trains on ``annotation_small.json`` and its ``eval_caption.py`` scores ``annotation.json``'s
+    test split). Answer = the report collapsed to one line and cut to 50 words.
     """
     name = "mimic_cxr"
     root = _root(name, root, split, ("train", "val", "test"))
     images = Path(image_root).expanduser() if image_root is not None else root
+    if split != "train" and eval_annotation is not None:
+        annotation = eval_annotation
     data = _read_json(name, root / annotation, root, dict)
     if split not in data:
         raise CMoEError(f"{name}: {root / annotation} has no {split!r} list (keys: {sorted(data)}); "
