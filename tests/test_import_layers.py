@@ -26,7 +26,8 @@ ALLOWED_PACKAGES = {
 UNIMED = "cmoe.reference_models.unimed"
 # the recipe's layers, lowest first; a module imports its own layer (its own subpackage) and those below
 LAYERS = [
-    {"tasks", "prompts", "boxes", "config", "original", "__init__"},
+    {"tasks", "prompts", "boxes", "config", "original", "__init__", "instructions", "prompt_style",
+     "text_processing"},
     {"data"},
     {"model"},
     {"evaluation"},

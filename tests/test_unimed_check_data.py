@@ -60,6 +60,9 @@ def original_data_root(root: Path) -> Path:
     write_json(root / "MIMIC_caption" / "annotation_small.json",
                {"train": [{"image_path": [image], "report": "No acute findings."}],
                 "test": [{"image_path": [image], "report": "Clear lungs."}]})
+    # the original scores annotation.json's test split (the paper config's eval_annotation)
+    write_json(root / "MIMIC_caption" / "annotation.json",
+               {"train": [], "test": [{"image_path": [image], "report": "Clear lungs."}]})
     write_image(root / "MIMIC-CXR-JPG" / "2.0.0" / "files" / image, 16, 16)
     _npz(root / "MedMNIST" / "dermamnist_224.npz", 3, 0)
     _npz(root / "MedMNIST" / "organsmnist_224.npz", 6, 1)

@@ -95,11 +95,9 @@ def run_record(config: Any, tokenizer: Any = None) -> dict[str, Any]:
     """What a run reproduces of the original's, as checkpoints (``state.json``'s ``"original_run"``) and
     evaluation tables record it: the prompt settings (the tokenizer as actually loaded: ``original`` only where
     the folder has a SentencePiece model), the MIMIC-CXR annotation scored, and the LLM's weight precision."""
-    from cmoe.reference_models.unimed.model.tokenizer import tokenizer_setting
-
     record = config.prompts.resolved().record()
     if tokenizer is not None:
-        record["tokenizer"] = tokenizer_setting(tokenizer)
+        record["tokenizer"] = getattr(tokenizer, "cmoe_setting", "as_loaded")
     for entry in getattr(config.data, "datasets", []):
         if entry.name == "mimic_cxr":
             options = entry.options

@@ -9,15 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from typing import TYPE_CHECKING
-
-from cmoe.reference_models.unimed.instructions import fixed_instruction, pool_of
-from cmoe.reference_models.unimed.tasks import Task, get_task
-from cmoe.reference_models.unimed.text_processing import MAX_WORDS, original_text
-
-if TYPE_CHECKING:
-    from cmoe.reference_models.unimed.data.sample import Sample
-    from cmoe.reference_models.unimed.prompt_style import PromptStyle
+from cmoe.reference_models.unimed.tasks import Task
 
 IMAGE_PLACEHOLDER = "<ImageHere>"
 END_OF_ANSWER = "</s>"
@@ -43,31 +35,6 @@ def build_prompt(task: Task, instruction_fields: dict[str, str], answer: str = "
     text = task.instruction(**instruction_fields) if instruction is None else instruction
     prompt = f"[INST] {image_part}{text}{' ' if space_before_inst else ''} [/INST]"
     return PromptParts(prompt=prompt, answer=f"{answer}{END_OF_ANSWER}" if answer else "")
-
-
-def sample_prompt(sample: Sample, style: PromptStyle, training: bool) -> PromptParts:
-    """The prompt `sample` is trained (`training`) or asked with under `style`, as the original words it:
-
-    - the instruction: the pool template drawn for it (``sample.meta["template"]``, set per read by training
-      under ``templates: pools``), else the fixed one its evaluation uses (PubMedQA's own under
-      ``pubmedqa_instruction: own``); a QA instruction goes whole through the ``original`` text processor (cut
-      to the loader's ``instruction_words``), as the original processes it after drawing the template;
-    - the stray space before ``[/INST]`` (``space_before_inst``): in training prompts of image tasks, and in the
-      report eval prompts, as the original's datasets and caption eval script write them.
-    """
-    task = get_task(sample.task)
-    template = sample.meta.get("template") if training and style.templates == "pools" else None
-    pool = pool_of(sample.source, sample.task)
-    if template is not None and pool is not None:
-        instruction = pool.instruction(template, sample.fields)
-    else:
-        instruction = fixed_instruction(sample.task, sample.fields, sample.source,
-                                        pubmedqa_own=style.pubmedqa_instruction == "own")
-    if sample.task == "qa" and style.text_processor == "original":
-        instruction = original_text(instruction, sample.meta.get("instruction_words", MAX_WORDS))
-    space = style.space_before_inst and task.has_image and (training or sample.task == "report")
-    return build_prompt(task, sample.fields, sample.answer if training else "", instruction=instruction,
-                        space_before_inst=space)
 
 
 def split_at_image(prompt: str) -> tuple[str, str] | None:

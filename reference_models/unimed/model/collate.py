@@ -13,11 +13,39 @@ import torch
 
 from cmoe.reference_models.unimed.data.images import preprocess_images
 from cmoe.reference_models.unimed.data.sample import Sample
+from cmoe.reference_models.unimed.instructions import fixed_instruction, pool_of
 from cmoe.reference_models.unimed.prompt_style import PROMPT_STYLES, PromptStyle
-from cmoe.reference_models.unimed.prompts import sample_prompt, split_at_image
+from cmoe.reference_models.unimed.prompts import PromptParts, build_prompt, split_at_image
+from cmoe.reference_models.unimed.tasks import get_task
+from cmoe.reference_models.unimed.text_processing import MAX_WORDS, original_text
 
 IMAGE_TASKS = ("vqa", "report", "rec", "reg", "cls")
 """Tasks that have an image, in the order of the connector's task ids (one learned task token each)."""
+
+
+def sample_prompt(sample: Sample, style: PromptStyle, training: bool) -> PromptParts:
+    """The prompt `sample` is trained (`training`) or asked with under `style`, as the original words it:
+
+    - the instruction: the pool template drawn for it (``sample.meta["template"]``, set per read by training
+      under ``templates: pools``), else the fixed one its evaluation uses (PubMedQA's own under
+      ``pubmedqa_instruction: own``); a QA instruction goes whole through the ``original`` text processor (cut
+      to the loader's ``instruction_words``), as the original processes it after drawing the template;
+    - the stray space before ``[/INST]`` (``space_before_inst``): in training prompts of image tasks, and in the
+      report eval prompts, as the original's datasets and caption eval script write them.
+    """
+    task = get_task(sample.task)
+    template = sample.meta.get("template") if training and style.templates == "pools" else None
+    pool = pool_of(sample.source, sample.task)
+    if template is not None and pool is not None:
+        instruction = pool.instruction(template, sample.fields)
+    else:
+        instruction = fixed_instruction(sample.task, sample.fields, sample.source,
+                                        pubmedqa_own=style.pubmedqa_instruction == "own")
+    if sample.task == "qa" and style.text_processor == "original":
+        instruction = original_text(instruction, sample.meta.get("instruction_words", MAX_WORDS))
+    space = style.space_before_inst and task.has_image and (training or sample.task == "report")
+    return build_prompt(task, sample.fields, sample.answer if training else "", instruction=instruction,
+                        space_before_inst=space)
 
 
 def task_id(task: str) -> int:

@@ -39,6 +39,9 @@ class OriginalLlamaTokenizer:
     checkpoint's ``tokenizer/`` folder loads either way.
     """
 
+    cmoe_setting = "original"
+    """What run records call this tokenizer (``prompts.tokenizer``)."""
+
     def __init__(self, model_file: str | os.PathLike, hf_tokenizer: Any = None):
         try:
             import sentencepiece

@@ -72,4 +72,4 @@ def load_tokenizer(path: str | os.PathLike, original: bool = False):
 def tokenizer_setting(tokenizer) -> str:
     """What a run's tokenizer is, for its records: ``original`` (the slow SentencePiece LLaMA tokenizer) or
     ``as_loaded``."""
-    return "original" if isinstance(tokenizer, OriginalLlamaTokenizer) else "as_loaded"
+    return getattr(tokenizer, "cmoe_setting", "as_loaded")

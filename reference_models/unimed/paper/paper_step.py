@@ -3,8 +3,8 @@
 ``python -m cmoe.reference_models.unimed.paper.paper_step [--steps 5] [--batch-size 4] [--out result.json]``
 
 Full size (EVA-CLIP ViT-g, the original connector, LLaMA-2-7B with LoRA r 8) is built on the meta device and
-materialised on the GPU (`paper_scale.materialize`): frozen weights in float16 as the original keeps them,
-trainable ones in float32, fp16 autocast with a grad scaler, AdamW, gradient checkpointing, batch 4 of one
+materialised on the GPU (`paper_scale.materialize`): the frozen ViT in float16 and the LLM in float32 as the
+original keeps them (`model.llm_upcast`; null keeps the LLM in float16), trainable weights in float32, fp16 autocast with a grad scaler, AdamW, gradient checkpointing, batch 4 of one
 task, ``--text-tokens`` prompt and ``--answer-tokens`` answer tokens around the 64 visual tokens. The memory
 estimate is printed before the first step; the result (device, step times, peak memory, estimate, parameter
 counts) is printed, as a summary line and as JSON, and written to ``--out``. ``--dry-run`` runs the same path
@@ -77,6 +77,8 @@ def run(overrides: dict[str, Any] | None = None, steps: int = 5, warmup: int = 1
     model = build_on_meta(config, tokenizer)
     counts = parameter_counts(model)
     materialize(model, device, frozen_dtype=torch.float16 if half else None, seed=config.seed)
+    if config.model.llm_upcast is not None:  # the original's LLM: loaded in fp16, its weights then cast to fp32
+        model.llm.to(getattr(torch, config.model.llm_upcast))
     model.train()
     estimate = estimate_memory(model, batch_size, text_tokens + answer_tokens,
                                gradient_checkpointing=config.model.gradient_checkpointing)

@@ -32,6 +32,7 @@ from cmoe.reference_models.unimed.config import RecipeConfig, TrainSection
 from cmoe.reference_models.unimed.data.mixing import build_sampler
 from cmoe.reference_models.unimed.data.sample import Sample
 from cmoe.reference_models.unimed.data.splits import load_split
+from cmoe.reference_models.unimed.instructions import DrawnInstructions, keyed_batches
 from cmoe.reference_models.unimed.model.assembly import UniMedModel, build_model
 from cmoe.reference_models.unimed.model.checkpoint import (
     checkpoint_step,
@@ -46,10 +47,9 @@ from cmoe.reference_models.unimed.model.checkpoint import (
     save_checkpoint,
     save_connector_init,
 )
-from cmoe.reference_models.unimed.prompt_style import run_record
-from cmoe.reference_models.unimed.instructions import DrawnInstructions, keyed_batches
 from cmoe.reference_models.unimed.model.collate import Collator
 from cmoe.reference_models.unimed.model.tokenizer import build_word_tokenizer, load_tokenizer
+from cmoe.reference_models.unimed.prompt_style import run_record
 from cmoe.reference_models.unimed.prompts import build_prompt
 from cmoe.reference_models.unimed.tasks import get_task
 from cmoe.reference_models.unimed.training import distributed
