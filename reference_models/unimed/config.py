@@ -293,7 +293,7 @@ class PromptsSection:
     """How prompts are worded and answers read (`prompt_style`): ``style: original`` reproduces the original's run
     word for word (the paper config's default), ``cmoe`` is ours; each other key, when set, overrides one point
     of the style (``templates``, ``space_before_inst``, ``eval_bos``, ``cut_answers``, ``pubmedqa_instruction``,
-    ``text_processor``, ``tokenizer``, ``min_new_tokens``)."""
+    ``text_processor``, ``tokenizer``, ``resize``)."""
 
     _where: ClassVar[str] = "prompts"
 
@@ -305,7 +305,7 @@ class PromptsSection:
     pubmedqa_instruction: str | None = None
     text_processor: str | None = None
     tokenizer: str | None = None
-    min_new_tokens: int | None = None
+    resize: str | None = None
 
     def __post_init__(self) -> None:
         check_field_types(self, self._where)

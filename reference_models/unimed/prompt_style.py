@@ -22,7 +22,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "pubmedqa_instruction": ("own", "medqa"),
     "text_processor": ("original", "cmoe"),
     "tokenizer": ("original", "as_loaded"),
-    "min_new_tokens": (1, 0),
+    "resize": ("pillow10", "installed"),
 }
 """Each point's values, the original's first."""
 
@@ -45,8 +45,11 @@ class PromptStyle:
     - ``tokenizer``: ``original`` tokenises and decodes as transformers 4.30's slow SentencePiece
       ``LlamaTokenizer`` (`model.sentencepiece_llama`), where the tokenizer folder has a ``tokenizer.model``;
       ``as_loaded`` uses the tokenizer the folder loads as today.
-    - ``min_new_tokens``: the original's ``generate`` passes ``min_length=1``, so an end-of-sequence token is not
-      allowed as the first new token.
+    - ``resize``: ``pillow10`` resizes images as Pillow 10.0.1 (the original's pin) does, the width first
+      (`data.images.resize_bicubic`); ``installed`` with one call to the installed Pillow.
+
+    Not a point: the original's ``generate`` passes ``min_length=1``, but transformers 4.30 starts generating from
+    ``input_ids = [[bos]]``, so the rule never fires and an end-of-sequence token may come first, as in ours.
     """
 
     style: str
@@ -57,7 +60,7 @@ class PromptStyle:
     pubmedqa_instruction: str
     text_processor: str
     tokenizer: str
-    min_new_tokens: int
+    resize: str
 
     def record(self) -> dict[str, Any]:
         """The settings as recorded in checkpoints and evaluation tables (``prompts: original`` and each point)."""

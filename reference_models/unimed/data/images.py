@@ -28,12 +28,23 @@ def to_pil(image: ImageLike):
         return opened.convert("RGB")
 
 
-def preprocess_images(images: Sequence[ImageLike], size: int, mean: Sequence[float],
-                      std: Sequence[float]) -> torch.Tensor:
-    """``[n, 3, size, size]`` float pixels: bicubic resize, scaled to 0–1, normalised by `mean` / `std`."""
+def resize_bicubic(image, size: int, width_first: bool = False):
+    """`image` resized to ``size × size`` with PIL's bicubic filter; `width_first` resamples the width, then the
+    height, in two calls: what Pillow 10.0.1 (the original's pin) does in one. Newer Pillow may take the height
+    first, which changes up to ~16/255 of some pixels of images taller than wide (tests/test_unimed_original_run.py
+    checks the two-pass result against the original's pixels)."""
     from PIL import Image
 
-    arrays = [np.asarray(to_pil(image).resize((size, size), Image.BICUBIC), dtype=np.float32) for image in images]
+    if width_first:
+        image = image.resize((size, image.height), Image.BICUBIC)
+    return image.resize((size, size), Image.BICUBIC)
+
+
+def preprocess_images(images: Sequence[ImageLike], size: int, mean: Sequence[float],
+                      std: Sequence[float], width_first: bool = False) -> torch.Tensor:
+    """``[n, 3, size, size]`` float pixels: bicubic resize (`resize_bicubic`), scaled to 0–1, normalised by
+    `mean` / `std`."""
+    arrays = [np.asarray(resize_bicubic(to_pil(image), size, width_first), dtype=np.float32) for image in images]
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 255.0
     mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)

@@ -186,9 +186,7 @@ class UniMedModel(nn.Module):
     def generate(self, batch: Batch, max_new_tokens: int = 100, style: PromptStyle | None = None) -> list[str]:
         """Greedy answers, left-padded, read as `style` says (default ``cmoe``): ``cut_answers`` drops ``</s>``,
         collapses whitespace and keeps 50 words; otherwise the text is kept whole as the original's ``generate``
-        returns it (cut at a literal ``</s>``, ``<s>`` removed, what follows the last ``[/INST]``, stripped).
-        ``min_new_tokens: 1`` forbids an end-of-sequence token as the first new token (the original's
-        ``min_length=1``)."""
+        returns it (cut at a literal ``</s>``, ``<s>`` removed, what follows the last ``[/INST]``, stripped)."""
         style = style or PROMPT_STYLES["cmoe"]
         sequences, _, _ = self._sequences(batch, with_answers=False)
         length = max(seq.shape[0] for seq in sequences)
@@ -198,8 +196,7 @@ class UniMedModel(nn.Module):
         tokenizer = self.tokenizer
         output = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
                                    do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id,
-                                   eos_token_id=tokenizer.eos_token_id,
-                                   min_new_tokens=style.min_new_tokens or None)
+                                   eos_token_id=tokenizer.eos_token_id)
         texts = tokenizer.batch_decode(output, skip_special_tokens=True)
         if style.cut_answers:
             return [clean_answer(text) for text in texts]

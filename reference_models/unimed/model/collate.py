@@ -124,6 +124,7 @@ class Collator:
         samples = list(samples)
         texts = [self.encode(sample) for sample in samples]
         images = [sample.image for sample, text in zip(samples, texts) if text.has_image]
-        pixels = preprocess_images(images, self.image_size, self.mean, self.std) if images else None
+        pixels = preprocess_images(images, self.image_size, self.mean, self.std,
+                                   width_first=self.style.resize == "pillow10") if images else None
         task_ids = torch.tensor([task_id(sample.task) for sample in samples], dtype=torch.long)
         return Batch(samples, texts, task_ids, pixels)

@@ -30,19 +30,21 @@ from cmoe.errors import CMoEError
 SPECIAL = ("<unk>", "<s>", "</s>")
 ORIGINAL_PAD = "$$"
 SENTENCEPIECE_FILE = "tokenizer.model"
+TOKENIZER_FILES = (SENTENCEPIECE_FILE, "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
 
 
 class OriginalLlamaTokenizer:
-    """The slow LLaMA tokenizer of transformers 4.30 (what the original uses) over `hf_tokenizer`'s folder.
+    """The slow LLaMA tokenizer of transformers 4.30 (what the original uses) on a SentencePiece `model_file`.
 
-    Encodes and decodes as the original does; saving writes `hf_tokenizer`'s files plus ``tokenizer.model``, so a
+    Encodes and decodes as the original does; saving copies the tokenizer files of the model file's folder
+    (``tokenizer.model``, ``tokenizer_config.json``, ``special_tokens_map.json``, ``tokenizer.json``), so a
     checkpoint's ``tokenizer/`` folder loads either way.
     """
 
     cmoe_setting = "original"
     """What run records call this tokenizer (``prompts.tokenizer``)."""
 
-    def __init__(self, model_file: str | os.PathLike, hf_tokenizer: Any = None):
+    def __init__(self, model_file: str | os.PathLike):
         try:
             import sentencepiece
         except ImportError:
@@ -50,7 +52,6 @@ class OriginalLlamaTokenizer:
                             "'cmoe[unimed]'), or set prompts.tokenizer=as_loaded") from None
         self.model_file = Path(model_file)
         self.sp = sentencepiece.SentencePieceProcessor(model_file=str(self.model_file))
-        self.hf_tokenizer = hf_tokenizer
         self.unk_token, self.bos_token, self.eos_token = SPECIAL
         self.pad_token = ORIGINAL_PAD
         self.unk_token_id, self.bos_token_id, self.eos_token_id = (self.sp.unk_id(), self.sp.bos_id(),
@@ -74,11 +75,23 @@ class OriginalLlamaTokenizer:
         return SimpleNamespace(input_ids=self.encode(text, add_special_tokens))
 
     def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
+        """The text of `ids`; special tokens are dropped (`skip_special_tokens`) or written out, with a space
+        before a special token that follows ordinary ones (4.30's ``convert_tokens_to_string``)."""
         ids = [int(i) for i in ids]
-        if not skip_special_tokens:
-            raise CMoEError("OriginalLlamaTokenizer.decode: only skip_special_tokens=True is reproduced (the "
-                            "original decodes answers that way)")
-        return self.sp.decode([i for i in ids if i not in self._special_ids])
+        if skip_special_tokens:
+            return self.sp.decode([i for i in ids if i not in self._special_ids])
+        text, pending, previous_special = "", [], False
+        for position, index in enumerate(ids):
+            piece = self.sp.id_to_piece(index)
+            if index in self._special_ids:
+                if not previous_special and position != 0:
+                    text += " "
+                text += self.sp.decode(pending) + piece
+                pending, previous_special = [], True
+            else:
+                pending.append(index)
+                previous_special = False
+        return text + self.sp.decode(pending)
 
     def batch_decode(self, sequences: Any, skip_special_tokens: bool = False) -> list[str]:
         return [self.decode(ids, skip_special_tokens) for ids in sequences]
@@ -86,10 +99,10 @@ class OriginalLlamaTokenizer:
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        if self.hf_tokenizer is not None:
-            self.hf_tokenizer.save_pretrained(str(directory))
-        if not (directory / SENTENCEPIECE_FILE).exists():
-            shutil.copyfile(self.model_file, directory / SENTENCEPIECE_FILE)
+        for name in TOKENIZER_FILES:
+            source = self.model_file.parent / name
+            if source.is_file():
+                shutil.copyfile(source, directory / name)
 
 
 def sentencepiece_model(directory: str | os.PathLike) -> Path | None:

@@ -60,12 +60,12 @@ def load_tokenizer(path: str | os.PathLike, original: bool = False):
     if not Path(path).is_dir():
         raise CMoEError(f"tokenizer path: expected a local directory with the tokenizer files, got {str(path)!r} "
                         "(not found); nothing is downloaded")
+    model_file = sentencepiece_model(path)
+    if original and model_file is not None:
+        return OriginalLlamaTokenizer(model_file)
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    model_file = sentencepiece_model(path)
-    if original and model_file is not None:
-        return OriginalLlamaTokenizer(model_file, tokenizer)
     return tokenizer
 
 

@@ -346,7 +346,8 @@ def convert_original_checkpoint(checkpoint: str | os.PathLike, output_dir: str |
     if tokenizer is not None:
         from cmoe.reference_models.unimed.model.tokenizer import load_tokenizer
 
-        load_tokenizer(tokenizer).save_pretrained(str(out / "tokenizer"))
+        # original=True keeps the SentencePiece model beside the tokenizer files (prompts.tokenizer: original)
+        load_tokenizer(tokenizer, original=True).save_pretrained(str(out / "tokenizer"))
     record = {"step": step, "frozen_fingerprint": None, "converted_from": str(Path(checkpoint).resolve()),
               "original_epoch": epoch, "original_config": data.get("config"), "recipe_overrides": overrides}
     atomic_write(out / "state.json", lambda path: Path(path).write_text(json.dumps(record, indent=1, default=str)))

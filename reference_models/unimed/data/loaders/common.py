@@ -215,14 +215,17 @@ def _image_size(path: Path, name: str = "image") -> tuple[int, int]:
 def _box_text(xywh: Iterable[float], width: int, height: int) -> str:
     """Pixel ``[x, y, w, h]`` → ``{<x1><y1><x2><y2>}`` with the original's arithmetic: ``int(v / size * 100)``,
     dividing first (``v * 100 / size`` rounds differently for a few values, e.g. 29 px of 100 gives 28 here, as in
-    the original), clamped to 0–100 (the original does not clamp; equal for every box inside the image)."""
+    the original), clamped to 0–100 under the ``cmoe`` text processor; under ``original`` not clamped, as the
+    original writes a box that runs past the image (equal for every box inside it)."""
     values = tuple(float(v) for v in xywh)
     if len(values) != 4 or width <= 0 or height <= 0 or values[2] < 0 or values[3] < 0:
         raise CMoEError(f"box: expected [x, y, w, h] in pixels with w, h >= 0 on a positive image size, got {values} "
                         f"on {width}x{height}; fix the annotation")
     x, y, w, h = values
-    corners = (x / width, y / height, (x + w) / width, (y + h) / height)
-    return "{" + "".join(f"<{min(SCALE, max(0, int(c * SCALE)))}>" for c in corners) + "}"
+    corners = (int(c * SCALE) for c in (x / width, y / height, (x + w) / width, (y + h) / height))
+    if current_text_processor() != "original":
+        corners = (min(SCALE, max(0, c)) for c in corners)
+    return "{" + "".join(f"<{c}>" for c in corners) + "}"
 
 
 def _box_meta(xywh: Iterable[float], width: int, height: int) -> tuple[str, dict[str, Any]]:
