@@ -33,6 +33,7 @@ LAYERS = [
     {"evaluation"},
     {"analysis"},
     {"training"},
+    {"inference"},
     {"experiments", "paper"},
     {"cli"},
     {"plugin"},

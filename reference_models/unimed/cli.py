@@ -1,5 +1,5 @@
-"""``cmoe unimed train | eval | analyze | experiment | data-stats | check-data | convert-original | demo | pretrain``:
-the recipe's command line (registered as a ``cmoe`` subcommand)."""
+"""``cmoe unimed train | eval | analyze | experiment | data-stats | check-data | convert-original | predict | demo |
+pretrain``: the recipe's command line (registered as a ``cmoe`` subcommand)."""
 
 from __future__ import annotations
 
@@ -167,6 +167,12 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from cmoe.reference_models.unimed.inference.command import run
+
+    return run(args, _load)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cmoe unimed", description="The Uni-Med recipe on cmoe.")
     commands = parser.add_subparsers(dest="command", metavar="<command>", required=True)
@@ -239,6 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a PretrainConfig field, e.g. --set encoder_steps=200 (repeatable)")
     pre.add_argument("--no-probes", action="store_true", help="skip the linear-probe table")
     pre.set_defaults(run=_pretrain)
+    predict = commands.add_parser("predict", help="ask a trained model about an image (or a JSONL manifest of "
+                                                  "requests): the answer, the box, the experts' weights")
+    _common(predict)
+    from cmoe.reference_models.unimed.inference.command import add_arguments as add_predict_arguments
+
+    add_predict_arguments(predict)
+    predict.set_defaults(run=_predict)
     demo = commands.add_parser("demo", help="tiny train + eval on the synthetic set, prints the per-task table")
     _common(demo)
     demo.add_argument("--fresh", action="store_true", help="delete the output directory first")
@@ -247,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The Uni-Med recipe: train, eval, analyze, experiment, data-stats, check-data, demo, pretrain,
+    """The Uni-Med recipe: train, eval, analyze, experiment, data-stats, check-data, predict, demo, pretrain,
     convert-original."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:

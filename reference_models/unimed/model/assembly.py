@@ -187,8 +187,19 @@ class UniMedModel(nn.Module):
         """Greedy answers, left-padded, read as `style` says (default ``cmoe``): ``cut_answers`` drops ``</s>``,
         collapses whitespace and keeps 50 words; otherwise the text is kept whole as the original's ``generate``
         returns it (cut at a literal ``</s>``, ``<s>`` removed, what follows the last ``[/INST]``, stripped)."""
+        return self.generate_with_routing(batch, max_new_tokens, style)[0]
+
+    @torch.no_grad()
+    def generate_with_routing(self, batch: Batch, max_new_tokens: int = 100, style: PromptStyle | None = None
+                              ) -> tuple[list[str], torch.Tensor | None]:
+        """`generate`'s answers and the connector's combine weights of each image's visual tokens
+        ``[images, tokens, E]`` (None without images or for an MLP connector)."""
         style = style or PROMPT_STYLES["cmoe"]
-        sequences, _, _ = self._sequences(batch, with_answers=False)
+        sequences, _, connector_out = self._sequences(batch, with_answers=False)
+        routing = None
+        if connector_out is not None and connector_out.routing is not None:
+            images = connector_out.hidden_states.shape[0]
+            routing = connector_out.routing.combine_weights().view(images, -1, connector_out.routing.num_experts)
         length = max(seq.shape[0] for seq in sequences)
         embeds = torch.stack([F.pad(seq, (0, 0, length - seq.shape[0], 0)) for seq in sequences])
         mask = torch.stack([torch.arange(length, device=embeds.device) >= length - seq.shape[0]
@@ -199,8 +210,8 @@ class UniMedModel(nn.Module):
                                    eos_token_id=tokenizer.eos_token_id)
         texts = tokenizer.batch_decode(output, skip_special_tokens=True)
         if style.cut_answers:
-            return [clean_answer(text) for text in texts]
-        return [original_answer(text, tokenizer.bos_token, tokenizer.eos_token) for text in texts]
+            return [clean_answer(text) for text in texts], routing
+        return [original_answer(text, tokenizer.bos_token, tokenizer.eos_token) for text in texts], routing
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The parameters that train (connector, LoRA): what a checkpoint holds, as in the original."""
