@@ -6,6 +6,7 @@ and run from a folder outside it: entry points (built-ins, the recipe, the examp
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -124,6 +125,10 @@ def test_a_tiny_budget_train_and_eval_with_the_shipped_configs_and_weights(insta
     assert "trained to step 2" in trained.stdout
     evaluated = run(bin_dir / "cmoe", "unimed", "eval", "--config", "tiny", "--output-dir", "run", *small, cwd=work)
     assert "| cls |" in evaluated.stdout and (work / "run" / "eval" / "eval.json").is_file()
+    asked = run(bin_dir / "cmoe", "unimed", "predict", "--config", "tiny", "--output-dir", "run", "--example", "1",
+                "--task", "rec", "--json", cwd=work)
+    answer = json.loads(asked.stdout)
+    assert answer["task"] == "rec" and len(answer["routing"]) == 5 and "[refer]" in answer["prompt"]
 
 
 def test_pyproject_lists_every_package_of_the_source_folders() -> None:
