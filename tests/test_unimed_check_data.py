@@ -80,7 +80,9 @@ def data_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_the_paper_config_can_train_on_the_original_layout(data_root: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["check-data", "--config", "paper"]) == 0
     out = capsys.readouterr().out
-    table = out.split("\nmix (")[0].splitlines()[2:]
+    assert out.startswith("models (training and evaluation load them; reading the data does not):\n")
+    assert f"  LLM hf_causal_lm: {data_root.parent / 'models' / 'Llama-2-7b-chat-hf'} (missing)" in out
+    table = out.split("\nmix (")[0].split("evaluation split 'test'\n")[1].splitlines()[1:]
     lines = {line.split()[0]: line for line in table}
     assert len(lines) == 12
     assert "uni-med (the original's)" in lines["slake_vqa"] and "uni-med (the original's)" in lines["samed2d_reg"]
@@ -89,7 +91,8 @@ def test_the_paper_config_can_train_on_the_original_layout(data_root: Path, caps
     assert lines["dermamnist"].split()[4:6] == ["3", "1"] and lines["organsmnist"].split()[4:6] == ["6", "1"]
     assert "medmnist_2d_small 8.0%: dermamnist 33.3%, organsmnist 66.7% of its entries, by size" in out
     assert "medpix 16.0%" in out and "dermamnist 4.0%" not in out
-    assert "missing" not in out and out.rstrip().splitlines()[-1].startswith("can train: 12 dataset(s)")
+    data_part = out.split("evaluation split 'test'\n")[1]
+    assert "missing" not in data_part and out.rstrip().splitlines()[-1].startswith("can train: 12 dataset(s)")
 
 
 def test_a_missing_piece_stops_the_config_naming_the_file(data_root: Path, capsys: pytest.CaptureFixture) -> None:
@@ -99,7 +102,9 @@ def test_a_missing_piece_stops_the_config_naming_the_file(data_root: Path, capsy
     error = captured.err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("error: unimed-paper: cannot train, 3 problem(s)")
     assert str(data_root / "Slake-VQA" / "train.txt") in error[0]
-    assert f"  slake_vqa [train]: missing {data_root / 'Slake-VQA' / 'train.txt'}; expected the uni-med" in captured.out
+    # one line for the three datasets the missing file stops
+    assert (f"  slake_vqa [train], slake_rec [train], slake_reg [train]: missing "
+            f"{data_root / 'Slake-VQA' / 'train.txt'}; expected the uni-med") in captured.out
 
 
 def test_a_missing_evaluation_file_is_reported_but_training_can_run(data_root: Path,
@@ -114,7 +119,20 @@ def test_a_missing_evaluation_file_is_reported_but_training_can_run(data_root: P
     assert problems["pubmedqa", "test"].missing == data_root / "PubMedQA" / "test_set.json"
     write_image(data_root / "MIMIC-CXR-JPG" / "2.0.0" / "files" / "p10" / "p10000032" / "s50414267" / "a.jpg", 8, 8)
     assert main(["check-data", "--config", "paper"]) == 0
-    assert "pubmedqa [test, evaluation only: training is not affected]" in capsys.readouterr().out
+    assert "pubmedqa [test] (evaluation only: training is not affected)" in capsys.readouterr().out
+
+
+def test_unset_variables_are_named_once_with_the_export_that_fixes_them(tmp_path: Path, monkeypatch,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.delenv("UNIMED_DATA", raising=False)
+    monkeypatch.delenv("UNIMED_MODELS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["check-data", "--config", "paper"]) == 2
+    out = capsys.readouterr().out
+    assert out.count("UNIMED_DATA is not set") == 1 and "export UNIMED_DATA=/path/to/datasets" in out
+    assert out.count("UNIMED_MODELS is not set") == 1 and "export UNIMED_MODELS=/path/to/models" in out
+    assert "  vision encoder eva_clip_g: ${UNIMED_MODELS}/eva_vit_g.pth (missing)" in out
+    assert out.count("expected either (uni-med layout) Uni-Med's processed Slake-VQA folder") == 1
 
 
 def test_check_data_reads_the_synthetic_set_and_data_stats_names_layouts(data_root: Path,

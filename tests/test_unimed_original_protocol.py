@@ -229,24 +229,29 @@ def test_eval_command_writes_tables_that_name_the_protocol(tmp_path: Path, monke
     monkeypatch.setattr(evaluate, "load_trained_model", lambda config, checkpoint, device: (None, 0))
     monkeypatch.setattr(evaluate, "predict", lambda model, samples, config, device: [s.answer for s in samples])
 
-    assert cli.main(["eval", "--output-dir", str(tmp_path), "--protocol", "original", *SMALL]) == 0
+    scored = ["--checkpoint", str(tmp_path / "step_00000007")]  # the model is stubbed: any checkpoint name
+    assert cli.main(["eval", "--output-dir", str(tmp_path), "--protocol", "original", *scored, *SMALL]) == 0
     printed = capsys.readouterr().out
     assert "Scoring protocol: original" in printed and "| vqa/slake_vqa | closed/accuracy | 100.00 | 4 |" in printed
-    table = (tmp_path / "eval" / "eval.md").read_text()
+    out = tmp_path / "eval" / "step_00000007-original"  # beside the checkpoint and protocol it scored
+    table = (out / "eval.md").read_text()
     assert "Scoring protocol: original" in table and "vqa/slake_vqa = slakevqa_en" in table
     assert "rec/samed2d_rec = ref_sa_med" in table and "| task/dataset | metric |" in table
-    written = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    written = json.loads((out / "eval.json").read_text())
     assert written["protocol"] == "original"
     assert {"vqa/slake_vqa", "vqa/pathvqa", "rec/slake_rec", "rec/samed2d_rec", "report/synthetic_report",
-            "reg/synthetic_reg", "cls/synthetic_cls", "qa/synthetic_qa"} == set(written) - {"protocol", "original_run"}
+            "reg/synthetic_reg", "cls/synthetic_cls", "qa/synthetic_qa"} == \
+        set(written) - {"protocol", "original_run", "checkpoint"}
+    assert written["checkpoint"] == {"path": str(tmp_path / "step_00000007"), "step": 0}
     assert written["vqa/pathvqa"]["all/f1"] == {"value": 1.0, "count": 4, "note": ""}
     assert written["cls/synthetic_cls"]["accuracy"]["value"] == 1.0
     assert 0.5 < written["rec/slake_rec"]["miou"]["value"] < 1  # the reference box text, on the 0–100 grid
     assert written["qa/synthetic_qa"]["all/accuracy"]["note"] == o.NO_TEXT_QA
 
-    assert cli.main(["eval", "--output-dir", str(tmp_path), "--out", str(tmp_path / "ours"), *SMALL]) == 0
+    assert cli.main(["eval", "--output-dir", str(tmp_path), "--out", str(tmp_path / "ours"), *scored, *SMALL]) == 0
     assert "Scoring protocol: cmoe" in capsys.readouterr().out  # the tiny config's default
     ours = json.loads((tmp_path / "ours" / "eval.json").read_text())
-    assert ours["protocol"] == "cmoe" and set(ours) - {"protocol", "original_run"} == {"qa", "vqa", "report", "rec", "reg", "cls"}
+    assert ours["protocol"] == "cmoe"
+    assert set(ours) - {"protocol", "original_run", "checkpoint"} == {"qa", "vqa", "report", "rec", "reg", "cls"}
     assert ours["vqa"]["all/f1"]["count"] == 4
     assert "Scoring protocol: cmoe" in (tmp_path / "ours" / "eval.md").read_text()

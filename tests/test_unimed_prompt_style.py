@@ -107,8 +107,8 @@ def test_a_resumed_run_with_pool_templates_repeats_the_straight_run(tmp_path: Pa
     ours = Trainer(tiny_config(tmp_path / "ours", train__steps=8, train__save_every=4)).train()
     assert not all(torch.equal(a["trainable"][k], read_checkpoint(ours.checkpoint)["trainable"][k])
                    for k in a["trainable"])
-    run_evaluation(tiny_config(split, **run))
-    table = (split / "eval" / "eval.md").read_text()
+    evaluated = run_evaluation(tiny_config(split, **run))
+    table = (evaluated.path / "eval.md").read_text()
     assert "Run: prompts: original (templates=pools, space_before_inst=True, eval_bos=2" in table
-    assert json.loads((split / "eval" / "eval.json").read_text())["original_run"]["eval_bos"] == 2
+    assert json.loads((evaluated.path / "eval.json").read_text())["original_run"]["eval_bos"] == 2
     assert POOLS["slake_vqa"].templates[0] == "[vqa] {}"

@@ -176,9 +176,12 @@ def test_tiny_training_lowers_loss_on_every_task_resumes_bit_exactly_and_evaluat
     for task, names in expected.items():
         assert names <= set(results[task])
         assert all(results[task][n].value is not None or results[task][n].note for n in names)
-    table = (split / "eval" / "eval.md").read_text()
+    assert results.path == split / "eval" / f"{resumed.checkpoint.name}-cmoe" and results.step == 24
+    table = (results.path / "eval.md").read_text()
+    assert f"Checkpoint: {resumed.checkpoint} (step 24)." in table
     assert "| rec | miou |" in table and "| report | rougeL |" in table
-    predictions = (split / "eval" / "predictions.jsonl").read_text().splitlines()
+    predictions = (results.path / "predictions.jsonl").read_text().splitlines()
+    assert all(json.loads(line)["image"] for line in predictions if json.loads(line)["task"] != "qa")
     assert len(predictions) == 6 * len(TASKS)  # eval.limit_per_task = 6 entries of every task
 
 
@@ -220,7 +223,18 @@ def test_command_line_demo_train_and_eval(tmp_path: Path) -> None:
     assert demo.returncode == 0, demo.stderr[-2000:]
     for task in TASKS:
         assert f"| {task} |" in demo.stdout
-    assert (tmp_path / "demo" / "eval" / "eval.json").is_file()
+    assert len(list((tmp_path / "demo" / "eval").glob("step_*-cmoe/eval.json"))) == 1
+    # --fresh deletes the demo's own run, and nothing else: not a run trained further, not another run
+    from cmoe.reference_models.unimed.cli import demo_only_folder, main
+
+    demo_only_folder(tmp_path / "demo")
+    (tmp_path / "demo" / "step_99999999").mkdir()  # what `cmoe unimed train --steps ...` would add
+    with pytest.raises(CMoEError, match="trained further after the demo"):
+        demo_only_folder(tmp_path / "demo")
+    other = tmp_path / "other"
+    Trainer(tiny_config(other, train__steps=1, train__save_every=1)).train()
+    assert main(["demo", "--fresh", "--output-dir", str(other)]) == 2
+    assert (other / "latest").is_file() and list(other.glob("step_*"))
     trained = run("train", "--output-dir", str(tmp_path / "cli"), *small)
     assert trained.returncode == 0 and "trained to step 3" in trained.stdout, trained.stderr[-2000:]
     evaluated = run("eval", "--output-dir", str(tmp_path / "cli"), *small)

@@ -4,6 +4,7 @@ pretrain``: the recipe's command line (registered as a ``cmoe`` subcommand)."""
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -109,9 +110,11 @@ def _data_stats(args: argparse.Namespace) -> int:
 
 
 def _check_data(args: argparse.Namespace) -> int:
-    from cmoe.reference_models.unimed.data.check import check_data, format_check
+    from cmoe.reference_models.unimed.data.check import check_data, format_check, format_environment
 
     config = _load(args)
+    for line in format_environment(config.data, config.model):
+        print(line)
     check = check_data(config.data)
     print(format_check(check, title=config.name))
     if not check.can_train:
@@ -128,16 +131,44 @@ def _demo(args: argparse.Namespace) -> int:
 
     config = _load(args)
     if args.fresh and Path(config.output_dir).exists():
+        demo_only_folder(config.output_dir)
         shutil.rmtree(config.output_dir)
     origin = "pretrained" if "path" in config.model.vision_encoder.options else "random-init"
     print(f"Uni-Med tiny demo: training {config.model.connector.preset!r} connector for {config.train.steps} "
           f"steps on the built-in synthetic set ({origin} frozen encoder and LLM, nothing downloaded)")
     Trainer(config, resume="auto").train()
     results = run_evaluation(config)
+    mark_demo_folder(config.output_dir, results.checkpoint)
     print(summary_table(results))
-    print(f"\nEvery metric: {Path(config.output_dir) / 'eval' / 'eval.md'}; checkpoints, metrics.jsonl (per-task "
-          f"loss, routing weights per task) and predictions in {config.output_dir}")
+    print(f"\nEvery metric: {results.path / 'eval.md'}; checkpoints, metrics.jsonl (per-task loss, routing weights "
+          f"per task) and predictions in {config.output_dir}")
     return 0
+
+
+DEMO_MARK = ".cmoe-demo.json"
+"""Written by ``cmoe unimed demo`` into its run folder: the checkpoint it ended with."""
+
+
+def mark_demo_folder(folder: str | Path, checkpoint: Path) -> None:
+    (Path(folder) / DEMO_MARK).write_text(json.dumps({"checkpoint": checkpoint.name}) + "\n", encoding="utf-8")
+
+
+def demo_only_folder(folder: str | Path) -> None:
+    """Raise unless `folder` holds what ``cmoe unimed demo`` left there and nothing since: ``--fresh`` deletes
+    only a demo's own run, never one trained further (``cmoe unimed train`` continuing it) or another run."""
+    folder = Path(folder)
+    if not any(folder.iterdir()):
+        return
+    try:
+        marked = json.loads((folder / DEMO_MARK).read_text(encoding="utf-8")).get("checkpoint")
+    except (OSError, ValueError, AttributeError):
+        marked = None
+    steps = sorted(path.name for path in folder.glob("step_*"))
+    if marked is None or (steps and steps[-1] != marked):
+        why = ("it was not written by cmoe unimed demo" if marked is None
+               else f"it was trained further after the demo ({steps[-1]}, the demo ended at {marked})")
+        raise CMoEError(f"demo --fresh: not deleting {folder}: {why}; pass another --output-dir, or delete it "
+                        "yourself if you mean to")
 
 
 def _convert(args: argparse.Namespace) -> int:

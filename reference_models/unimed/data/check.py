@@ -3,12 +3,16 @@ split, and what is missing with the file that would fix it; then the mix the ``t
 
 from __future__ import annotations
 
+import os
+import re
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cmoe.errors import CMoEError
-from cmoe.reference_models.unimed.config import DataSection
+from cmoe.reference_models.unimed.config import DataSection, ModelSection
 from cmoe.reference_models.unimed.data.loaders import (
     LAYOUT_CHOICES,
     LAYOUTS,
@@ -144,6 +148,56 @@ def _mix(section: DataSection, check: DataCheck, samples: list[Sample]) -> None:
             check.mix_members[source] = {name: count / total for name, count in members.items()}
 
 
+_VARIABLE = re.compile(r"\$\{(\w+)\}|\$(\w+)")
+
+
+def unset_variables(values: Iterable[str]) -> dict[str, int]:
+    """The environment variables still written in `values` (config paths whose ``${VAR}`` was not set, so not
+    expanded), with how many of the values use each."""
+    found: Counter[str] = Counter()
+    for value in values:
+        found.update({a or b for a, b in _VARIABLE.findall(value)} - set(os.environ))
+    return dict(found)
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def model_paths(model: ModelSection) -> list[tuple[str, str]]:
+    """``(what, path)`` for every local file or folder the model section loads: encoder and LLM weights and the
+    tokenizer (what ``UNIMED_MODELS`` points at in the paper config)."""
+    paths = [(f"vision encoder {model.vision_encoder.name}", model.vision_encoder.options.get("path")),
+             (f"LLM {model.llm.name}", model.llm.options.get("path")),
+             ("tokenizer", model.tokenizer.path if model.tokenizer.kind == "pretrained" else None)]
+    return [(what, str(path)) for what, path in paths if isinstance(path, (str, os.PathLike))]
+
+
+def format_environment(data: DataSection, model: ModelSection | None = None) -> list[str]:
+    """Lines for the variables a config uses that are not set (each named once, with the export that fixes it)
+    and, given `model`, whether each model path is there."""
+    data_values = [value for entry in data.datasets for value in _strings([entry.root, entry.options])]
+    model_rows = model_paths(model) if model is not None else []
+    lines = []
+    for name, count in sorted(unset_variables(data_values + [path for _, path in model_rows]).items()):
+        kind = "datasets" if name in " ".join(data_values) else "models"
+        lines.append(f"{name} is not set: {count} path(s) of this config read ${{{name}}}; export "
+                     f"{name}=/path/to/{kind} (local files: nothing is downloaded)")
+    if model_rows:
+        lines.append("models (training and evaluation load them; reading the data does not):")
+        for what, path in model_rows:
+            state = "found" if Path(path).expanduser().exists() else "missing"
+            lines.append(f"  {what}: {path} ({state})")
+    return lines
+
+
 def check_data(section: DataSection) -> DataCheck:
     """Read every dataset of `section` in its training and evaluation splits (as training and evaluation would)
     and report each one's layout, entries and problems, and the mix of the training split."""
@@ -196,15 +250,23 @@ def format_check(check: DataCheck, title: str = "data") -> str:
     lines = [f"{title}: training split {check.train_split!r}, evaluation split {check.eval_split!r}"]
     lines += ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1]
               for row in rows]
-    problems = [(d, split, s) for d in check.datasets for split, s in d.splits.items() if s.problem]
-    if problems:
-        lines.append("to add or fix (a missing file or folder is the one that fixes it):")
-        for d, split, s in problems:
-            role = "" if split == check.train_split else ", evaluation only: training is not affected"
+    problems: dict[tuple[str, str], list[str]] = {}
+    for d in check.datasets:
+        for split, s in d.splits.items():
+            if not s.problem:
+                continue
             expected = (f"the {d.layout.name} layout: {d.layout.description}"
                         if d.layout and s.other_layout is None else LAYOUTS[d.name])
-            lines.append(f"  {d.name} [{split}{role}]: "
-                         + (f"{s.summary}; expected {expected}" if s.missing is not None else s.problem))
+            text = f"{s.summary}; expected {expected}" if s.missing is not None else s.problem
+            problems.setdefault(text, {}).setdefault(d.name, []).append(split)
+    if problems:
+        lines.append("to add or fix (a missing file or folder is the one that fixes it; each once, with the "
+                     "datasets and splits it stops):")
+        for text, where in problems.items():
+            names = ", ".join(f"{name} [{', '.join(splits)}]" for name, splits in where.items())
+            role = ("" if any(check.train_split in splits for splits in where.values())
+                    else " (evaluation only: training is not affected)")
+            lines.append(f"  {names}{role}: {text}")
     if check.mix:
         lines.append("mix (task_ratio: each batch from one source, drawn with these probabilities):")
         for source, share in sorted(check.mix.items(), key=lambda item: -item[1]):

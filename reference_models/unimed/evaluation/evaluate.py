@@ -118,9 +118,16 @@ def evaluate_model(model: UniMedModel, samples: list, config: RecipeConfig, limi
             score = evaluate_task if protocol == "cmoe" else evaluate_dataset
             results[row] = score(task, predictions, [s.answer for s in group], [s.meta for s in group],
                                  coco=config.eval.coco_caption)
-            records.extend({"task": task, "source": s.source, "fields": s.fields, "reference": s.answer,
-                            "prediction": p} for s, p in zip(group, predictions))
+            records.extend({"task": task, "source": s.source, "image": _image_name(s), "fields": s.fields,
+                            "reference": s.answer, "prediction": p} for s, p in zip(group, predictions))
     return results, records
+
+
+def _image_name(sample) -> str | None:
+    """How predictions.jsonl names a sample's image: its file, else its image id (generated images)."""
+    if isinstance(sample.image, (str, os.PathLike)):
+        return str(sample.image)
+    return sample.image_id
 
 
 def protocol_line(protocol: str, rows: Any = ()) -> str:
@@ -182,34 +189,72 @@ def results_to_dict(results: dict[str, dict[str, Metric]]) -> dict[str, dict[str
 
 def write_results(out_dir: str | os.PathLike, results: dict[str, dict[str, Metric]],
                   records: list[dict[str, Any]], header: str = "", protocol: str = "cmoe",
-                  run: dict[str, Any] | None = None) -> list[Path]:
+                  run: dict[str, Any] | None = None, checkpoint: dict[str, Any] | None = None) -> list[Path]:
     """``eval.md``, ``eval.json`` and ``predictions.jsonl`` in `out_dir`, each written atomically; both tables
     name the scoring `protocol` (eval.json: a ``"protocol"`` key beside one key per row) and, when given, what
-    the `run` reproduces of the original's (`prompt_style.run_record`; eval.json: ``"original_run"``)."""
+    the `run` reproduces of the original's (`prompt_style.run_record`; eval.json: ``"original_run"``), and the
+    `checkpoint` scored (eval.json: ``"checkpoint"``: path, step and a fallback note)."""
     out = Path(out_dir)
     run_line = format_record(run) + "\n\n" if run else ""
     table = (header + "\n\n" if header else "") + run_line + format_results(results, protocol) + "\n"
     lines = "".join(json.dumps(record) + "\n" for record in records)
-    payload = {"protocol": protocol, **({"original_run": run} if run else {}), **results_to_dict(results)}
+    payload = {"protocol": protocol, **({"checkpoint": checkpoint} if checkpoint else {}),
+               **({"original_run": run} if run else {}), **results_to_dict(results)}
     return [atomic_write(out / "eval.md", lambda p: Path(p).write_text(table)),
             write_json(out / "eval.json", payload),
             atomic_write(out / "predictions.jsonl", lambda p: Path(p).write_text(lines))]
 
 
+class EvaluationResults(dict):
+    """The metrics per row (a dict, as `evaluate_model` gives them) and where they were written: `path` (the
+    folder holding ``eval.md``, ``eval.json``, ``predictions.jsonl``), the `checkpoint` scored and its `step`."""
+
+    path: Path
+    checkpoint: Path
+    step: int
+
+
+def evaluation_dir(config: RecipeConfig, checkpoint: Path, protocol: str) -> Path:
+    """Where `run_evaluation` writes by default: ``<output_dir>/eval/<checkpoint folder>-<protocol>/``, so tables
+    of other checkpoints or protocols never overwrite each other."""
+    return Path(config.output_dir) / "eval" / f"{checkpoint.name}-{protocol}"
+
+
+def _fallback_note(config: RecipeConfig, checkpoint: Path) -> str | None:
+    """A line saying the run's ``latest`` names another checkpoint than the one scored (it was incomplete or
+    damaged, so the newest one that verifies was taken); None when it names this one."""
+    pointer = Path(config.output_dir) / "latest"
+    try:
+        named = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if named and named != checkpoint.name:
+        return (f"Note: {pointer} names {named}, which is incomplete or damaged; scored {checkpoint.name}, the newest "
+                "checkpoint that verifies.")
+    return None
+
+
 def run_evaluation(config: RecipeConfig, checkpoint: str | os.PathLike | None = None,
                    out_dir: str | os.PathLike | None = None, limit_per_task: int | None = None,
-                   device: torch.device | str | None = None, protocol: str | None = None
-                   ) -> dict[str, dict[str, Metric]]:
-    """Evaluate a checkpoint on the config's eval split and write the tables next to it (or to `out_dir`), scored
-    by `protocol` (default ``eval.protocol``; see `evaluate_model`)."""
+                   device: torch.device | str | None = None, protocol: str | None = None) -> EvaluationResults:
+    """Evaluate a checkpoint (default: the run's latest that verifies) on the config's eval split, scored by
+    `protocol` (default ``eval.protocol``; see `evaluate_model`), and write the tables to `out_dir` (default
+    `evaluation_dir`). The tables name the checkpoint, its step and, when ``latest`` named another one, why."""
     protocol = check_protocol(protocol or config.eval.protocol)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, _ = load_trained_model(config, checkpoint, device)
+    path = resolve_checkpoint(config, checkpoint)
+    model, step = load_trained_model(config, path, device)
     samples = load_split(config.data, config.data.eval_split, config.prompts.resolved().text_processor)
     if not samples:
         raise CMoEError(f"data: the {config.data.eval_split!r} split is empty; check the dataset roots")
     results, records = evaluate_model(model, samples, config, limit_per_task, device, protocol)
-    target = Path(out_dir) if out_dir is not None else Path(config.output_dir) / "eval"
-    write_results(target, results, records, header=f"# {config.name}: evaluation on {config.data.eval_split}",
-                  protocol=protocol, run=run_record(config, getattr(model, "tokenizer", None)))
-    return results
+    target = Path(out_dir) if out_dir is not None else evaluation_dir(config, path, protocol)
+    note = _fallback_note(config, path) if checkpoint is None else None
+    header = "\n\n".join([f"# {config.name}: evaluation on {config.data.eval_split}",
+                           f"Checkpoint: {path} (step {step}).", *([note] if note else [])])
+    write_results(target, results, records, header=header, protocol=protocol,
+                  run=run_record(config, getattr(model, "tokenizer", None)),
+                  checkpoint={"path": str(path), "step": step, **({"note": note} if note else {})})
+    evaluation = EvaluationResults(results)
+    evaluation.path, evaluation.checkpoint, evaluation.step = target, path, step
+    return evaluation
