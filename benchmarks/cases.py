@@ -1,4 +1,5 @@
-"""Shape cases and the implementations compared on them, shared by ``test_dispatch.py`` and ``run.py``.
+"""Shape cases and the implementations compared on them, shared by ``test_dispatch.py`` and the runner
+(``run.py``, ``timing.py``, ``tables.py``).
 
 A case is one routed projection ``y[t] = Σ_j w[t, j] · Expert_{i[t, j]}(x[t])``: ``T`` tokens, ``in`` → ``out``
 features, ``E`` experts, top-``k`` routing, linear or two-layer GELU MLP experts (hidden = out), float32.

@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -37,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from cmoe.checkpointing import atomic_write
 from cmoe.errors import CMoEError
 from cmoe.experts import StackedExperts
 from cmoe.registry import BACKENDS
@@ -47,14 +47,13 @@ MODES = ("measure", "table")
 TIE_MARGIN = 0.10
 """Candidates within this fraction of the fastest after the first rounds are a near tie and get timed again."""
 TIE_ROUNDS = 6
-"""Extra round-robin rounds for a near tie: 3 rounds on a noisy CPU could not tell apart backends ~10 % apart
-(RESULTS-cpu.md as of 2b0b831: two forward picks 9-10 % off the fastest as the benchmark timed them)."""
+"""Extra round-robin rounds for a near tie: 3 rounds on a noisy CPU could not tell apart backends about 10 %
+apart (benchmarks/RESULTS-cpu.md's `auto` table shows how far its picks are from the fastest)."""
 TIE_KEEP = 0.03
 """After the extra rounds, the table rule's backend is kept when it is within this fraction of the fastest:
-closer than a measurement can separate (a 2-core CPU's timings of one backend move 15-20 % between runs,
-RESULTS-cpu.md), so the choice follows the fixed rule and stays the same from run to run instead of flipping
-with the noise (RESULTS-cpu.md as of b9edbc6: E4 k4 training, auto timed grouped_mm 2.3 % ahead, the benchmark
-then timed sorted, the rule's backend, 14 % ahead)."""
+closer than a measurement can separate (a 2-core CPU's timings of one backend move between runs more than that:
+benchmarks/RESULTS-cpu.md), so the choice follows the fixed rule and stays the same from run to run instead of
+flipping with the noise."""
 CACHE_FORMAT = 1
 
 # (backend name, a zero-argument call running it once, device) -> milliseconds for that call.
@@ -321,16 +320,8 @@ def write_cache_entry(path: Path, key: str, entry: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     entries = read_cache_file(path)
     entries[key] = entry
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump({"format": CACHE_FORMAT, "entries": entries}, handle, indent=1, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = json.dumps({"format": CACHE_FORMAT, "entries": entries}, indent=1, sort_keys=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 _SELECTOR = AutoSelector()
@@ -379,7 +370,7 @@ def choices_recorded_in(path: str | os.PathLike, mode: str | None = None) -> Ite
         return
     _SELECTOR = AutoSelector(cache_path=path, timer=previous.timer, rounds=previous.rounds,
                              mode=mode or previous.mode, tie_margin=previous.tie_margin,
-                             tie_rounds=previous.tie_rounds)
+                             tie_rounds=previous.tie_rounds, tie_keep=previous.tie_keep)
     try:
         yield _SELECTOR
     finally:

@@ -1,11 +1,13 @@
-"""Directories written as one atomic unit, with a checksum of every file; the one writer every saver uses.
+"""Files and directories written as one atomic unit, with a checksum of every file: the one writer every saver
+uses.
 
-`atomic_directory(path)` yields a sibling temporary directory (``.<name>.tmp-<pid>``); on a clean exit it
-writes ``checksums.json`` (SHA-256 and size of every file) last, fsyncs every file and the parent, and renames
-the temporary directory into place. A kill at any moment leaves either the old directory or the new one,
-never a mix: replacing an existing directory moves the old one aside (``.<name>.old-<pid>``) first, and
-`recover_directory` moves it back if a kill fell between the two renames. Temporaries of killed writers are
-removed (with a log line) by the next write or load of the same path.
+`atomic_write(path, write)` writes a file through a sibling temporary, fsyncs it and renames it into place.
+`atomic_directory(path)` yields a sibling temporary directory; on a clean exit it writes ``checksums.json``
+(SHA-256 and size of every file) last, fsyncs every file and the parent, and renames the temporary directory into
+place. A kill at any moment leaves either the old file or directory or the new one, never a mix: replacing an
+existing directory moves the old one aside first. Temporaries are named after their writer (`cmoe.leftovers`);
+the next write of the same target puts back an old version its dead writer left aside and removes its dead
+writers' temporaries. Nothing that reads (`verify_directory`, loading) deletes, moves or renames anything.
 
 `verify_directory(path)` checks every file against ``checksums.json``: a truncated or bit-flipped file, a
 missing one, or a damaged manifest raises `ChecksumError` naming the file. Directories written before
@@ -18,16 +20,15 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from cmoe import leftovers
 from cmoe.errors import CMoEError
 
 MANIFEST = "checksums.json"
-_TMP, _OLD = ".tmp-", ".old-"
 logger = logging.getLogger("cmoe.checkpointing")
 
 
@@ -82,62 +83,6 @@ def write_manifest(directory: str | os.PathLike) -> Path:
     return path
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)(?:-[^/]*)?$")
-
-
-def _stale(parent: Path, name: str, marker: str) -> list[Path]:
-    """Leftovers ``.<name><marker><pid>[-suffix]`` whose writer process is gone."""
-    found = []
-    for path in parent.glob(f".{name}{marker}*"):
-        pid = path.name[len(name) + 1 + len(marker):].split("-")[0]
-        if not pid.isdigit() or not _pid_alive(int(pid)):
-            found.append(path)
-    return found
-
-
-def clean_stale(parent: str | os.PathLike) -> None:
-    """`recover_directory` for every path in `parent` that an interrupted save left a temporary for (a training
-    run's ``.step_*.tmp-<pid>/``, ``.latest.tmp-<pid>-*``), so killed saves do not pile up."""
-    parent = Path(parent)
-    if not parent.is_dir():
-        return
-    for name in sorted({m["name"] for p in parent.iterdir() if (m := _LEFTOVER.match(p.name))}):
-        recover_directory(parent / name)
-
-
-def recover_directory(path: str | os.PathLike) -> None:
-    """Repair what a killed `atomic_directory` left at `path`: put back a directory moved aside when the kill
-    fell between the two renames, and delete temporaries of dead writers (each with a log line)."""
-    path = Path(path)
-    parent = path.parent
-    if not parent.is_dir():
-        return
-    for old in sorted(_stale(parent, path.name, _OLD)):
-        if not path.exists():
-            os.replace(old, path)
-            logger.warning("restored %s from %s (a save was interrupted between its renames)", path, old.name)
-        else:
-            shutil.rmtree(old, ignore_errors=True)
-            logger.warning("removed %s, left by an interrupted save of %s", old, path.name)
-    for tmp in _stale(parent, path.name, _TMP):
-        size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.is_dir() else 0
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-        logger.warning("removed %s (%.1f MB), the temporary of an interrupted save of %s", tmp, size / 1e6,
-                       path.name)
-
-
 def _copy_file(source: str, target: str) -> None:
     try:
         os.link(source, target)  # a second name for the same bytes: instant, and the old name stays valid
@@ -153,27 +98,60 @@ def _link_or_copy(source: Path, target: Path) -> None:
         _copy_file(str(source), str(target))
 
 
+def _file_mode() -> int:
+    """The mode a new file gets under this process's umask (safetensors writes its files 0600 whatever the umask,
+    which would hide a run's weights from an evaluation job of another user on a shared folder)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` on a new sibling temporary file, fsync it and rename it to `path` (same folder, so
+    the rename is atomic): a reader sees the old file or the new one, never part of one. The file gets the
+    permissions the umask allows (`_file_mode`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = leftovers.temporary_path(path)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        write(str(tmp))
+        os.chmod(tmp, _file_mode())
+        _fsync(tmp)
+        os.replace(tmp, path)
+        _fsync(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 @contextmanager
 def atomic_directory(path: str | os.PathLike, keep_existing_files: bool = True) -> Iterator[Path]:
     """Yield a temporary directory to fill; on success it replaces `path` atomically, with a checksum manifest.
 
     With `keep_existing_files`, files of an existing `path` that the new contents do not write (a README, a
     tokenizer saved beside the weights) are carried over, unchecked, so nothing the caller did not replace is
-    lost. On an exception the temporary directory is removed and `path` is left as it was.
+    lost. On an exception the temporary directory is removed and `path` is left as it was. The writer owns its
+    target: before writing, it puts back what a dead writer of this host moved aside and removes that writer's
+    temporaries (`cmoe.leftovers.clean`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path}: exists and is not a directory; pass a directory path (or remove the file)")
-    recover_directory(path)
-    tmp = path.parent / f".{path.name}{_TMP}{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    leftovers.clean(path.parent, path.name)
+    tmp = leftovers.temporary_path(path)
     tmp.mkdir()
+    old = None
     try:
         yield tmp
+        for file in _files(tmp):  # the caller's files, not those carried over below (hard links to the old ones)
+            os.chmod(file, _file_mode())
         if keep_existing_files and path.is_dir():
             for entry in path.iterdir():
-                if entry.name != MANIFEST and not (tmp / entry.name).exists() and not _LEFTOVER.match(entry.name):
+                if entry.name != MANIFEST and not (tmp / entry.name).exists() and \
+                        leftovers.parse_leftover(entry) is None:
                     _link_or_copy(entry, tmp / entry.name)
         new_files = {p.relative_to(tmp).as_posix() for p in _files(tmp)}
         write_manifest(tmp)
@@ -184,20 +162,33 @@ def atomic_directory(path: str | os.PathLike, keep_existing_files: bool = True) 
             _fsync(file)
         _fsync(tmp)
         _stage("files-written")
-        old = None
         if path.exists():
-            old = path.parent / f".{path.name}{_OLD}{os.getpid()}"
-            shutil.rmtree(old, ignore_errors=True)
+            old = leftovers.temporary_path(path, leftovers.OLD)
             os.replace(path, old)
             _stage("swapped-old-aside")
         os.replace(tmp, path)
         _fsync(path.parent)
         _stage("renamed")
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if old is not None and not path.exists():
+            os.replace(old, path)  # the rename into place failed: put the old version back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def moved_aside(path: str | os.PathLike) -> str | None:
+    """When `path` is missing because a save that replaces it moved the old version aside (and was interrupted,
+    or is between its two renames right now): a sentence naming the old version and the command that puts it
+    back; else None. Reads only."""
+    path = Path(path)
+    asides = [item for item in leftovers.find_leftovers(path.parent, path.name) if item.kind == leftovers.OLD]
+    if path.exists() or not asides:
+        return None
+    return (f"{path} is not there, but {asides[0].path.name} beside it holds its previous version, moved aside by a "
+            f"save that replaces it (interrupted, or still running); try again in a moment, or, if no save is "
+            f"running, `cmoe clean {path.parent}` puts it back (a reader never moves it)")
 
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, dict] | None:
@@ -222,10 +213,9 @@ def verify_directory(directory: str | os.PathLike, required: tuple[str, ...] = (
     `CheckpointError` for a missing file and `ChecksumError` for a damaged one, naming it and the fix.
     """
     directory = Path(directory)
-    recover_directory(directory)
     if not directory.is_dir():
-        raise CheckpointError(f"{directory}: no such directory; pass a directory written by save_pretrained "
-                              "or a training checkpoint")
+        raise CheckpointError(moved_aside(directory) or f"{directory}: no such directory; pass a directory written "
+                              "by save_pretrained or a training checkpoint")
     for name in required:
         if not (directory / name).is_file():
             raise CheckpointError(f"{directory / name}: missing; the directory is incomplete, save it again or "
@@ -240,8 +230,13 @@ def verify_directory(directory: str | os.PathLike, required: tuple[str, ...] = (
         if not file.is_file():
             raise CheckpointError(f"{file}: missing, but {MANIFEST} lists it; the directory is incomplete, save "
                                   "it again or restore it from a backup")
-        size = file.stat().st_size
-        if size != entry.get("size", size) or file_sha256(file) != entry["sha256"]:
+        try:
+            size = file.stat().st_size
+            same = size == entry.get("size", size) and file_sha256(file) == entry["sha256"]
+        except OSError as error:  # removed or replaced while being read (a run pruning old checkpoints)
+            raise CheckpointError(f"{file}: could not be read ({error}); it was removed while being read, or the "
+                                  "disk failed: load it again, or restore it from a backup") from None
+        if not same:
             raise ChecksumError(f"{file}: damaged (its SHA-256 or size differs from the one recorded at save "
                                 f"time in {MANIFEST}); save it again or restore it from a backup")
     return True

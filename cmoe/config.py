@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from cmoe.checkpointing import recover_directory
+from cmoe.checkpointing import moved_aside
 from cmoe.errors import CMoEError, expect
 from cmoe.io import write_json
 from cmoe.validation import check_field_types
@@ -60,11 +60,11 @@ class ConnectorConfig:
 
 def read_config_json(directory: str | os.PathLike) -> dict[str, Any]:
     """The mapping in `directory`'s ``config.json``; a missing, empty, non-JSON or non-mapping file raises
-    `CMoEError` naming it."""
-    recover_directory(directory)  # a save killed between its renames left the directory aside: put it back
+    `CMoEError` naming it. Reads only: a directory moved aside by an interrupted save is named, not moved back."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
-        raise CMoEError(f"{path}: no {CONFIG_NAME} here; pass a directory written by save_pretrained")
+        raise CMoEError(moved_aside(directory) or f"{path}: no {CONFIG_NAME} here; pass a directory written by "
+                        "save_pretrained")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as error:

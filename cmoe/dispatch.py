@@ -5,11 +5,12 @@ differentiable with respect to ``x``, the expert weights and the routing weights
 
 * ``loop`` — the reference: one expert and one slot at a time, obviously correct, slow;
 * ``sorted`` — (token, slot) pairs sorted by expert once, then one expert at a time: gather, its layers,
-  weighted scatter-add back to token order (a per-expert cuBLAS/MKL matmul loop); ``auto``'s choice for
-  sparse routing;
+  weighted scatter-add back to token order (a per-expert cuBLAS/MKL matmul loop); the table rule's choice
+  for sparse routing;
 * ``dense`` — every expert on every token as one wide GEMM, weighted by the dense ``[T, E]`` mixing matrix:
-  what the original Uni-Med computes; ``auto``'s choice for dense routing on CUDA (measured 1.24× faster than
-  ``sorted`` forward on an H100); on CPU ``sorted`` measures faster even there (benchmarks/RESULTS.md);
+  what the original Uni-Med computes; the table rule's choice for dense routing on CUDA, where it measures
+  faster than ``sorted`` (benchmarks/RESULTS.md, the "under dense routing" line); on CPU ``sorted`` measures
+  faster even there (benchmarks/RESULTS-cpu.md);
 * ``triton`` — fused GPU kernels (`cmoe.kernels`), registered by the ``triton_kernels`` plugin entry point;
   a candidate of the measuring ``auto`` on CUDA only (never the CPU interpreter);
 * ``grouped_mm`` — one ``torch.nn.functional.grouped_mm`` per layer over expert-sorted rows, offsets on the
@@ -18,7 +19,7 @@ differentiable with respect to ``x``, the expert weights and the routing weights
 ``auto`` times the candidates on the first call of each shape class and keeps the fastest (`cmoe.auto`);
 ``CMOE_AUTO=table`` restores the hand-written rule of `table_backend`.
 
-Backends are registered through the ``cmoe_register_backends`` plugin hook (see `cmoe.builtins`).
+Backends are registered through the ``cmoe_register_backends`` plugin hook (see `cmoe.core_plugin`).
 """
 
 from __future__ import annotations

@@ -1,36 +1,19 @@
-"""Atomic file writes: a temp file in the target directory, fsync, then rename — nothing half-written."""
+"""JSON and safetensors files written atomically (through `cmoe.checkpointing.atomic_write`, the project's one
+atomic writer), and safetensors read with errors that name the file."""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from cmoe.checkpointing import atomic_write
 from cmoe.errors import CMoEError
 
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` then atomically move the result to `path` (same filesystem, so rename is atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Named .<name>.tmp-<pid>-<random>: cmoe.checkpointing.clean_stale removes it if this process is killed.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+__all__ = ["atomic_write", "load_tensors", "save_tensors", "write_json"]
 
 
 def write_json(path: str | os.PathLike, data: dict) -> Path:

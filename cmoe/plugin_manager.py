@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pluggy
 from torch import nn
 
-from cmoe import builtins, hookspecs
+from cmoe import core_plugin, hookspecs
 from cmoe.dispatch import Backend
 from cmoe.experts import StackedExperts
 from cmoe.registry import (
@@ -66,7 +66,7 @@ HOOKS: dict[str, tuple[Registry, Check]] = {
 REGISTRIES: tuple[Registry, ...] = tuple(registry for registry, _ in HOOKS.values())
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT
-BUILTIN = "cmoe.builtins"
+BUILTIN = "cmoe.core_plugin"
 
 _lock = threading.RLock()
 _manager: pluggy.PluginManager | None = None
@@ -152,7 +152,7 @@ def load_plugins() -> pluggy.PluginManager:
         try:
             manager = pluggy.PluginManager(hookspecs.PROJECT)
             manager.add_hookspecs(hookspecs)
-            _add(manager, builtins, BUILTIN, "cmoe (built-in)")
+            _add(manager, core_plugin, BUILTIN, "cmoe (built-in)")
             disabled = _disabled()
             for source in iter_entry_points():
                 name = source.entry_point.name

@@ -1,6 +1,7 @@
 """cmoe.plugins — the built-in pluggy plugins: vision encoders, LLMs (+ LoRA), the attachers that put a
 connector into an existing Hugging Face model (`cmoe.attach`), and the tiny models the tests and demos build.
-``builtin`` is the entry point that registers them; ``examples/`` holds an installable third-party plugin.
+``plugin`` holds the hook implementations that register them (entry point ``builtin_plugins``); ``examples/``
+holds an installable third-party plugin.
 """
 
 if __name__ != "cmoe.plugins":  # found as a bare `plugins` (repository root on sys.path): cmoe/source_folders.py

@@ -389,7 +389,8 @@ def build_eva_clip_g(path: str | None = None, config: dict | EVAViTConfig | None
     loaded by `load_eva_state_dict`; without it the weights are random. Both may be given, e.g.
     ``config={"img_size": 448}`` with BLIP-2's 224 px weights (MiniGPT-v2), whose position embeddings are then
     interpolated. With a checkpoint the model is built on the meta device and skips the random init; built inside
-    a meta device context (`paper_scale.build_on_meta`) it stays there, without reading the checkpoint.
+    a meta device context (the recipe's `model.memory.build_on_meta`) it stays there, without reading the
+    checkpoint.
     """
     if not isinstance(config, EVAViTConfig):
         config = EVAViTConfig.from_dict({} if config is None else config)

@@ -8,8 +8,8 @@ import torch
 
 
 def local_load_options() -> dict[str, Any]:
-    """Local files only; inside a meta device context (`paper_scale.build_on_meta`) the same model with its
-    weights left on meta (transformers refuses from_pretrained there unless told the target); and no Hub
+    """Local files only; inside a meta device context (the recipe's `model.memory.build_on_meta`) the same model
+    with its weights left on meta (transformers refuses from_pretrained there unless told the target); and no Hub
     kernels: transformers >= 5.25 turns them on by default, fetches them from the Hub (cmoe never reaches it at
     run time) and fails on the meta device ("Unsupported device type 'meta'")."""
     return {"local_files_only": True, "use_kernels": False,

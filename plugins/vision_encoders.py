@@ -4,7 +4,7 @@ Every encoder maps ``pixel_values [B, 3, H, W]`` (already resized and normalised
 patch features ``[B, num_patches, out_features]``. Encoders are frozen by default, as in Uni-Med / MiniGPT-v2,
 where only the connector (and the LLM's LoRA) are trained.
 
-Builders (registered by ``plugins/builtin.py``):
+Builders (registered by ``plugins/plugin.py``):
 
 * ``build_hf_clip``   — ``transformers.CLIPVisionModel``, LLaVA's convention: penultimate layer, CLS dropped.
 * ``build_hf_siglip`` — ``transformers.SiglipVisionModel`` (no CLS token).

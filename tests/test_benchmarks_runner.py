@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cmoe.benchmarks import cases, run
+from cmoe.benchmarks import cases, run, tables
 
 HF_IMPORTABLE = cases.hf_import_error() is None
 
@@ -85,7 +85,7 @@ def test_auto_table_compares_the_pick_with_the_fastest_of_the_run() -> None:
         return found
     rows = [row(cases.ROOFLINE, 1.0), row("sorted", 2.0), row("grouped_mm", 2.1), row("auto", 2.1, "grouped_mm"),
             row("hf_grouped_mm", 1.5)]
-    lines = run.auto_table(rows)
+    lines = tables.auto_table(rows)
     assert "| `c` | forward | `grouped_mm` | `sorted` | 1.05 | `hf_grouped_mm` | 1.40 | 2.00 |" in lines
     assert "| `c` | forward+backward | `grouped_mm` | `sorted` | 1.05 | `hf_grouped_mm` | 1.40 | 2.00 |" in lines
 
@@ -122,7 +122,7 @@ def test_summary_ratios_come_from_the_headline_rows() -> None:
     def row(impl: str, ms: float) -> dict:
         return {"impl": impl, "case": "c", "headline": True, "hf": False, "forward_ms": ms,
                 "forward_backward_ms": 3 * ms, "gflops_forward": 10 / ms}
-    text = run.summary([row("sorted", 2.0), row("every_expert", 8.0), row(cases.ROOFLINE, 1.0)])
+    text = tables.summary([row("sorted", 2.0), row("every_expert", 8.0), row(cases.ROOFLINE, 1.0)])
     assert "`every_expert` (original Uni-Med), `c`: forward 4.00×, forward+backward 4.00×" in text
     assert "(1.0 = roofline), `c`: forward 2.00×, forward+backward 2.00×" in text
     assert "`hf_eager` (HF NemotronHExperts, same weights): not measured" in text
@@ -135,7 +135,7 @@ def test_summary_reports_triton_against_the_targets() -> None:
                 "forward_backward_peak_mib": 9.0}
     case = cases.Case(1024, 64, 32, 8, 2, "mlp", dtype=torch.bfloat16)
     rows = [row("triton", 2.0, case.name), row("sorted", 3.0, case.name), row(cases.ROOFLINE, 1.8, case.name)]
-    text = run.summary(rows, {case.name: case})
+    text = tables.summary(rows, {case.name: case})
     assert (f"- `triton` on `{case.name}`: roofline fraction (roofline time ÷ triton time) forward 0.90, "
             "forward+backward 0.90 (target ≥ 0.85)") in text
     assert "speed-up over `sorted` forward 1.50×, forward+backward 1.50× (target ≥ 1.2×)" in text

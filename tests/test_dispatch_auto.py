@@ -239,3 +239,14 @@ def test_a_bad_mode_for_a_recorded_run_says_what_is_accepted(tmp_path) -> None:
     with pytest.raises(CMoEError, match="auto mode: expected one of measure, table, got 'fastest'"):
         with auto.choices_recorded_in(tmp_path / "auto.json", mode="fastest"):
             pass
+
+
+def test_a_recorded_run_keeps_every_setting_of_the_selector_it_replaces(tmp_path) -> None:
+    previous = auto.configure_auto(rounds=4, tie_margin=0.2, tie_rounds=3, tie_keep=0.07)
+    try:
+        with auto.choices_recorded_in(tmp_path / "auto.json") as inside:
+            kept = (inside.rounds, inside.tie_margin, inside.tie_rounds, inside.tie_keep)
+        assert kept == (4, 0.2, 3, 0.07)
+    finally:
+        auto.configure_auto()
+    assert previous is not auto.selector()

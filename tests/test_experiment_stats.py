@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from cmoe.errors import CMoEError
-from cmoe.reference_models.unimed.experiments.experiment import aggregate, compare, load_experiment, resolve_variants, run_config
-from cmoe.reference_models.unimed.experiments.experiment_report import format_experiment, routing_by_variant, task_separation
-from cmoe.reference_models.unimed.experiments.experiment_stats import mean_std, paired_test
-from cmoe.reference_models.unimed.experiments.experiment_tasks import subset_overrides
+from cmoe.reference_models.unimed.experiments.report import format_experiment, routing_by_variant, task_separation
+from cmoe.reference_models.unimed.experiments.runner import aggregate, compare, load_experiment, resolve_variants, run_config
+from cmoe.reference_models.unimed.experiments.stats import mean_std, paired_test
+from cmoe.reference_models.unimed.experiments.task_study import subset_overrides
 
 
 def student_t_two_sided_p_df4(t: float) -> float:
@@ -160,7 +160,7 @@ def test_a_run_folder_of_another_config_is_refused_not_resumed_or_reused(tmp_pat
     import json
 
     from cmoe.io import write_json
-    from cmoe.reference_models.unimed.experiments.experiment import RUN_RECORD, run_one
+    from cmoe.reference_models.unimed.experiments.runner import RUN_RECORD, run_one
 
     spec = load_experiment("tug_of_war")
     config = run_config(spec, "mlp", 0, tmp_path)

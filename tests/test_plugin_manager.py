@@ -50,7 +50,7 @@ def test_builtins_come_through_the_hooks_with_their_origin() -> None:
     assert ("router", "token_topk", "cmoe (built-in)") in rows
     assert ("expert", "mlp", "cmoe (built-in)") in rows
     assert ("backend", "sorted", "cmoe (built-in)") in rows
-    assert "cmoe.builtins" in dict(cmoe.get_plugin_manager().list_name_plugin())
+    assert "cmoe.core_plugin" in dict(cmoe.get_plugin_manager().list_name_plugin())
 
 
 def test_runtime_plugin_router_trains_inside_a_connector_by_name() -> None:

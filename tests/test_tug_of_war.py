@@ -10,7 +10,26 @@ import pytest
 import torch
 
 from cmoe import CMoEConfig, CMoEConnector, CMoEError, MLPConnector, MLPConnectorConfig, mean_weight_per_task
-from cmoe.reference_models.unimed.analysis import tug_of_war as tow
+from cmoe.reference_models.unimed.analysis.gradients import (
+    connector_parameter_groups,
+    flat_group_gradients,
+    per_task_group_gradients,
+)
+from cmoe.reference_models.unimed.analysis.measures import (
+    Histogram,
+    analyze_gradients,
+    cosine_matrix,
+    direction_index,
+    distribution_entropy,
+    magnitude_index,
+    magnitude_index_from_norms,
+    parameter_stats,
+    routing_by_task,
+    snapshot_parameters,
+    zero_norm_tasks,
+)
+from cmoe.reference_models.unimed.analysis.plots import write_report
+from cmoe.reference_models.unimed.analysis.report import TugOfWarReport
 
 
 def two_tasks(a: list[float], b: list[float]) -> dict[str, torch.Tensor]:
@@ -24,11 +43,11 @@ def two_tasks(a: list[float], b: list[float]) -> dict[str, torch.Tensor]:
     ([3.0, 0.0, -1.0], 0.0, 0.0, 0.0),     # orthogonal
 ])
 def test_two_task_cosine_and_direction_index(b: list[float], cos: float, conflict: float, fraction: float) -> None:
-    tasks, matrix = tow.cosine_matrix(two_tasks([1.0, 2.0, 3.0], b))
+    tasks, matrix = cosine_matrix(two_tasks([1.0, 2.0, 3.0], b))
     assert tasks == ["vqa", "grounding"]
     assert matrix.shape == (2, 2)
     torch.testing.assert_close(matrix, torch.tensor([[1.0, cos], [cos, 1.0]], dtype=torch.float64))
-    index = tow.direction_index(matrix)
+    index = direction_index(matrix)
     assert index.conflict == pytest.approx(conflict)
     assert index.conflict_fraction == pytest.approx(fraction)
     assert index.mean_cosine == pytest.approx(cos, abs=1e-12)
@@ -38,41 +57,41 @@ def test_two_task_cosine_and_direction_index(b: list[float], cos: float, conflic
 def test_direction_index_averages_over_pairs() -> None:
     # pairs: (0,1) cos −0.5, (0,2) cos 0.5, (1,2) cos −1 → conflict (0.5 + 0 + 1) / 3, 2 of 3 pairs conflict
     cos = torch.tensor([[1.0, -0.5, 0.5], [-0.5, 1.0, -1.0], [0.5, -1.0, 1.0]])
-    index = tow.direction_index(cos)
+    index = direction_index(cos)
     assert index.conflict == pytest.approx(0.5)
     assert index.conflict_fraction == pytest.approx(2 / 3)
     assert index.mean_cosine == pytest.approx(-1 / 3)
     assert index.min_cosine == pytest.approx(-1.0)
     assert index.num_pairs == 3
-    assert math.isnan(tow.direction_index(torch.ones(1, 1)).conflict)
+    assert math.isnan(direction_index(torch.ones(1, 1)).conflict)
 
 
 def test_magnitude_index_norms_1_and_4() -> None:
-    index = tow.magnitude_index(two_tasks([1.0, 0.0], [0.0, 4.0]))
+    index = magnitude_index(two_tasks([1.0, 0.0], [0.0, 4.0]))
     assert index.max_min_ratio == pytest.approx(4.0)
     assert index.cv == pytest.approx(0.6)           # population std 1.5 / mean 2.5
     assert (index.mean_norm, index.std_norm) == pytest.approx((2.5, 1.5))
-    assert tow.magnitude_index_from_norms([3.0, 3.0, 3.0]).cv == 0.0
+    assert magnitude_index_from_norms([3.0, 3.0, 3.0]).cv == 0.0
 
 
 def test_zero_gradient_is_flagged_not_nan() -> None:
     grads = two_tasks([0.0, 0.0, 0.0], [1.0, 2.0, 3.0])
-    tasks, cos = tow.cosine_matrix(grads)
+    tasks, cos = cosine_matrix(grads)
     assert torch.isfinite(cos).all()
     torch.testing.assert_close(cos, torch.tensor([[0.0, 0.0], [0.0, 1.0]], dtype=torch.float64))
-    assert tow.zero_norm_tasks(grads) == ["vqa"]
-    assert tow.direction_index(cos).conflict == 0.0
-    magnitude = tow.magnitude_index(grads)
+    assert zero_norm_tasks(grads) == ["vqa"]
+    assert direction_index(cos).conflict == 0.0
+    magnitude = magnitude_index(grads)
     assert magnitude.max_min_ratio == math.inf and magnitude.cv == pytest.approx(1.0)
-    analysis = tow.analyze_gradients(grads)
+    analysis = analyze_gradients(grads)
     assert analysis.zero_norm_tasks == ["vqa"] and analysis.norms["vqa"] == 0.0
-    both_zero = tow.magnitude_index(two_tasks([0.0], [0.0]))
+    both_zero = magnitude_index(two_tasks([0.0], [0.0]))
     assert math.isnan(both_zero.cv) and math.isnan(both_zero.max_min_ratio)
 
 
 def test_gradients_of_different_sizes_are_rejected() -> None:
     with pytest.raises(CMoEError, match="task_grads: expected gradients of one size"):
-        tow.cosine_matrix(two_tasks([1.0, 2.0], [1.0]))
+        cosine_matrix(two_tasks([1.0, 2.0], [1.0]))
 
 
 def tiny_connector() -> CMoEConnector:
@@ -82,11 +101,11 @@ def tiny_connector() -> CMoEConnector:
 def test_parameter_groups_slice_the_stacked_expert_gradients() -> None:
     connector = tiny_connector()
     connector(torch.randn(2, 4, 8)).hidden_states.square().sum().backward()
-    groups = tow.connector_parameter_groups(connector)
+    groups = connector_parameter_groups(connector)
     assert list(groups) == ["expert_0", "expert_1", "expert_2", "router", "all"]
     assert all(m.index == 1 for m in groups["expert_1"])
     assert {m.name for m in groups["router"]} == {n for n, _ in connector.router.named_parameters(prefix="router")}
-    flat = tow.flat_group_gradients(connector, groups)
+    flat = flat_group_gradients(connector, groups)
     for e in range(3):
         expected = torch.cat([p.grad[e].reshape(-1) for p in connector.experts.parameters()])
         assert torch.equal(flat[f"expert_{e}"], expected)
@@ -98,7 +117,7 @@ def test_parameter_groups_slice_the_stacked_expert_gradients() -> None:
     assert sum(flat[k].numel() for k in ("expert_0", "expert_1", "expert_2", "router")) == total
 
     connector.zero_grad(set_to_none=True)
-    zeros = tow.flat_group_gradients(connector, groups)
+    zeros = flat_group_gradients(connector, groups)
     assert all(v.numel() > 0 and not v.any() for v in zeros.values())
 
 
@@ -107,27 +126,27 @@ def test_per_task_gradients_match_separate_backwards() -> None:
     x = torch.randn(2, 4, 8)
     out = connector(x).hidden_states
     losses = {"vqa": out[0].square().mean(), "grounding": out[1].abs().mean()}
-    by_autograd = tow.per_task_group_gradients(connector, losses)
+    by_autograd = per_task_group_gradients(connector, losses)
     assert all(p.grad is None for p in connector.parameters())
     for task, loss in losses.items():
         connector.zero_grad(set_to_none=True)
         loss.backward(retain_graph=True)
-        for group, vector in tow.flat_group_gradients(connector).items():
+        for group, vector in flat_group_gradients(connector).items():
             torch.testing.assert_close(by_autograd[task][group], vector)
 
 
 def test_mlp_connector_groups() -> None:
     connector = MLPConnector(MLPConnectorConfig(in_features=8, out_features=6))
-    groups = tow.connector_parameter_groups(connector)
+    groups = connector_parameter_groups(connector)
     assert list(groups) == ["projector", "all"]
     assert [m.name for m in groups["projector"]] == [n for n, _ in connector.named_parameters()]
-    assert list(tow.parameter_stats(connector)) == ["projector"]
+    assert list(parameter_stats(connector)) == ["projector"]
 
 
 def test_parameter_stats_and_updates() -> None:
     connector = tiny_connector()
-    before = tow.snapshot_parameters(connector)
-    stats = tow.parameter_stats(connector, bins=10)
+    before = snapshot_parameters(connector)
+    stats = parameter_stats(connector, bins=10)
     assert list(stats) == ["expert_0", "expert_1", "expert_2", "router"]
     w0 = torch.cat([p[0].detach().reshape(-1) for p in connector.experts.parameters()]).double()
     s0 = stats["expert_0"]
@@ -140,7 +159,7 @@ def test_parameter_stats_and_updates() -> None:
     with torch.no_grad():
         for p in connector.experts.parameters():
             p[2].add_(0.5)
-    after = tow.parameter_stats(connector, before, bins=10)
+    after = parameter_stats(connector, before, bins=10)
     assert after["expert_0"].update_norm == 0.0
     moved = after["expert_2"]
     n = moved.numel
@@ -148,7 +167,7 @@ def test_parameter_stats_and_updates() -> None:
     base = torch.cat([before[name][2].reshape(-1) for name, _ in connector.experts.named_parameters(prefix="experts")])
     assert moved.relative_update == pytest.approx(0.5 * math.sqrt(n) / float(base.double().norm()))
     with pytest.raises(CMoEError, match="previous_state: expected an entry for every connector parameter"):
-        tow.parameter_stats(connector, {})
+        parameter_stats(connector, {})
 
 
 def test_routing_by_task_means_and_entropies() -> None:
@@ -156,20 +175,20 @@ def test_routing_by_task_means_and_entropies() -> None:
     # sample 2 (task 0) one-hot on expert 0 for both tokens
     uniform = [0.25] * 4
     probs = torch.tensor([[uniform, uniform], [[0, 0, 1.0, 0], [0, 0, 1.0, 0]], [[1.0, 0, 0, 0], [1.0, 0, 0, 0]]])
-    routing = tow.routing_by_task(probs, torch.tensor([0, 1, 0]), task_names=["vqa", "grounding"])
+    routing = routing_by_task(probs, torch.tensor([0, 1, 0]), task_names=["vqa", "grounding"])
     assert list(routing) == ["vqa", "grounding"]
     assert routing["vqa"].mean_weight == pytest.approx([0.625, 0.125, 0.125, 0.125])
     assert routing["vqa"].num_tokens == 4
     assert routing["grounding"].mean_weight == pytest.approx([0.0, 0.0, 1.0, 0.0])
     assert routing["grounding"].entropy == 0.0 and routing["grounding"].normalized_entropy == 0.0
 
-    only_uniform = tow.routing_by_task(probs[:1].reshape(2, 4), torch.tensor([5, 5]))
+    only_uniform = routing_by_task(probs[:1].reshape(2, 4), torch.tensor([5, 5]))
     assert list(only_uniform) == ["5"]
     assert only_uniform["5"].entropy == pytest.approx(math.log(4))
     assert only_uniform["5"].normalized_entropy == pytest.approx(1.0)
-    assert tow.distribution_entropy([0.5, 0.5, 0.0, 0.0]) == pytest.approx((math.log(2), 0.5))
+    assert distribution_entropy([0.5, 0.5, 0.0, 0.0]) == pytest.approx((math.log(2), 0.5))
 
-    per_token = tow.routing_by_task(probs.reshape(6, 4), ["a", "a", "b", "b", "a", "a"])
+    per_token = routing_by_task(probs.reshape(6, 4), ["a", "a", "b", "b", "a", "a"])
     assert per_token["a"].mean_weight == routing["vqa"].mean_weight
 
 
@@ -177,25 +196,25 @@ def test_routing_by_task_agrees_with_mean_weight_per_task() -> None:
     connector = CMoEConnector(CMoEConfig(in_features=8, out_features=6, num_experts=3, top_k=2))
     task_ids = torch.tensor([1, 0, 1])
     result = connector(torch.randn(3, 4, 8)).routing
-    ours = tow.routing_by_task(result, task_ids)
+    ours = routing_by_task(result, task_ids)
     reference = mean_weight_per_task(result, task_ids, num_tasks=2)
     for t in (0, 1):
         assert ours[str(t)].mean_weight == pytest.approx(reference[t].tolist())
 
 
-def make_report() -> tow.TugOfWarReport:
+def make_report() -> TugOfWarReport:
     connector = tiny_connector()
-    before = tow.snapshot_parameters(connector)
-    report = tow.TugOfWarReport(meta={"connector": "cmoe", "num_experts": 3})
+    before = snapshot_parameters(connector)
+    report = TugOfWarReport(meta={"connector": "cmoe", "num_experts": 3})
     x, task_ids = torch.randn(3, 4, 8), torch.tensor([0, 1, 2])
     optimizer = torch.optim.SGD(connector.parameters(), lr=0.1)
     for step in (0, 10):
         out = connector(x, task_ids)
         losses = {"vqa": out.hidden_states[0].square().mean(), "caption": out.hidden_states[1].mean(),
                   "grounding": -out.hidden_states[2].mean()}
-        grads = tow.per_task_group_gradients(connector, losses)
-        routing = tow.routing_by_task(out.routing.router_probs, task_ids, ["vqa", "caption", "grounding"])
-        report.record(step, grads, routing, tow.parameter_stats(connector, before, bins=20))
+        grads = per_task_group_gradients(connector, losses)
+        routing = routing_by_task(out.routing.router_probs, task_ids, ["vqa", "caption", "grounding"])
+        report.record(step, grads, routing, parameter_stats(connector, before, bins=20))
         optimizer.zero_grad()
         sum(losses.values()).backward()
         optimizer.step()
@@ -215,7 +234,7 @@ def test_report_records_every_group() -> None:
 
 def test_write_report_plots_and_json_round_trip(tmp_path) -> None:
     report = make_report()
-    paths = tow.write_report(report, tmp_path)
+    paths = write_report(report, tmp_path)
     names = sorted(p.name for p in paths)
     assert names == sorted(["tug_of_war.json", "index_curves.png", "routing.png", "parameter_histograms.png",
                             *(f"cosine_{g}.png" for g in ("expert_0", "expert_1", "expert_2", "router", "all"))])
@@ -225,28 +244,28 @@ def test_write_report_plots_and_json_round_trip(tmp_path) -> None:
             assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads((tmp_path / "tug_of_war.json").read_text())
     assert data == report.to_dict()
-    assert tow.TugOfWarReport.from_dict(data).to_dict() == data
-    loaded = tow.TugOfWarReport.load_json(tmp_path / "tug_of_war.json").steps[0].gradients["all"]
+    assert TugOfWarReport.from_dict(data).to_dict() == data
+    loaded = TugOfWarReport.load_json(tmp_path / "tug_of_war.json").steps[0].gradients["all"]
     torch.testing.assert_close(torch.tensor(loaded.cosine), torch.tensor(report.steps[0].gradients["all"].cosine))
     assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_undefined_values_become_null_and_come_back(tmp_path) -> None:
-    report = tow.TugOfWarReport()
+    report = TugOfWarReport()
     report.record(3, {"vqa": {"all": torch.zeros(4)}, "caption": {"all": torch.ones(4)}})
     data = report.to_dict()
     assert data["steps"][0]["gradients"]["all"]["magnitude"]["max_min_ratio"] is None  # 1 / 0
     json.dumps(data, allow_nan=False)
-    paths = tow.write_report(report, tmp_path)
+    paths = write_report(report, tmp_path)
     assert {p.name for p in paths} == {"tug_of_war.json", "index_curves.png", "cosine_all.png"}
-    assert tow.TugOfWarReport.load_json(paths[0]).to_dict() == data
+    assert TugOfWarReport.load_json(paths[0]).to_dict() == data
     with pytest.raises(CMoEError, match="step: expected one of the recorded steps"):
-        tow.write_report(report, tmp_path, step=99)
+        write_report(report, tmp_path, step=99)
 
 
 def test_histogram_of_a_near_constant_update() -> None:
     half = torch.tensor([0.5], dtype=torch.float64)
     values = torch.cat([half, torch.nextafter(half, torch.ones(1, dtype=torch.float64))])
-    hist = tow.Histogram.of(values, bins=50)
+    hist = Histogram.of(values, bins=50)
     assert sum(hist.counts) == 2 and len(hist.edges) == 51
     assert hist.edges[0] < 0.5 < hist.edges[-1]

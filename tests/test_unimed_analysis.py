@@ -19,11 +19,11 @@ PLOTS = {"index_curves.png", "routing.png", "parameter_histograms.png", "cosine_
 @pytest.mark.slow
 def test_live_analysis_and_checkpoint_analysis_write_every_plot_and_the_json(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cmoe.reference_models.unimed.analysis import tug_of_war
+    from cmoe.reference_models.unimed.analysis import plots
 
     plotted_at: list[int] = []
-    monkeypatch.setattr(tug_of_war, "plot_index_curves",
-                        lambda report, path, _plot=tug_of_war.plot_index_curves:
+    monkeypatch.setattr(plots, "plot_index_curves",
+                        lambda report, path, _plot=plots.plot_index_curves:
                         plotted_at.append(report.steps[-1].step) or _plot(report, path))
     config = tiny_config(tmp_path, train__steps=4, train__save_every=4, train__analyze_every=2,
                          train__analyze_batches_per_task=1)
@@ -92,8 +92,8 @@ def test_experiment_runs_variants_over_seeds_and_writes_the_table_and_plots(tmp_
     routing maps, the task study (a nested pair and single-task runs), the plots; a second call reuses every
     finished run."""
     from cmoe.reference_models.unimed.training import train
-    from cmoe.reference_models.unimed.experiments.experiment import load_experiment, run_experiment
-    from cmoe.reference_models.unimed.experiments.experiment_report import format_experiment
+    from cmoe.reference_models.unimed.experiments.report import format_experiment
+    from cmoe.reference_models.unimed.experiments.runner import load_experiment, run_experiment
 
     assert set(load_experiment("cmoe_vs_mlp").variants) == {"mlp", "cmoe_original", "cmoe_token_topk", "cmoe_task"}
     spec = load_experiment("tug_of_war")

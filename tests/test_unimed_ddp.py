@@ -49,7 +49,7 @@ def test_two_process_torchrun_ranks_agree(tmp_path: Path, mode: str) -> None:
 @pytest.mark.slow
 def test_torchrun_cli_train_checkpoints_and_exits_cleanly(tmp_path: Path) -> None:
     """The documented command, ``torchrun ... -m cmoe unimed train``: rank 0 reports and writes the checkpoint,
-    and both ranks leave the process group (`finish_distributed`) so neither aborts at exit."""
+    and both ranks leave the process group (`Trainer.close`) so neither aborts nor hangs at exit."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CMOE_DISABLE_PLUGINS": os.environ.get("CMOE_DISABLE_PLUGINS", "")}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              "-m", "cmoe", "unimed", "train", "--config", "tiny", "--output-dir", str(tmp_path),

@@ -1,4 +1,4 @@
-"""`paper_scale.build_on_meta` with pretrained components (what FSDP's ranks > 0 build): the HF builders and
+"""`model.memory.build_on_meta` with pretrained components (what FSDP's ranks > 0 build): the HF builders and
 EVA-CLIP honour the meta device context, so the model matches the real build in everything but storage."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 
 from cmoe.plugins.eva_clip import EVAViTConfig, build_eva_clip_g
 from cmoe.reference_models.unimed.model.assembly import build_model
-from cmoe.reference_models.unimed.model.paper_scale import build_on_meta
+from cmoe.reference_models.unimed.model.memory import build_on_meta
 from cmoe.reference_models.unimed.data.splits import load_split
 from cmoe.reference_models.unimed.training.train import make_tokenizer
 

@@ -181,7 +181,7 @@ def test_rec_needs_the_pixel_box_and_unknown_tasks_are_named() -> None:
 
 def test_configs_choose_their_protocol() -> None:
     from cmoe.reference_models.unimed.config import load_config
-    from cmoe.reference_models.unimed.experiments.experiment import load_experiment
+    from cmoe.reference_models.unimed.experiments.runner import load_experiment
 
     assert load_config("paper").eval.protocol == "original"
     assert load_config(load_experiment("paper").base).eval.protocol == "original"
@@ -191,7 +191,7 @@ def test_configs_choose_their_protocol() -> None:
 
 
 def test_an_experiments_task_score_averages_the_tasks_datasets() -> None:
-    from cmoe.reference_models.unimed.experiments.experiment import _score
+    from cmoe.reference_models.unimed.experiments.runner import _score
 
     Metric = cmoe_metrics.Metric
     per_dataset = {"vqa/slake_vqa": {"all/f1": Metric(0.2, 3)}, "vqa/pathvqa": {"all/f1": Metric(0.6, 2)},

@@ -70,8 +70,11 @@ class StubEncoder(torch.nn.Module):
         return patches @ self.weight.T + self.bias
 
 
-if STUB not in VISION_ENCODERS.names():
-    VISION_ENCODERS.register(STUB, lambda: StubEncoder().requires_grad_(False), origin="tests")
+@pytest.fixture(scope="module")
+def stub_encoder() -> None:
+    """The stub registered for this module's model (other tests reload the registries, so not at import)."""
+    if STUB not in VISION_ENCODERS.names():
+        VISION_ENCODERS.register(STUB, lambda: StubEncoder().requires_grad_(False), origin="tests")
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +105,7 @@ def config(data_root: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
-def model(config):
+def model(config, stub_encoder):
     config, checkpoint = config
     built, _ = load_trained_model(config, checkpoint)
     return built

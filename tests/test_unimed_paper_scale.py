@@ -9,14 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from cmoe.reference_models.unimed.model.memory import build_on_meta, estimate_memory
 from cmoe.reference_models.unimed.paper import paper_step
-from cmoe.reference_models.unimed.model.paper_scale import (
-    build_on_meta,
-    estimate_memory,
-    materialize,
-    parameter_counts,
-    random_weight_config,
-)
+from cmoe.reference_models.unimed.paper.scale import materialize, parameter_counts, random_weight_config
 from cmoe.reference_models.unimed.model.tokenizer import build_word_tokenizer
 
 

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from safetensors.torch import save_file  # noqa: E402
 
 from cmoe.reference_models.unimed.training.distributed import full_trainable_state  # noqa: E402
-from cmoe.reference_models.unimed.training.train import Trainer, finish_distributed  # noqa: E402
+from cmoe.reference_models.unimed.training.train import Trainer  # noqa: E402
 from unimed_tiny import test_config  # noqa: E402
 
 out, mode = Path(sys.argv[1]), sys.argv[2]
@@ -39,4 +39,4 @@ if mode == "fsdp":  # resume: rank 0 loads the checkpoint into its model before 
                                                               "fingerprint": resumed.fingerprint,
                                                               "trained_fingerprint": trainer.fingerprint}))
 (out / f"world_rank{rank}.txt").write_text(os.environ["WORLD_SIZE"])
-finish_distributed()
+trainer.close()

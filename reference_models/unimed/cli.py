@@ -1,5 +1,5 @@
-"""``cmoe unimed train | eval | analyze | experiment | data-stats | check-data | convert-original | predict | demo |
-pretrain``: the recipe's command line (registered as a ``cmoe`` subcommand)."""
+"""``cmoe unimed train | eval | analyze | experiment | data-stats | check-data | convert-original | clean | predict |
+serve | demo | pretrain``: the recipe's command line (registered as a ``cmoe`` subcommand)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from cmoe.cli import add_clean_arguments, clean_folder
 from cmoe.errors import CMoEError
 from cmoe.reference_models.unimed.config import BUILTIN_CONFIGS
 
@@ -31,13 +32,17 @@ def _load(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from cmoe.reference_models.unimed.training.train import Trainer, finish_distributed
+    from cmoe.reference_models.unimed.training.elastic import restart_hazard
+    from cmoe.reference_models.unimed.training.train import Trainer
 
     config = _load(args)
     resume = None if args.resume == "none" else args.resume
     trainer = Trainer(config, resume=resume)
+    hazard = restart_hazard()
+    if hazard and trainer.ctx.is_main:
+        print(hazard, file=sys.stderr, flush=True)
     result = trainer.train(args.steps)
-    finish_distributed()
+    trainer.close()
     target = config.train.steps if args.steps is None else args.steps
     if result.history and trainer.ctx.is_main:
         print(f"trained to step {result.step}: loss {result.history[-1]['loss']:.4f}; checkpoint {result.checkpoint}")
@@ -74,8 +79,8 @@ def _analyze(args: argparse.Namespace) -> int:
 
 def _experiment(args: argparse.Namespace) -> int:
     from cmoe.reference_models.unimed.config import parse_overrides
-    from cmoe.reference_models.unimed.experiments.experiment import load_experiment, run_experiment
-    from cmoe.reference_models.unimed.experiments.experiment_report import format_experiment
+    from cmoe.reference_models.unimed.experiments.report import format_experiment
+    from cmoe.reference_models.unimed.experiments.runner import load_experiment, run_experiment
 
     spec = load_experiment(args.experiment)
     if args.seeds:
@@ -198,10 +203,28 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _clean(args: argparse.Namespace) -> int:
+    return clean_folder(args.run_dir, args.older_than, args.dry_run, command="cmoe unimed clean")
+
+
 def _predict(args: argparse.Namespace) -> int:
     from cmoe.reference_models.unimed.inference.command import run
 
     return run(args, _load)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from cmoe.extras import require
+
+    require("demo", "cmoe unimed serve")
+    from cmoe.reference_models.unimed.inference.command import load_predictor
+    from cmoe.reference_models.unimed.inference.web import check_port, serve
+
+    check_port(args.port)
+    predictor = load_predictor(args, _load)
+    print(predictor.describe(), file=sys.stderr)
+    serve(predictor, args.host, args.port)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a PretrainConfig field, e.g. --set encoder_steps=200 (repeatable)")
     pre.add_argument("--no-probes", action="store_true", help="skip the linear-probe table")
     pre.set_defaults(run=_pretrain)
+    clean = commands.add_parser("clean", help="remove what interrupted saves left in a run folder (temporaries of "
+                                              "dead writers; others with --older-than), put back what they moved "
+                                              "aside; a training run's rank 0 does the first part when it starts")
+    add_clean_arguments(clean, "run_dir")
+    clean.set_defaults(run=_clean)
     predict = commands.add_parser("predict", help="ask a trained model about an image (or a JSONL manifest of "
                                                   "requests): the answer, the box, the experts' weights")
     _common(predict)
@@ -283,6 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_predict_arguments(predict)
     predict.set_defaults(run=_predict)
+    serve = commands.add_parser("serve", help="a local web page to ask a trained model about an image (needs "
+                                              "cmoe[demo]): answer, box drawn, expert weights")
+    _common(serve)
+    serve.add_argument("--checkpoint", help="a checkpoint folder (default: the latest of the run folder)")
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1, this "
+                                                           "machine only)")
+    serve.add_argument("--port", type=int, default=0, help="the port (default: 0, a free one); the URL is printed")
+    serve.set_defaults(run=_serve)
     demo = commands.add_parser("demo", help="tiny train + eval on the synthetic set, prints the per-task table")
     _common(demo)
     demo.add_argument("--fresh", action="store_true", help="delete the output directory first")
@@ -291,8 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The Uni-Med recipe: train, eval, analyze, experiment, data-stats, check-data, predict, demo, pretrain,
-    convert-original."""
+    """The Uni-Med recipe: train, eval, analyze, experiment, data-stats, check-data, predict, serve, demo, pretrain,
+    convert-original, clean."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return args.run(args)

@@ -7,7 +7,7 @@ from cmoe.hookspecs import Register, hookimpl
 
 
 def unimed(argv: list[str]) -> int:
-    """The Uni-Med recipe: train, eval, analyze, experiment, data-stats, demo, pretrain, convert-original."""
+    """The Uni-Med recipe: train, eval, analyze, experiment, data-stats, demo, pretrain, convert-original, clean."""
     require("unimed", "cmoe unimed")
     from cmoe.reference_models.unimed.cli import main
 

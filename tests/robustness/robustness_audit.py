@@ -1,11 +1,16 @@
-"""Shared checks of the robustness audit: what a clear error is, and byte-level damage to files."""
+"""Shared checks of the robustness audit: what a clear error is, byte-level damage to files, and the names that
+interrupted saves leave (with a snapshot of a folder, to show that a reader changed nothing)."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
+import subprocess
 from pathlib import Path
 
 from cmoe import CMoEError
+from cmoe.leftovers import TMP, Writer, current_writer, process_start
 
 # A clear error says what to do: what was expected, or a verb naming the fix.
 FIX = re.compile(r"\b(expected|expects|use|pass|save|restore|fix|set|add|cast|move|check|remove|skip|write|resume|"
@@ -34,3 +39,32 @@ def truncate(path: Path, fraction: float) -> None:
     """Keep the first `fraction` of the file's bytes (at least one byte less than the whole)."""
     data = path.read_bytes()
     path.write_bytes(data[:min(len(data) - 1, int(len(data) * fraction))])
+
+
+def exited_writer() -> Writer:
+    """A writer of this host whose process has exited: what a save killed here names in its temporaries."""
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        start = process_start(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    return dataclasses.replace(current_writer(), pid=child.pid, start=start)
+
+
+def leftover_name(target: str, kind: str = TMP, writer: Writer | None = None) -> str:
+    """The name a save of `target` by `writer` (default: this process) gives its temporary (``old``: the previous
+    version moved aside)."""
+    return f".{target}.{kind}~{(writer or current_writer()).tag()}~0a1b2c3d"
+
+
+def snapshot(folder: Path) -> dict[str, tuple]:
+    """Every path under `folder` with its kind, inode, size and modification time: equal snapshots mean nothing
+    was created, deleted, moved, renamed or rewritten."""
+    found = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = Path(root) / name
+            info = path.lstat()
+            found[path.relative_to(folder).as_posix()] = (path.is_dir(), info.st_ino, info.st_size, info.st_mtime_ns)
+    return found

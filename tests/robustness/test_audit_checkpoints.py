@@ -1,21 +1,26 @@
 """Audit: training checkpoints (written by the recipe's `save_checkpoint`) under every fault that can hit a run
 directory: ``latest`` missing, garbage or dangling; stray higher-numbered folders; damaged, truncated or
 incomplete checkpoints; leftovers of killed saves. Resume must pick the newest good checkpoint (with a log
-line) or raise a `CMoEError` naming the file; nothing may be deleted that is still needed."""
+line) or raise a `CMoEError` naming the file; nothing may be deleted that is still needed, and reading changes
+nothing (leftovers are the owner's to remove: the training start, for its own host's dead writers)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from robustness_audit import assert_clear, flip_bit, truncate
+from robustness_audit import assert_clear, exited_writer, flip_bit, leftover_name, snapshot, truncate
 
 from cmoe import CMoEError
+from cmoe.leftovers import OLD, TMP, current_writer, process_start
 from cmoe.reference_models.unimed.model.checkpoint import (
+    clean_run_folder,
     find_latest,
     list_checkpoints,
     load_trainable,
@@ -194,30 +199,55 @@ def test_a_missing_latest_with_many_checkpoints_picks_the_highest_step_not_the_l
     assert find_latest(tmp_path).name == "step_100000000"
 
 
-LEFTOVERS = [".step_00000004.tmp-999999999", ".step_00000002.old-999999999", ".latest.tmp-999999999-x1y2"]
-
-
-@pytest.mark.parametrize("leftover", LEFTOVERS)
-def test_leftovers_of_killed_saves_are_removed_on_the_next_start_with_a_log_line(tmp_path, caplog, leftover) -> None:
-    _run(tmp_path)
-    junk = tmp_path / leftover
-    if "latest" in leftover:
+def _make(folder: Path, name: str) -> Path:
+    junk = folder / name
+    if ".latest." in name:
         junk.write_text("step_0000")
     else:
         junk.mkdir()
         (junk / "trainable.safetensors").write_bytes(b"0" * 4096)
+    return junk
+
+
+KILLED = [("step_00000004", TMP), ("step_00000002", OLD), ("latest", TMP)]
+
+
+@pytest.mark.parametrize("target,kind", KILLED, ids=[f"{t}-{k}" for t, k in KILLED])
+def test_leftovers_of_killed_saves_are_named_by_readers_and_removed_by_the_next_start(tmp_path, caplog, target, kind):
+    _run(tmp_path)
+    junk = _make(tmp_path, leftover_name(target, kind, exited_writer()))
+    before = snapshot(tmp_path)
     with caplog.at_level(logging.WARNING, logger="cmoe"):
         assert find_latest(tmp_path).name == "step_00000003"
-    assert not junk.exists() and leftover in caplog.text
+    assert snapshot(tmp_path) == before, "a reader changed the run folder"
+    assert junk.name in caplog.text and f"cmoe unimed clean {tmp_path}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cmoe"):
+        clean_run_folder(tmp_path)  # what the training run's rank 0 does when it starts
+    assert not junk.exists() and junk.name in caplog.text
+    assert find_latest(tmp_path).name == "step_00000003" and _resume_step(tmp_path) == 3
+
+
+LEGACY_LEFTOVERS = [".step_00000004.tmp-999999999", ".step_00000002.old-999999999", ".latest.tmp-999999999-x1y2"]
+
+
+@pytest.mark.parametrize("leftover", LEGACY_LEFTOVERS)
+def test_leftovers_that_name_no_host_are_kept_and_reported_with_the_command(tmp_path, caplog, leftover) -> None:
+    _run(tmp_path)
+    junk = _make(tmp_path, leftover)
+    with caplog.at_level(logging.WARNING, logger="cmoe"):
+        clean_run_folder(tmp_path)
+    assert junk.exists(), "a temporary whose writer cannot be checked was removed"
+    assert leftover in caplog.text and f"cmoe unimed clean {tmp_path} --older-than" in caplog.text
 
 
 def test_a_live_writers_temporary_is_left_alone(tmp_path) -> None:
-    import os
-
     _run(tmp_path)
-    live = tmp_path / f".step_00000004.tmp-{os.getppid()}"
+    parent = dataclasses.replace(current_writer(), pid=os.getppid(), start=process_start(os.getppid()))
+    live = tmp_path / leftover_name("step_00000004", TMP, parent)
     live.mkdir()
     find_latest(tmp_path)
+    clean_run_folder(tmp_path)
     assert live.is_dir()
 
 

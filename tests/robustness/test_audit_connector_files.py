@@ -1,6 +1,7 @@
 """Audit: damaged, truncated, partial and interrupted connector directories. A damaged file must raise a
 `CMoEError` naming it (never load silently); an interrupted save must leave the old or the new connector,
-exactly, and its temporary files are removed by the next save or load."""
+exactly; loading changes nothing, and the next save (or ``cmoe clean``) removes what a dead writer of this host
+left."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from robustness_audit import assert_clear, flip_bit, truncate
+from robustness_audit import assert_clear, exited_writer, flip_bit, leftover_name, snapshot, truncate
 
 from cmoe import CMoEConfig, CMoEConnector, CMoEError, load_connector
 from cmoe.checkpointing import atomic_directory, verify_directory
+from cmoe.cli import main
+from cmoe.leftovers import OLD, TMP
 
 FILES = ["model.safetensors", "config.json"]
 
@@ -118,24 +121,39 @@ def test_saving_onto_a_file_path_is_refused(tmp_path) -> None:
     assert_clear(error.value, "connector")
 
 
-@pytest.mark.parametrize("leftover", [".connector.tmp-999999999", ".connector.tmp-999999999-abc",
-                                      ".connector.old-999999999"])
-def test_leftovers_of_a_killed_save_are_removed_with_a_log_line(tmp_path, caplog, leftover: str) -> None:
+KILLED = [(TMP, "dead"), (OLD, "dead"), (TMP, "legacy"), (OLD, "legacy")]
+
+
+@pytest.mark.parametrize("kind,writer", KILLED, ids=[f"{k}-{w}" for k, w in KILLED])
+def test_leftovers_of_a_killed_save_survive_loading_and_the_next_save_removes_its_hosts(tmp_path, caplog, kind, writer):
     directory, model = _saved(tmp_path)
-    junk = tmp_path / leftover
+    name = leftover_name("connector", kind, exited_writer()) if writer == "dead" else f".connector.{kind}-999999999"
+    junk = tmp_path / name
     junk.mkdir()
     (junk / "model.safetensors").write_bytes(b"x" * 1000)
+    before = snapshot(tmp_path)
+    assert _same(model, load_connector(directory))
+    assert snapshot(tmp_path) == before, "loading changed the folder"
     with caplog.at_level(logging.WARNING, logger="cmoe"):
-        assert _same(model, load_connector(directory))
-    assert not junk.exists() and leftover in caplog.text
+        _, second = _saved(tmp_path, seed=1)
+    assert _same(second, load_connector(directory)) and name in caplog.text
+    if writer == "dead":
+        assert not junk.exists(), "the next save left its host's dead writer's temporary"
+    else:
+        assert junk.exists() and "--older-than" in caplog.text, "a temporary naming no host was removed"
 
 
-def test_a_save_killed_between_its_two_renames_is_put_back(tmp_path, caplog) -> None:
+def test_a_save_killed_between_its_two_renames_is_named_by_a_reader_and_put_back_by_the_owner(tmp_path) -> None:
     directory, model = _saved(tmp_path)
-    os.replace(directory, tmp_path / ".connector.old-999999999")
-    with caplog.at_level(logging.WARNING, logger="cmoe"):
-        assert _same(model, load_connector(directory))
-    assert "restored" in caplog.text
+    aside = tmp_path / leftover_name("connector", OLD, exited_writer())
+    os.replace(directory, aside)
+    before = snapshot(tmp_path)
+    with pytest.raises(CMoEError) as error:
+        load_connector(directory)
+    assert_clear(error.value, aside.name, f"cmoe clean {tmp_path}")
+    assert snapshot(tmp_path) == before, "a reader moved the directory back"
+    assert main(["clean", str(tmp_path)]) == 0
+    assert _same(model, load_connector(directory)) and not aside.exists()
 
 
 def test_a_failed_write_disk_full_leaves_the_old_directory_and_no_temporary(tmp_path, monkeypatch) -> None:
@@ -203,11 +221,22 @@ def _run_child(stage: str, directory: Path) -> subprocess.CompletedProcess:
 
 
 def _check_after_kill(tmp_path: Path, directory: Path, old: CMoEConnector) -> None:
+    """Loading reads the old or the new connector (or names the old one moved aside), changing nothing; the owner's
+    clean-up (``cmoe clean``, as the next save does) then leaves exactly one whole connector."""
     torch.manual_seed(1)
     new = CMoEConnector(CMoEConfig(in_features=8, out_features=6, num_experts=3, router="task_token", num_tasks=2))
+    before = snapshot(tmp_path)
+    try:
+        loaded = load_connector(directory)
+    except CMoEError as error:
+        assert_clear(error, ".connector.old~", f"cmoe clean {tmp_path}")
+    else:
+        assert _same(loaded, old) or _same(loaded, new), "an interrupted save produced a mix of two saves"
+    assert snapshot(tmp_path) == before, "loading changed the folder"
+    assert main(["clean", str(tmp_path)]) == 0
     loaded = load_connector(directory)
     assert _same(loaded, old) or _same(loaded, new), "an interrupted save produced a mix of two saves"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["connector"], "temporaries left after the next load"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["connector"], "temporaries left after cmoe clean"
 
 
 @pytest.mark.parametrize("stage", STAGES)

@@ -1,6 +1,7 @@
 """The tug-of-war analysis of a Uni-Med model: per-task connector gradients, routing and parameter statistics
 on fixed probe batches, for a checkpoint (`analyze_checkpoint`, ``cmoe unimed analyze``) or live during
-training every N steps (`TugOfWarProbe`, ``train.analyze_every``). The indexes and plots are in `tug_of_war`.
+training every N steps (`TugOfWarProbe`, ``train.analyze_every``). The indexes are in `measures`, the report in
+`report` and the plots in `plots`.
 """
 
 from __future__ import annotations
@@ -13,15 +14,10 @@ import numpy as np
 import torch
 
 from cmoe.errors import CMoEError
-from cmoe.reference_models.unimed.analysis.tug_of_war import (
-    TugOfWarReport,
-    TugOfWarStep,
-    parameter_stats,
-    per_task_group_gradients,
-    routing_by_task,
-    snapshot_parameters,
-    write_report,
-)
+from cmoe.reference_models.unimed.analysis.gradients import per_task_group_gradients
+from cmoe.reference_models.unimed.analysis.measures import parameter_stats, routing_by_task, snapshot_parameters
+from cmoe.reference_models.unimed.analysis.plots import write_report
+from cmoe.reference_models.unimed.analysis.report import TugOfWarReport, TugOfWarStep
 from cmoe.reference_models.unimed.config import RecipeConfig
 from cmoe.reference_models.unimed.data.sample import Sample
 from cmoe.reference_models.unimed.model.assembly import UniMedModel, build_model

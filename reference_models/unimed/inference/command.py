@@ -67,7 +67,7 @@ def _draw(directory: str, name: str, image: Any, box: Any) -> Path:
     return path
 
 
-def _box_to_draw(request: Request, answer: Answer) -> Any:
+def box_to_draw(request: Request, answer: Answer) -> Any:
     """The box a rec answer or a reg request is about, in pixels; None when there is none."""
     if answer.task == "rec":
         return answer.box
@@ -99,7 +99,7 @@ def _single(args: argparse.Namespace, predictor: UniMedPredictor) -> int:
     request = Request(args.task, None if args.no_image else image, text, _box(args.box))
     answer = predictor.ask_batch([request], args.routing_per_token)[0]
     if args.draw:
-        box = _box_to_draw(request, answer)
+        box = box_to_draw(request, answer)
         if box is not None:
             print(f"drew {_draw(args.draw, f'{name}-{args.task}', request.image, box)}", file=sys.stderr)
     if args.json:
@@ -151,7 +151,7 @@ def _manifest(args: argparse.Namespace, predictor: UniMedPredictor) -> int:
             answers = predictor.ask_batch([request for _, request in chunk], args.routing_per_token)
             for (number, request), answer in zip(chunk, answers):
                 results[number] = {"line": number, **answer.to_dict()}
-                box = _box_to_draw(request, answer) if args.draw else None
+                box = box_to_draw(request, answer) if args.draw else None
                 if box is not None:
                     _draw(args.draw, f"line{number}-{answer.task}", request.image, box)
             progress.update(len(chunk))

@@ -4,7 +4,8 @@ A checkpoint is a directory ``step_00001000/`` written by `cmoe.checkpointing.at
 name renamed into place, with a SHA-256 of every file in ``checksums.json``), so a crash leaves either the whole
 checkpoint or none; ``latest`` (also written atomically) names the newest. `find_latest` verifies the checkpoint
 before it is used and falls back, with a log line, to the newest good one when ``latest`` is missing, garbage,
-names a deleted folder or a damaged checkpoint.
+names a deleted folder or a damaged checkpoint. Reading changes nothing (an evaluation job on another host may
+read while a run writes); `clean_run_folder` is the owner's (the training run's rank 0, at start).
 Tensors go to safetensors (``trainable.safetensors``, ``optimizer.safetensors``, ``rng.safetensors``); the
 rest (step, scheduler, Python/NumPy RNG, optimiser hyper-parameters, config) to ``state.json``. As in the
 original, only trainable parameters (connector, LoRA) are saved; the frozen weights come from the config, and a
@@ -29,7 +30,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from cmoe import checkpointing
+from cmoe import checkpointing, leftovers
 from cmoe.checkpointing import CheckpointError, atomic_directory, verify_directory
 from cmoe.errors import CMoEError
 from cmoe.io import atomic_write, load_tensors, save_tensors
@@ -191,14 +192,28 @@ def _pointer(output_dir: Path) -> Path | None:
     return None
 
 
+def clean_command(output_dir: str | os.PathLike) -> str:
+    """The command that removes the leftovers of interrupted saves in a run folder."""
+    return f"cmoe unimed clean {output_dir}"
+
+
+def clean_run_folder(output_dir: str | os.PathLike) -> leftovers.Cleaned:
+    """What the owner of a run folder (its training run's rank 0, when it starts) does before anything else:
+    put back checkpoints that a dead writer of this host moved aside, remove that writer's temporaries (anywhere
+    in the run folder), and report the others with the command that removes them."""
+    return leftovers.clean(output_dir, command=clean_command(output_dir), recursive=True)
+
+
 def find_latest(output_dir: str | os.PathLike, verify: bool = True) -> Path | None:
     """The checkpoint to continue from in `output_dir`, or None when it holds no ``step_*`` folder.
 
     That is the one ``latest`` names; when ``latest`` is missing, garbage or dangling, or (with `verify`) the
     checkpoint it names is incomplete or damaged, the newest checkpoint (by step) that verifies, with a log line.
-    Raises `CheckpointError` when checkpoints exist but none verifies."""
+    Raises `CheckpointError` when checkpoints exist but none verifies. Reads only: temporaries of saves in
+    progress or interrupted are skipped and named in a log line (`cmoe.leftovers.note`), never removed; the
+    training run's rank 0 removes its own host's dead ones when it starts (`clean_run_folder`)."""
     output_dir = Path(output_dir)
-    checkpointing.clean_stale(output_dir)
+    leftovers.note(output_dir, clean_command(output_dir))
     named = _pointer(output_dir)
     candidates = [path for _, path in reversed(list_checkpoints(output_dir))]
     if named is not None:
@@ -214,7 +229,7 @@ def find_latest(output_dir: str | os.PathLike, verify: bool = True) -> Path | No
             logger.warning("checkpoint %s is not usable (%s); trying the previous one", path, error)
             continue
         if path != named:
-            logger.warning("resuming from %s, the newest good checkpoint in %s", path.name, output_dir)
+            logger.warning("using %s, the newest good checkpoint in %s", path.name, output_dir)
         return path
     if problems:
         raise CheckpointError(f"{output_dir}: none of its {len(problems)} checkpoint(s) is usable: {problems[0]}; "

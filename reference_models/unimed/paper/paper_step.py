@@ -3,7 +3,7 @@
 ``python -m cmoe.reference_models.unimed.paper.paper_step [--steps 5] [--batch-size 4] [--out result.json]``
 
 Full size (EVA-CLIP ViT-g, the original connector, LLaMA-2-7B with LoRA r 8) is built on the meta device and
-materialised on the GPU (`paper_scale.materialize`): the frozen ViT in float16 and the LLM in float32 as the
+materialised on the GPU (`scale.materialize`): the frozen ViT in float16 and the LLM in float32 as the
 original keeps them (`model.llm_upcast`; null keeps the LLM in float16), trainable weights in float32, fp16 autocast with a grad scaler, AdamW, gradient checkpointing, batch 4 of one
 task, ``--text-tokens`` prompt and ``--answer-tokens`` answer tokens around the 64 visual tokens. The memory
 estimate is printed before the first step; the result (device, step times, peak memory, estimate, parameter
@@ -27,14 +27,8 @@ import torch
 
 from cmoe.reference_models.unimed.data.sample import Sample
 from cmoe.reference_models.unimed.model.collate import IMAGE_TASKS, Batch, EncodedText, task_id
-from cmoe.reference_models.unimed.model.paper_scale import (
-    GiB,
-    build_on_meta,
-    estimate_memory,
-    materialize,
-    parameter_counts,
-    random_weight_config,
-)
+from cmoe.reference_models.unimed.model.memory import GiB, build_on_meta, estimate_memory
+from cmoe.reference_models.unimed.paper.scale import materialize, parameter_counts, random_weight_config
 
 DRY_RUN: dict[str, Any] = {
     "model": {"vision_encoder": {"options": {"config": {"img_size": 56, "embed_dim": 32, "depth": 2,

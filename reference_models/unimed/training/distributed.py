@@ -16,7 +16,7 @@ costs ~11 GB per GPU next to the 7B LLM's shard.
 
 Building it (`build_sharded_model`): rank 0 builds the model as an unsharded run does (same seed, weights, LoRA
 init) and loads any checkpoint into it; the other ranks build the same architecture on the meta device
-(`paper_scale.build_on_meta`), so only rank 0 ever holds the full LLM on the host. Every rank then applies
+(`model.memory.build_on_meta`), so only rank 0 ever holds the full LLM on the host. Every rank then applies
 `shard_model`, the meta ranks allocate only their local shards and the replicated modules (``to_empty``), and
 torch's ``set_model_state_dict(..., broadcast_from_rank0=True)`` sends rank 0's values tensor by tensor, each rank
 keeping its shard; the non-persistent buffers (RoPE frequencies, position ids), which no state dict holds, are
@@ -154,7 +154,7 @@ def build_sharded_model(config: RecipeConfig, tokenizer: Any, device: torch.devi
     meta-built ranks have no values to hash). An error in rank 0's build or `prepare` is raised on every rank."""
     from cmoe.reference_models.unimed.model.assembly import build_model
     from cmoe.reference_models.unimed.model.checkpoint import frozen_fingerprint
-    from cmoe.reference_models.unimed.model.paper_scale import build_on_meta
+    from cmoe.reference_models.unimed.model.memory import build_on_meta
 
     if not dist.is_initialized():
         raise CMoEError("train.distributed=fsdp: torch.distributed is not initialised; launch with torchrun "

@@ -27,7 +27,8 @@ from cmoe.auto import choices_recorded_in
 from cmoe.errors import CMoEError
 from cmoe.io import atomic_write, write_json
 from cmoe.reference_models.unimed.analysis.analyze import REPORT_DIR, TugOfWarProbe, report_meta
-from cmoe.reference_models.unimed.analysis.tug_of_war import TugOfWarReport, write_report
+from cmoe.reference_models.unimed.analysis.plots import write_report
+from cmoe.reference_models.unimed.analysis.report import TugOfWarReport
 from cmoe.reference_models.unimed.config import RecipeConfig, TrainSection
 from cmoe.reference_models.unimed.data.mixing import build_sampler
 from cmoe.reference_models.unimed.data.sample import Sample
@@ -52,7 +53,8 @@ from cmoe.reference_models.unimed.model.tokenizer import build_word_tokenizer, l
 from cmoe.reference_models.unimed.prompt_style import run_record
 from cmoe.reference_models.unimed.prompts import build_prompt
 from cmoe.reference_models.unimed.tasks import get_task
-from cmoe.reference_models.unimed.training import distributed
+from cmoe.reference_models.unimed.training import distributed, run_folder
+from cmoe.reference_models.unimed.training.curves import CURVES_DIR, TensorBoardLog, plot_curves
 
 METRICS_FILE = "metrics.jsonl"
 AUTO_CHOICES_FILE = "auto_backends.json"  # cmoe.auto's measured backend choices for this run
@@ -65,6 +67,23 @@ def learning_rate(step: int, train: TrainSection) -> float:
         return train.warmup_start_lr + (train.lr - train.warmup_start_lr) * step / train.warmup_steps
     progress = min(1.0, (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps))
     return train.min_lr + (train.lr - train.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def resuming_line(checkpoint: Path, state: dict[str, Any], run: Path, train: TrainSection, target: int) -> str:
+    """The line a resumed run prints: from which checkpoint and step to which, and what changed in the schedule
+    (``train.steps`` sets the cosine's length: a new value reshapes the learning rate from here on; training past
+    it stays at ``min_lr``)."""
+    step = int(state.get("step", 0))
+    line = f"resuming {run} from {checkpoint.name} (step {step}) to step {target}"
+    saved = (state.get("config") or {}).get("train", {}) if isinstance(state.get("config"), dict) else {}
+    before = saved.get("steps")
+    if isinstance(before, int) and before != train.steps:
+        line += (f"; train.steps is now {train.steps} (it was {before}): the cosine schedule is that long now, the "
+                 f"learning rate at step {step} is {learning_rate(step, train):.3g}")
+    if target > train.steps:
+        line += (f"; steps past train.steps ({train.steps}) keep the schedule's end, min_lr {train.min_lr:g} "
+                 "(raise train.steps to stretch the schedule instead)")
+    return line
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -149,9 +168,9 @@ def _metric_step(line: str) -> int | None:
 
 
 def step_memory_estimate(model: UniMedModel, config: RecipeConfig):
-    """The memory one training step of `model` needs on one device (`paper_scale.estimate_memory`), for the
+    """The memory one training step of `model` needs on one device (`memory.estimate_memory`), for the
     longest text the config allows."""
-    from cmoe.reference_models.unimed.model.paper_scale import estimate_memory
+    from cmoe.reference_models.unimed.model.memory import estimate_memory
 
     aggregation = config.model.aggregation
     merged = {"reshape": aggregation.rate, "avg": aggregation.window ** 2, "max": aggregation.window ** 2}
@@ -219,9 +238,19 @@ class Trainer:
         self.resume = resume
         self.ctx = init_distributed()
 
+    def close(self) -> None:
+        """Leave the process group at the end of a successful run, on every rank (`finish_distributed`), after
+        dropping the DDP wrapper: its reducer holds the group, and a group destroyed by it later joins gloo's
+        threads while holding the GIL that one of them may still need, so the process hangs at exit (seen after
+        torchrun's elastic restarts; pytorch issue 56297)."""
+        if hasattr(self, "wrapped"):
+            self.wrapped = self.model
+        finish_distributed()
+
     def _checkpoint_to_resume(self) -> Path | None:
-        if not hasattr(self, "_resume_from"):
-            self._resume_from = self._find_checkpoint()
+        if not hasattr(self, "_resume_from"):  # every rank, first: rank 0 cleans, checks sharing and chooses
+            self._resume_from = run_folder.open_run_folder(self.output_dir, self.ctx.rank, self.ctx.world_size,
+                                                           self._find_checkpoint)
         return self._resume_from
 
     def _find_checkpoint(self) -> Path | None:
@@ -254,6 +283,7 @@ class Trainer:
             note = resume_note(parts["state"], config.to_dict(), resume_from)
             if note:
                 print(note, flush=True)
+            self._resumed_from = (resume_from, parts["state"])
         if resume_from is not None and (resume_from / "tokenizer").is_dir():
             self.tokenizer = load_tokenizer(resume_from / "tokenizer", original=self.style.tokenizer == "original")
         else:
@@ -330,6 +360,8 @@ class Trainer:
         if self.ctx.is_main:
             with open(self.output_dir / METRICS_FILE, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
+            if getattr(self, "tensorboard", None) is not None:
+                self.tensorboard.log(record)
 
     def _trim_metrics(self) -> None:
         """Drop metric lines past the resumed step (written after the checkpoint by an interrupted run)."""
@@ -387,6 +419,9 @@ class Trainer:
             self.setup()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._trim_metrics()
+        if ctx.is_main and getattr(self, "_resumed_from", None) is not None:
+            print(resuming_line(*self._resumed_from, self.output_dir, train, total), flush=True)
+        self.tensorboard = TensorBoardLog(self.output_dir) if ctx.is_main else None
         if ctx.is_main:
             write_json(self.output_dir / "config.json", config.to_dict())
             if self.step == 0:
@@ -417,8 +452,16 @@ class Trainer:
                     self._analyze(plots=at_checkpoint)
                 if at_checkpoint:
                     checkpoint = self.save() or checkpoint
+                    self._plot_curves()
             bar.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
         return TrainResult(self.output_dir, self.step, checkpoint, history)
+
+    def _plot_curves(self) -> None:
+        """Rank 0 redraws the loss and per-task loss PNGs from the whole metrics.jsonl (`curves.plot_curves`)."""
+        if self.ctx.is_main:
+            plot_curves(self.output_dir / METRICS_FILE, self.output_dir / CURVES_DIR)
 
     def _optimizer_step(self, batches, window: _Window) -> float | None:
         train, ctx = self.config.train, self.ctx

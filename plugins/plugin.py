@@ -1,5 +1,6 @@
-"""The plugins shipped with cmoe, registered through the same hooks as any third-party plugin (entry point
-``builtin_plugins`` in group ``cmoe`` of the ``cmoe`` distribution).
+"""The hook implementations of `cmoe.plugins`: its vision encoders, LLM builder and attachers, registered through
+the same hooks as any third-party plugin (entry point ``builtin_plugins`` in group ``cmoe`` of the ``cmoe``
+distribution). The core's own routers, experts and backends register in `cmoe.core_plugin`.
 
 Builders are registered as thin lazy wrappers, so loading plugins imports neither transformers nor the
 encoder code until a builder is called.

@@ -1,5 +1,7 @@
 """The core's own routers, experts and dispatch backends, registered through the plugin hooks like any
-other plugin's. (The ``cmoe bench`` command is the benchmarks' plugin: `cmoe.benchmarks.plugin`.)"""
+other plugin's (first, by `cmoe.plugin_manager`, before any entry point). The plugin packages register theirs
+in their own ``plugin`` modules: `cmoe.plugins.plugin`, `cmoe.kernels.plugin`, `cmoe.benchmarks.plugin` (the
+``cmoe bench`` command)."""
 
 from __future__ import annotations
 

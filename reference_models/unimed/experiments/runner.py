@@ -21,7 +21,7 @@ from cmoe.io import atomic_write, write_json
 from cmoe.reference_models.unimed.config import BUILTIN_CONFIGS, CONFIG_DIR, load_config, merge_overrides
 from cmoe.reference_models.unimed.data.synthetic import IMAGE_TASKS
 from cmoe.reference_models.unimed.evaluation.metrics import Metric
-from cmoe.reference_models.unimed.experiments.experiment_stats import mean_std, paired_test
+from cmoe.reference_models.unimed.experiments.stats import mean_std, paired_test
 
 TASK_SCORE = {"qa": "all/accuracy", "vqa": "all/f1", "report": "rougeL", "rec": "miou", "reg": "accuracy",
               "cls": "accuracy"}
@@ -218,8 +218,8 @@ def run_experiment(spec: ExperimentSpec, out_dir: str | os.PathLike, overrides: 
                    variants: list[str] | None = None) -> dict[str, Any]:
     """Train, evaluate and analyse every (variant, seed), and the task study; write ``results.json``,
     ``results.md`` and the plots. Finished runs are reused, an interrupted one resumes."""
-    from cmoe.reference_models.unimed.experiments.experiment_report import format_experiment, plot_experiment
-    from cmoe.reference_models.unimed.experiments.experiment_tasks import run_task_study
+    from cmoe.reference_models.unimed.experiments.report import format_experiment, plot_experiment
+    from cmoe.reference_models.unimed.experiments.task_study import run_task_study
 
     out = Path(out_dir)
     chosen = resolve_variants(spec, variants)

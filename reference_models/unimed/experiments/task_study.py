@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 from cmoe.errors import CMoEError
 from cmoe.reference_models.unimed.data.synthetic import IMAGE_TASKS
-from cmoe.reference_models.unimed.experiments.experiment_stats import mean_std, paired_test
+from cmoe.reference_models.unimed.experiments.stats import mean_std, paired_test
 
 if TYPE_CHECKING:
-    from cmoe.reference_models.unimed.experiments.experiment import ExperimentSpec
+    from cmoe.reference_models.unimed.experiments.runner import ExperimentSpec
 
 
 def _source(task: str) -> str:
@@ -63,7 +63,7 @@ def run_task_study(spec: ExperimentSpec, out: Path, overrides: dict[str, Any] | 
                    joint_runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Run (or reuse) the study's runs for every seed and summarise: conflict index by number of image tasks,
     and each task's single-task score against the joint run's, paired by seed."""
-    from cmoe.reference_models.unimed.experiments.experiment import TASK_SCORE, run_config, run_one
+    from cmoe.reference_models.unimed.experiments.runner import TASK_SCORE, run_config, run_one
 
     study = spec.task_study or {}
     variant = study["variant"]

@@ -1,18 +1,16 @@
-"""The ``paper`` model at full size without its weights: built on the meta device (no memory, seconds), counted
-per part, materialised straight onto a device, and its training memory estimated before a step runs.
+"""The ``paper`` model at full size without its weights: counted per part and materialised straight onto a
+device (built on the meta device by `model.memory.build_on_meta`, its training memory estimated there too).
 
 * `random_weight_config` turns the ``paper`` config into one that needs no files: EVA-CLIP ViT-g and LLaMA-2-7B
   with random weights (from their architectures), a word-level tokenizer and the synthetic set.
-* `build_on_meta` builds any recipe model on the meta device; `materialize` allocates it on a device (frozen
-  parts in the model's half precision, trainable ones in float32) and fills it with a random init, so no
-  full-precision 7B copy ever exists on the host.
-* `parameter_counts` splits the parameters into the paper's parts; `estimate_memory` adds weights, gradients,
-  AdamW state and an activation estimate for one training step.
+* `materialize` allocates a meta-built model on a device (frozen parts in the model's half precision,
+  trainable ones in float32) and fills it with a random init, so no full-precision 7B copy ever exists on the
+  host.
+* `parameter_counts` splits the parameters into the paper's parts.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,7 +25,8 @@ LLAMA2_7B: dict[str, Any] = dict(model_type="llama", hidden_size=4096, intermedi
 """LLaMA-2-7B's architecture (``config.json`` of ``Llama-2-7b-chat-hf``): 6,738,415,616 parameters."""
 
 PAPER_PARTS = ("vision_encoder", "llm", "lora", "router", "task_tokens", "experts")
-GiB = 1024 ** 3
+
+__all__ = ["LLAMA2_7B", "PAPER_PARTS", "materialize", "parameter_counts", "part_of", "random_weight_config"]
 
 
 def random_weight_config(overrides: dict[str, Any] | None = None, base: str = "paper") -> RecipeConfig:
@@ -43,14 +42,6 @@ def random_weight_config(overrides: dict[str, Any] | None = None, base: str = "p
                                                  "eval_images": 4}},
     }
     return load_config(base, merge_overrides(replaced, overrides or {}))
-
-
-def build_on_meta(config: RecipeConfig, tokenizer) -> nn.Module:
-    """The model of `config` on the meta device: shapes, dtypes and ``requires_grad`` without any storage."""
-    from cmoe.reference_models.unimed.model.assembly import build_model
-
-    with torch.device("meta"):
-        return build_model(config.model, tokenizer)
 
 
 def part_of(name: str) -> str:
@@ -73,58 +64,6 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
         counts[part_of(name)] += parameter.numel()
     counts["total"] = sum(counts.values())
     return counts
-
-
-@dataclass
-class MemoryEstimate:
-    """Bytes one training step needs on one device (no sharding): weights, gradients and AdamW state of the
-    trainable parameters, and activations (an estimate, see `estimate_memory`)."""
-
-    frozen_weights: int
-    trainable_weights: int
-    gradients: int
-    optimizer: int
-    activations: int
-
-    @property
-    def total(self) -> int:
-        return self.frozen_weights + self.trainable_weights + self.gradients + self.optimizer + self.activations
-
-    def format(self) -> str:
-        parts = [("frozen weights", self.frozen_weights), ("trainable weights", self.trainable_weights),
-                 ("gradients", self.gradients), ("AdamW state", self.optimizer), ("activations (est.)", self.activations)]
-        shown = ", ".join(f"{label} {value / GiB:.2f}" for label, value in parts)
-        return f"memory estimate per device: {self.total / GiB:.2f} GiB ({shown} GiB)"
-
-
-def estimate_memory(model: nn.Module, batch_size: int, text_tokens: int, visual_tokens: int = 64,
-                    gradient_checkpointing: bool = True) -> MemoryEstimate:
-    """One step's memory from the parameters' sizes and dtypes, and an activation estimate for the LLM.
-
-    Gradients take the trainable parameters' dtype, AdamW two float32 moments each. Activations follow
-    Korthikanti et al. (2022), ``34·B·S·H`` half-precision bytes per decoder layer (attention through SDPA, so
-    no ``S²`` score matrix), all layers without checkpointing, or one layer plus each layer's input
-    (``2·B·S·H·L`` bytes) with it; plus the logits (``10·B·S·V`` bytes: half, float32 copy, its gradient)
-    and the connector's layer outputs in float32 (every expert runs on every token in the dense original)."""
-    frozen = trainable = grads = 0
-    for parameter in model.parameters():
-        size = parameter.numel() * parameter.element_size()
-        if parameter.requires_grad:
-            trainable += size
-            grads += size
-        else:
-            frozen += size
-    optimizer = 8 * sum(p.numel() for p in model.parameters() if p.requires_grad)
-    config = getattr(getattr(model.llm, "model", None), "config", None)
-    hidden = getattr(config, "hidden_size", 0)
-    layers = getattr(config, "num_hidden_layers", 0)
-    vocab = getattr(config, "vocab_size", 0)
-    tokens = batch_size * (text_tokens + visual_tokens)
-    per_layer = 34 * tokens * hidden
-    llm = per_layer + 2 * tokens * hidden * layers if gradient_checkpointing else per_layer * layers
-    widths = sum(p.shape[:-1].numel() for p in model.connector.parameters() if p.dim() >= 2)
-    connector = 4 * batch_size * visual_tokens * widths  # every layer output of every expert and the gate
-    return MemoryEstimate(frozen, trainable, grads, optimizer, llm + 10 * tokens * vocab + connector)
 
 
 @torch.no_grad()

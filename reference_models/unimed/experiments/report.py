@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cmoe.reference_models.unimed.analysis.tug_of_war import agg_figure, save_png
-from cmoe.reference_models.unimed.experiments.experiment import TASK_SCORE
-from cmoe.reference_models.unimed.experiments.experiment_stats import mean_std
+from cmoe.reference_models.unimed.analysis.plots import agg_figure, save_png
+from cmoe.reference_models.unimed.experiments.runner import TASK_SCORE
+from cmoe.reference_models.unimed.experiments.stats import mean_std
 
 
 def _cell(pair: Any, scale: float = 100.0, digits: int = 1) -> str:
