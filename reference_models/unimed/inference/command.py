@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cmoe.checkpointing import atomic_write
 from cmoe.errors import CMoEError
 from cmoe.reference_models.unimed.inference.predictor import Answer, Request, UniMedPredictor
 
@@ -158,7 +159,7 @@ def _manifest(args: argparse.Namespace, predictor: UniMedPredictor) -> int:
     lines = "".join(json.dumps(results[n]) + "\n" for n in sorted(results))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(lines, encoding="utf-8")
+        atomic_write(args.out, lambda tmp: Path(tmp).write_text(lines, encoding="utf-8"))
         print(f"wrote {len(results)} answers to {args.out}", file=sys.stderr)
     else:
         sys.stdout.write(lines)
