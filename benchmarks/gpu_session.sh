@@ -35,8 +35,8 @@ export PYTHONUNBUFFERED=1
 # The sweep: dense-GEMM ceilings, the forward and backward tile sweeps, then the weight-gradient variants
 # (plain vs staged gather, `stage_rows`), last so that a sweep cut by its time limit loses only those.
 SWEEP_SECTIONS="ceilings sweep_forward sweep_backward wgrad"
-GPU_TESTS="tests/test_triton_gpu.py tests/test_no_host_sync.py tests/test_triton_kernels.py \
-tests/test_dispatch_grouped_mm.py tests/test_dispatch_auto.py"
+GPU_TESTS="tests/kernels/test_triton_gpu.py tests/kernels/test_no_host_sync.py tests/kernels/test_triton_kernels.py \
+tests/kernels/test_dispatch_grouped_mm.py tests/core/test_dispatch_auto.py"
 
 describe_device() {
   if [ "$dry" = 1 ]; then
@@ -51,7 +51,7 @@ run_tests() {
   if [ "$dry" = 1 ]; then
     # shellcheck disable=SC2086
     "$py" -m pytest --collect-only -q -p no:cacheprovider $GPU_TESTS && \
-      "$py" -m pytest -q -p no:cacheprovider tests/test_dispatch_auto.py -k "bucket or table_mode"
+      "$py" -m pytest -q -p no:cacheprovider tests/core/test_dispatch_auto.py -k "bucket or table_mode"
     return
   fi
   # The first candidate of each class (no tuning) keeps the matrix short; every candidate is still checked by

@@ -21,7 +21,7 @@ sonic-moe liger-kernel``, or carry wheels there with `benchmarks/peer_wheels.sh`
   release 0.8.5): our routing, but SwiGLU experts (a gate+up projection twice as wide: 1.5× our FLOPs), no
   bias, square experts (HF cases only), its own weights.
 
-The adapters of ScatterMoE and Liger run in Triton's CPU interpreter too: ``tests/test_benchmark_peers.py``
+The adapters of ScatterMoE and Liger run in Triton's CPU interpreter too: ``tests/benchmarks/test_benchmark_peers.py``
 checks them against a float64 reference of what each computes, forward and gradients, so an API change in a
 peer shows up before GPU time is spent on it.
 """

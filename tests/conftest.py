@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
+
+# The shared helpers and subprocess workers (tests/support/) import by bare name from every test folder.
+sys.path.insert(0, str(Path(__file__).parent / "support"))
 
 # Without CUDA the triton kernels can only run in triton's CPU interpreter, which must be chosen before they
 # are first compiled: set it for the whole test session (backend="auto" still never picks triton on CPU).

@@ -8,7 +8,7 @@
 5. `analysis` — the tug-of-war analysis;
 6. `training` — the loop with exact resume, DDP/FSDP, pretraining the shipped tiny components;
 7. `experiments` and `paper` — seeded comparisons; the paper-scale step and original-checkpoint conversion;
-8. `cli` / `plugin` — ``cmoe unimed``. tests/test_import_layers.py keeps the order. See docs/unimed.md.
+8. `cli` / `plugin` — ``cmoe unimed``. tests/core/test_import_layers.py keeps the order. See docs/unimed.md.
 """
 
 from cmoe.reference_models.unimed.boxes import Box, box_iou, encode_box, parse_box

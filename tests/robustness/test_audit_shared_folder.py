@@ -2,7 +2,7 @@
 namespace, PID, start time); a writer is judged dead only where that can be proven (a reused PID is not the
 writer; another host's or boot's writer is unknown here, kept and reported with the command that removes it);
 readers change nothing; the owner puts back and removes; every atomic write in the project goes through one
-helper. The same with real hosts (PID and UTS namespaces, torchrun across them): tests/test_unimed_multinode.py."""
+helper. The same with real hosts (PID and UTS namespaces, torchrun across them): tests/unimed/training/test_unimed_multinode.py."""
 
 from __future__ import annotations
 

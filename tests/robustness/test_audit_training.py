@@ -22,7 +22,7 @@ from cmoe.reference_models.unimed.model.checkpoint import read_checkpoint
 from cmoe.reference_models.unimed.training.train import Trainer
 
 pytestmark = [pytest.mark.robustness_full, pytest.mark.slow]
-TESTS = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parents[1] / "support"
 RUN = {"train__steps": 6, "train__save_every": 2, "train__log_every": 1, "train__batch_size": 2,
        "data__synthetic": {"num_images": 24, "qa_questions": 8, "eval_images": 4}}
 

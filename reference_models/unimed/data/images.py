@@ -31,7 +31,7 @@ def to_pil(image: ImageLike):
 def resize_bicubic(image, size: int, width_first: bool = False):
     """`image` resized to ``size × size`` with PIL's bicubic filter; `width_first` resamples the width, then the
     height, in two calls: what Pillow 10.0.1 (the original's pin) does in one. Newer Pillow may take the height
-    first, which changes up to ~16/255 of some pixels of images taller than wide (tests/test_unimed_original_run.py
+    first, which changes up to ~16/255 of some pixels of images taller than wide (tests/unimed/paper/test_unimed_original_run.py
     checks the two-pass result against the original's pixels)."""
     from PIL import Image
 

@@ -1,7 +1,7 @@
 """``--protocol original``: every metric as the original Uni-Med code computes it (tsinghua-msiip/Uni-Med, commit
 63b9dfb: ``evaluate_metrics.py``, ``eval_vqa.py``, ``eval_identify.py``, ``eval_caption.py``, ``eval_cls.py``,
 ``eval_ref.py``), one dataset at a time, so that on the same predictions the numbers equal the original code's
-(and so are comparable with the paper's). ``tests/test_unimed_original_protocol.py`` checks them against outputs
+(and so are comparable with the paper's). ``tests/unimed/evaluation/test_unimed_original_protocol.py`` checks them against outputs
 of the original's own code.
 
 What the original does, and this module with it:

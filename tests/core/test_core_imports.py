@@ -22,7 +22,7 @@ import pytest
 
 pytestmark = pytest.mark.smoke
 
-CORE = Path(__file__).resolve().parents[1] / "cmoe"
+CORE = Path(__file__).resolve().parents[2] / "cmoe"
 PACKAGE = "cmoe"
 OUTSIDE_THE_CORE = ("cmoe.plugins", "cmoe.kernels", "cmoe.reference_models", "cmoe.benchmarks")
 REGISTRY_MAY_IMPORT = {"cmoe.errors"}

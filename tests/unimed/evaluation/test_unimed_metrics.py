@@ -80,7 +80,7 @@ def test_report_rouge_on_a_known_pair() -> None:
     results = m.evaluate_task("report", ["The heart is normal."], ["the heart size is normal"], coco=False)
     assert set(results) == {"bleu1", "bleu2", "bleu3", "bleu4", "meteor", "coco_rougeL", "cider", "rouge1",
                             "rouge2", "rougeL", "f1"}
-    assert results["meteor"].note == m.COCO_OFF  # the Java COCO metrics: tests/test_unimed_coco_caption.py
+    assert results["meteor"].note == m.COCO_OFF  # the Java COCO metrics: tests/unimed/evaluation/test_unimed_coco_caption.py
     assert results["rougeL"].value == pytest.approx(8 / 9)  # LCS 4: P = 4/4, R = 4/5
     assert results["rouge1"].value == pytest.approx(8 / 9)
     assert results["rouge2"].value == pytest.approx(4 / 7)  # 2 shared bigrams: P = 2/3, R = 2/4

@@ -1,4 +1,4 @@
-"""Run by tests/test_unimed_multinode.py under torchrun, one process per node: ``cmoe unimed train ARGS``, with the
+"""Run by tests/unimed/training/test_unimed_multinode.py under torchrun, one process per node: ``cmoe unimed train ARGS``, with the
 faults in ``$CMOE_TEST_FAULTS`` (a JSON list) injected on rank 0 at the kill points of the robustness audit.
 Each fault fires once: it first creates its ``flag`` file, and a worker restarted later (torchrun's
 ``--max-restarts``, or the test) skips a fault whose flag exists. A fault is ``{"action", "at", "nth", "flag"}``:

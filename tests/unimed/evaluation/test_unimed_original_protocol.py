@@ -17,7 +17,7 @@ from cmoe.reference_models.unimed.evaluation import coco_caption
 from cmoe.reference_models.unimed.evaluation import metrics as cmoe_metrics
 from cmoe.reference_models.unimed.evaluation import original_protocol as o
 
-GOLDEN = json.loads((Path(__file__).parent / "data" / "unimed_original_golden.json").read_text())
+GOLDEN = json.loads((Path(__file__).resolve().parents[2] / "data" / "unimed_original_golden.json").read_text())
 ROUGE_NAMES = {"rouge-1": "rouge1", "rouge-2": "rouge2", "rouge-l": "rougeL",
                "rouge_1": "rouge1", "rouge_2": "rouge2", "rouge_l": "rougeL"}
 
@@ -68,7 +68,7 @@ def test_per_pair_bleu_f1_accuracy_and_rouge_equal_the_originals() -> None:
     assert len(found) > 300
 
 
-RANDOM = json.loads((Path(__file__).parent / "data" / "unimed_original_random.json").read_text())
+RANDOM = json.loads((Path(__file__).resolve().parents[2] / "data" / "unimed_original_random.json").read_text())
 
 
 def test_random_cases_written_apart_from_the_golden_ones_equal_the_originals() -> None:

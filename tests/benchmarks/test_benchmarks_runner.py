@@ -146,7 +146,7 @@ def test_summary_reports_triton_against_the_targets() -> None:
 def test_kernel_probe_says_it_needs_a_gpu() -> None:
     import subprocess
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-m", "cmoe.benchmarks.probe_triton", "e2e"], cwd=root, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 1

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HOPPER_SHARED_BYTES = 227 * 1024  # the most shared memory one block may use on sm_90
 
 pytestmark = [pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia") is None,

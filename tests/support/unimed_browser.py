@@ -1,7 +1,7 @@
 """The web demo in a real headless browser: Debian's chromium and chromium-driver, driven by selenium as a person
-clicks (tests/test_unimed_browser.py), and the README's screenshot of it:
+clicks (tests/unimed/inference/test_unimed_browser.py), and the README's screenshot of it:
 
-    python tests/unimed_browser.py RUN_DIR docs/images/unimed-demo.png   # a run folder of cmoe unimed train
+    python tests/support/unimed_browser.py RUN_DIR docs/images/unimed-demo.png   # a run folder of cmoe unimed train
 
 starts ``cmoe unimed serve`` on RUN_DIR, picks example 3, asks REC about it and saves the page (≤ 150 KB PNG).
 """
@@ -149,7 +149,7 @@ def main(argv: list[str]) -> int:
     from cmoe.reference_models.unimed.inference.examples import examples
 
     if len(argv) != 2:
-        print("usage: python tests/unimed_browser.py RUN_DIR OUT.png", file=sys.stderr)
+        print("usage: python tests/support/unimed_browser.py RUN_DIR OUT.png", file=sys.stderr)
         return 2
     run, out = Path(argv[0]), Path(argv[1])
     reason = missing_browser()

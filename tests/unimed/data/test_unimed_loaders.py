@@ -308,7 +308,7 @@ def test_an_unset_variable_in_a_data_path_is_named(tmp_path: Path, monkeypatch: 
 
 def test_release_layouts_are_detected_and_named(slake_root: Path, samed2d_root: Path) -> None:
     """SLAKE 1.0 and SAMed2Dv1 folders are read as the ``release`` layout (the original reads ``uni-med``; see
-    tests/test_unimed_original_layouts.py), and their samples say so."""
+    tests/unimed/data/test_unimed_original_layouts.py), and their samples say so."""
     from cmoe.reference_models.unimed.data.loaders import detect_layout
 
     assert detect_layout("slake_vqa", slake_root).name == "release"

@@ -34,8 +34,8 @@ from cmoe.reference_models.unimed.prompt_style import PROMPT_STYLES
 from cmoe.reference_models.unimed.text_processing import original_text
 from cmoe.registry import VISION_ENCODERS
 
-GOLDEN_DIR = Path(__file__).parent / "data" / "unimed_original_run"
-sys.path.insert(0, str(Path(__file__).parent / "golden"))
+GOLDEN_DIR = Path(__file__).resolve().parents[2] / "data" / "unimed_original_run"
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "golden"))
 from original_run_data import write_datasets  # noqa: E402
 
 GOLDEN = json.loads((GOLDEN_DIR / "golden.json").read_text())

@@ -22,7 +22,7 @@ from cmoe.source_folders import SOURCE_FOLDERS
 
 pytestmark = pytest.mark.smoke
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def top_level_folders() -> list[str]:

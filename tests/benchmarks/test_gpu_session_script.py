@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_wheel(folder: Path, name: str = "cmoe_peer_probe") -> Path:
@@ -50,7 +50,7 @@ def test_dry_run_of_the_whole_gpu_session(tmp_path: Path) -> None:
     paper = (out / "paper.log").read_text()
     assert "1 steps of batch 4 (fp32)" in paper and '"step_s_median"' in paper  # the result JSON is in the log
     tests_log = (out / "tests.log").read_text()
-    for module in ("test_triton_gpu.py", "test_dispatch_grouped_mm.py", "test_dispatch_auto.py"):
+    for module in ("kernels/test_triton_gpu.py", "kernels/test_dispatch_grouped_mm.py", "core/test_dispatch_auto.py"):
         assert f"tests/{module}::" in tests_log  # collected for the GPU run
     assert "needs CUDA (as expected)" in (out / "sweep.log").read_text()
     report = (out / "RESULTS.md").read_text()

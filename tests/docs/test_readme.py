@@ -11,7 +11,7 @@ import cmoe
 
 pytestmark = pytest.mark.smoke  # in the newest-versions stage (.ci/latest)
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_PLUGIN = ROOT / "plugins" / "examples" / "cmoe-example-router"
 TORCH = next(line for line in (ROOT / ".ci" / "torch-cpu.txt").read_text().splitlines()
              if line and not line.startswith("#"))  # the CPU wheel every set-up installs first

@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("peft")
 pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
 
-GUIDE = Path(__file__).resolve().parents[1] / "docs" / "finetune.md"
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "finetune.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), flags=re.S)
 
 

@@ -1,6 +1,6 @@
 """Imports point one way, between cmoe's packages and between the layers of the Uni-Med recipe, so the house stays
 as built (docs/architecture.md draws it). Read from the source with `ast`, imports inside functions included;
-a failure names the file, the line and the rule. The core's own rules are in tests/test_core_imports.py.
+a failure names the file, the line and the rule. The core's own rules are in tests/core/test_core_imports.py.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FOLDERS = {"cmoe": "cmoe", "cmoe.kernels": "kernels", "cmoe.plugins": "plugins",
            "cmoe.reference_models": "reference_models", "cmoe.benchmarks": "benchmarks"}
 
@@ -80,7 +80,7 @@ def layer_of(module: str) -> tuple[int, str] | None:
     for index, layer in enumerate(LAYERS):
         if head in layer:
             return index, head
-    raise AssertionError(f"{module}: not in any layer of tests/test_import_layers.py; add its subpackage")
+    raise AssertionError(f"{module}: not in any layer of tests/core/test_import_layers.py; add its subpackage")
 
 
 def test_the_layers_name_every_part_of_the_recipe() -> None:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_process_torchrun_ranks_agree(tmp_path: Path, mode: str) -> None:
-    worker = Path(__file__).parent / "unimed_ddp_worker.py"
+    worker = Path(__file__).resolve().parents[2] / "support" / "unimed_ddp_worker.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CMOE_DISABLE_PLUGINS": os.environ.get("CMOE_DISABLE_PLUGINS", "")}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              str(worker), str(tmp_path), mode], capture_output=True, text=True, timeout=300, env=env)

@@ -26,8 +26,8 @@ from cmoe.reference_models.unimed.model.checkpoint import list_checkpoints, read
 REASON = unavailable()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(REASON is not None, reason=f"needs namespaces: {REASON}")]
 
-TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
+TESTS = Path(__file__).resolve().parents[2] / "support"  # the workers and the helpers they import
+ROOT = TESTS.parents[1]
 WORKER, POLLER = TESTS / "unimed_multinode_worker.py", TESTS / "unimed_eval_poller.py"
 RECIPE = ["--config", "tiny"] + [arg for key in (
     "train.steps=6", "train.save_every=2", "train.log_every=1", "train.keep_checkpoints=10", "train.progress=false",

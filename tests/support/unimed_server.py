@@ -1,6 +1,6 @@
 """``cmoe unimed serve`` as a person starts it: a subprocess on 127.0.0.1 and a free port, its URL read from the
 line it prints, stopped with SIGTERM; `Server.stop` checks that it exits cleanly and leaves no process or port
-behind. Shared by tests/test_unimed_serve.py (HTTP API) and tests/test_unimed_browser.py (headless chromium)."""
+behind. Shared by tests/unimed/inference/test_unimed_serve.py (HTTP API) and tests/unimed/inference/test_unimed_browser.py (headless chromium)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from cmoe.errors import CMoEError
 
 
 def _run_worker(out: Path, *args: str) -> None:
-    worker = Path(__file__).parent / "unimed_fsdp_worker.py"
+    worker = Path(__file__).resolve().parents[2] / "support" / "unimed_fsdp_worker.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CMOE_DISABLE_PLUGINS": os.environ.get("CMOE_DISABLE_PLUGINS", "")}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              str(worker), str(out), *args], capture_output=True, text=True, timeout=300, env=env)

@@ -1,4 +1,4 @@
-"""Run by tests/test_unimed_multinode.py on a third host while two nodes train: ``poller.py RUN OUT``. What
+"""Run by tests/unimed/training/test_unimed_multinode.py on a third host while two nodes train: ``poller.py RUN OUT``. What
 ``cmoe unimed eval`` does first, in a loop until ``OUT/stop`` exists: `find_latest` (skips temporaries, falls
 back past damaged checkpoints), then `read_checkpoint` (every file checked against the checksums written with
 it). One JSON line per look goes to ``OUT/looks.jsonl``: the checkpoint read and a hash of its weights, or the
