@@ -49,10 +49,15 @@ def expect_ids_below(ids: torch.Tensor, count: int, argument: str, expected: str
 _VARIABLE = re.compile(r"\$(\w+)|\$\{(\w+)\}")
 
 
+def unset_variables(text: str | os.PathLike) -> set[str]:
+    """The ``$X`` / ``${X}`` still written in `text` whose variable is not set (so a config did not expand it)."""
+    return {a or b for a, b in _VARIABLE.findall(os.fspath(text)) if (a or b) not in os.environ}
+
+
 def unset_variables_hint(path: str | os.PathLike) -> str:
     """``" (the environment variable X is not set: ...)"`` when `path` still holds a ``$X`` / ``${X}`` (a config's
     variable that was not set, so not expanded), else ``""``: appended to a missing-path message."""
-    unset = sorted({a or b for a, b in _VARIABLE.findall(os.fspath(path)) if (a or b) not in os.environ})
+    unset = sorted(unset_variables(path))
     if not unset:
         return ""
     many = len(unset) > 1

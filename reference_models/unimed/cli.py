@@ -168,10 +168,12 @@ def demo_only_folder(folder: str | Path) -> None:
         marked = json.loads((folder / DEMO_MARK).read_text(encoding="utf-8")).get("checkpoint")
     except (OSError, ValueError, AttributeError):
         marked = None
-    steps = sorted(path.name for path in folder.glob("step_*"))
-    if marked is None or (steps and steps[-1] != marked):
+    from cmoe.reference_models.unimed.model.checkpoint import list_checkpoints
+
+    newest = [path.name for _, path in list_checkpoints(folder)][-1:]
+    if marked is None or (newest and newest[0] != marked):
         why = ("it was not written by cmoe unimed demo" if marked is None
-               else f"it was trained further after the demo ({steps[-1]}, the demo ended at {marked})")
+               else f"it was trained further after the demo ({newest[0]}, the demo ended at {marked})")
         raise CMoEError(f"demo --fresh: not deleting {folder}: {why}; pass another --output-dir, or delete it "
                         "yourself if you mean to")
 

@@ -4,14 +4,13 @@ split, and what is missing with the file that would fix it; then the mix the ``t
 from __future__ import annotations
 
 import os
-import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cmoe.errors import CMoEError
+from cmoe.errors import CMoEError, unset_variables
 from cmoe.reference_models.unimed.config import DataSection, ModelSection
 from cmoe.reference_models.unimed.data.loaders import (
     LAYOUT_CHOICES,
@@ -148,15 +147,12 @@ def _mix(section: DataSection, check: DataCheck, samples: list[Sample]) -> None:
             check.mix_members[source] = {name: count / total for name, count in members.items()}
 
 
-_VARIABLE = re.compile(r"\$\{(\w+)\}|\$(\w+)")
-
-
-def unset_variables(values: Iterable[str]) -> dict[str, int]:
-    """The environment variables still written in `values` (config paths whose ``${VAR}`` was not set, so not
-    expanded), with how many of the values use each."""
+def _unset_counts(values: Iterable[str]) -> dict[str, int]:
+    """The unset environment variables written in `values` (`cmoe.errors.unset_variables`), with how many of the
+    values use each."""
     found: Counter[str] = Counter()
     for value in values:
-        found.update({a or b for a, b in _VARIABLE.findall(value)} - set(os.environ))
+        found.update(unset_variables(value))
     return dict(found)
 
 
@@ -186,7 +182,7 @@ def format_environment(data: DataSection, model: ModelSection | None = None) -> 
     data_values = [value for entry in data.datasets for value in _strings([entry.root, entry.options])]
     model_rows = model_paths(model) if model is not None else []
     lines = []
-    for name, count in sorted(unset_variables(data_values + [path for _, path in model_rows]).items()):
+    for name, count in sorted(_unset_counts(data_values + [path for _, path in model_rows]).items()):
         kind = "datasets" if name in " ".join(data_values) else "models"
         lines.append(f"{name} is not set: {count} path(s) of this config read ${{{name}}}; export "
                      f"{name}=/path/to/{kind} (local files: nothing is downloaded)")

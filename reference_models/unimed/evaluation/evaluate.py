@@ -20,7 +20,7 @@ from cmoe.reference_models.unimed.data.splits import by_task, load_split
 from cmoe.reference_models.unimed.evaluation.metrics import Metric, evaluate_task
 from cmoe.reference_models.unimed.evaluation.original_protocol import evaluate_dataset
 from cmoe.reference_models.unimed.model.assembly import UniMedModel, build_model
-from cmoe.reference_models.unimed.model.checkpoint import find_latest, load_trainable, read_checkpoint
+from cmoe.reference_models.unimed.model.checkpoint import find_latest, latest_pointer, load_trainable, read_checkpoint
 from cmoe.reference_models.unimed.model.collate import Collator
 from cmoe.reference_models.unimed.model.tokenizer import load_tokenizer
 from cmoe.reference_models.unimed.original import ORIGINAL_EVAL_DATASETS
@@ -223,14 +223,10 @@ def evaluation_dir(config: RecipeConfig, checkpoint: Path, protocol: str) -> Pat
 def _fallback_note(config: RecipeConfig, checkpoint: Path) -> str | None:
     """A line saying the run's ``latest`` names another checkpoint than the one scored (it was incomplete or
     damaged, so the newest one that verifies was taken); None when it names this one."""
-    pointer = Path(config.output_dir) / "latest"
-    try:
-        named = pointer.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    if named and named != checkpoint.name:
-        return (f"Note: {pointer} names {named}, which is incomplete or damaged; scored {checkpoint.name}, the newest "
-                "checkpoint that verifies.")
+    named = latest_pointer(Path(config.output_dir))
+    if named is not None and named.name != checkpoint.name:
+        return (f"Note: {Path(config.output_dir) / 'latest'} names {named.name}, which is incomplete or damaged; "
+                f"scored {checkpoint.name}, the newest checkpoint that verifies.")
     return None
 
 

@@ -122,7 +122,7 @@ def _manifest(args: argparse.Namespace, predictor: UniMedPredictor) -> int:
     if not path.is_file():
         raise CMoEError(f"--manifest: {path}: no such file")
     results: dict[int, dict[str, Any]] = {}
-    prepared: list[tuple[int, Request]] = []
+    prepared: list[tuple[int, Request, Any]] = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         try:
             if not line.strip():
@@ -140,8 +140,8 @@ def _manifest(args: argparse.Namespace, predictor: UniMedPredictor) -> int:
             if image is not None and not Path(image).is_absolute():
                 image = str(path.parent / image)
             request = Request(item["task"], image, item.get("text"), item.get("box"))
-            predictor.sample(request)  # checks the request (image readable, task known, text present)
-            prepared.append((number, request))
+            # checks the request (image readable, task known, text present) and reads its image, once
+            prepared.append((number, request, predictor.sample(request)))
         except CMoEError as error:
             results[number] = {"line": number, "error": str(error)}
     size = predictor.config.eval.batch_size
@@ -149,8 +149,9 @@ def _manifest(args: argparse.Namespace, predictor: UniMedPredictor) -> int:
               disable=not prepared) as progress:
         for start in range(0, len(prepared), size):
             chunk = prepared[start:start + size]
-            answers = predictor.ask_batch([request for _, request in chunk], args.routing_per_token)
-            for (number, request), answer in zip(chunk, answers):
+            answers = predictor.answer_prepared([request for _, request, _ in chunk],
+                                                [sample for _, _, sample in chunk], args.routing_per_token)
+            for (number, request, _), answer in zip(chunk, answers):
                 results[number] = {"line": number, **answer.to_dict()}
                 box = box_to_draw(request, answer) if args.draw else None
                 if box is not None:

@@ -12,8 +12,7 @@ from functools import lru_cache
 import numpy as np
 
 from cmoe.reference_models.unimed.data.synthetic import SyntheticConfig, generate_splits
-
-TEXT_FIELD = {"vqa": "question", "report": "question", "rec": "object", "reg": "box", "cls": "question"}
+from cmoe.reference_models.unimed.inference.predictor import TEXT_FIELD
 
 
 @dataclass(frozen=True)

@@ -171,10 +171,14 @@ class UniMedPredictor:
                         meta={"instruction_words": None})
         return sample, size
 
-    @torch.no_grad()
     def ask_batch(self, requests: Sequence[Request], routing_per_token: bool = False) -> list[Answer]:
         """Answers to `requests`, asked together in batches of ``eval.batch_size`` (greedy, as evaluation)."""
-        prepared = [self.sample(request) for request in requests]
+        return self.answer_prepared(requests, [self.sample(request) for request in requests], routing_per_token)
+
+    @torch.no_grad()
+    def answer_prepared(self, requests: Sequence[Request], prepared: Sequence[tuple[Sample, tuple[int, int] | None]],
+                        routing_per_token: bool = False) -> list[Answer]:
+        """`ask_batch` for requests already turned into samples by `sample` (each image read once)."""
         answers: list[Answer] = []
         size = self.config.eval.batch_size
         for start in range(0, len(prepared), size):

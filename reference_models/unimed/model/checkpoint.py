@@ -176,7 +176,7 @@ def prune_checkpoints(output_dir: str | os.PathLike, keep: int, current: int) ->
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _pointer(output_dir: Path) -> Path | None:
+def latest_pointer(output_dir: Path) -> Path | None:
     """The folder ``latest`` names, or None (with a log line) when it is missing, garbage or dangling."""
     pointer = output_dir / LATEST
     if not pointer.is_file():
@@ -214,7 +214,7 @@ def find_latest(output_dir: str | os.PathLike, verify: bool = True) -> Path | No
     training run's rank 0 removes its own host's dead ones when it starts (`clean_run_folder`)."""
     output_dir = Path(output_dir)
     leftovers.note(output_dir, clean_command(output_dir))
-    named = _pointer(output_dir)
+    named = latest_pointer(output_dir)
     candidates = [path for _, path in reversed(list_checkpoints(output_dir))]
     if named is not None:
         candidates = [named] + [path for path in candidates if path != named]

@@ -19,11 +19,9 @@ from PIL import Image
 
 from cmoe.reference_models.unimed.inference.examples import examples
 from cmoe.reference_models.unimed.inference.predictor import UniMedPredictor
-from cmoe.reference_models.unimed.training.train import Trainer
 
 from unimed_browser import Page, missing_browser, small_png, start_browser
 from unimed_server import Server
-from unimed_tiny import test_config as tiny_config
 
 pytestmark = pytest.mark.browser
 
@@ -34,13 +32,6 @@ if REASON and os.environ.get("CMOE_BROWSER_REQUIRED") == "1":
 if REASON:
     pytest.skip(REASON, allow_module_level=True)
 pytest.importorskip("gradio", reason="the web demo needs cmoe[demo] (pip install -e '.[dev]')")
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("browser_run")
-    Trainer(tiny_config(folder, train__steps=4, train__save_every=4)).train()
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -20,23 +20,10 @@ from cmoe.reference_models.unimed.data.splits import load_split
 from cmoe.reference_models.unimed.evaluation.evaluate import evaluate_model, load_trained_model
 from cmoe.reference_models.unimed.inference.examples import examples
 from cmoe.reference_models.unimed.inference.predictor import Request, UniMedPredictor, grid_box
-from cmoe.reference_models.unimed.training.train import Trainer
 
 from unimed_tiny import test_config as tiny_config
 
 FIELD = {"qa": "question", "vqa": "question", "report": "question", "rec": "object", "reg": "box", "cls": "question"}
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("predict_run")
-    Trainer(tiny_config(folder, train__steps=4, train__save_every=4)).train()
-    return folder
-
-
-@pytest.fixture(scope="module")
-def predictor(run: Path) -> UniMedPredictor:
-    return UniMedPredictor.from_run(run)
 
 
 def test_answers_are_what_eval_generates_for_the_same_samples(run: Path, predictor: UniMedPredictor) -> None:

@@ -21,27 +21,13 @@ from cmoe.reference_models.unimed.inference.examples import examples
 from cmoe.reference_models.unimed.inference.predictor import Answer, Request, UniMedPredictor
 from cmoe.reference_models.unimed.inference import web
 from cmoe.reference_models.unimed.inference.web import drawn_image, page_request, serve
-from cmoe.reference_models.unimed.training.train import Trainer
 
 from unimed_server import Server
-from unimed_tiny import test_config as tiny_config
 
 pytestmark = pytest.mark.smoke  # in the newest-versions stage (.ci/latest): a new Gradio must not break the demo
 
 gradio_client = pytest.importorskip("gradio_client", reason="the web demo needs cmoe[demo] (gradio, gradio_client)")
 from gradio_client.exceptions import AppError  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("serve_run")
-    Trainer(tiny_config(folder, train__steps=4, train__save_every=4)).train()
-    return folder
-
-
-@pytest.fixture(scope="module")
-def predictor(run: Path) -> UniMedPredictor:
-    return UniMedPredictor.from_run(run)
 
 
 @pytest.fixture(scope="module")
