@@ -1,9 +1,9 @@
 """The two text processors the loaders and prompts apply to questions, object names, answers and QA instructions.
 
-``original`` is the original's ``blip_caption_new`` (``uni_med/processors/blip_processors.py``): runs of two or
-more whitespace characters become one space, a trailing newline and the spaces at both ends go, and the text is
-cut to 50 words counted between single spaces (so a lone newline or tab stays inside a "word"). ``cmoe`` is ours:
-every run of whitespace is one space, words counted between any whitespace.
+``original`` is the original's ``blip_caption_new`` (`original_text`; ``uni_med/processors/blip_processors.py``):
+runs of two or more whitespace characters become one space, a trailing newline and the spaces at both ends go, and the text is
+cut to 50 words counted between single spaces (so a lone newline or tab stays inside a "word"). ``cmoe`` is ours
+(`prompts.clean_answer`): every run of whitespace is one space, words counted between any whitespace.
 
 The loaders read which one applies from `using_text_processor` (set around loading by `load_split`), so every
 loader keeps its plain signature.
@@ -29,12 +29,6 @@ def original_text(text: str, max_words: int | None = MAX_WORDS) -> str:
     return " ".join(words[:max_words]) if max_words is not None and len(words) > max_words else text
 
 
-def cmoe_text(text: str, max_words: int | None = MAX_WORDS) -> str:
-    """Ours: all whitespace collapsed, cut to `max_words` words (None: no cut)."""
-    words = text.split()
-    return " ".join(words if max_words is None else words[:max_words])
-
-
 _CURRENT: ContextVar[str] = ContextVar("cmoe_unimed_text_processor", default="cmoe")
 
 
@@ -46,7 +40,7 @@ def check_text_processor(name: str) -> str:
 
 @contextmanager
 def using_text_processor(name: str) -> Iterator[None]:
-    """Within the block, `process_text` applies text processor `name` (``original`` or ``cmoe``)."""
+    """Within the block, the loaders apply text processor `name` (``original`` or ``cmoe``)."""
     token = _CURRENT.set(check_text_processor(name))
     try:
         yield
@@ -56,9 +50,3 @@ def using_text_processor(name: str) -> Iterator[None]:
 
 def current_text_processor() -> str:
     return _CURRENT.get()
-
-
-def process_text(text: str, max_words: int | None = MAX_WORDS, processor: str | None = None) -> str:
-    """`text` through `processor` (default: the one `using_text_processor` set; ``cmoe`` outside it)."""
-    name = processor or _CURRENT.get()
-    return original_text(text, max_words) if name == "original" else cmoe_text(text, max_words)

@@ -54,7 +54,7 @@ def load_tokenizer(path: str | os.PathLike, original: bool = False):
 
     With `original` (``prompts.tokenizer: original``) and a SentencePiece ``tokenizer.model`` in the folder, the
     result tokenises as the original's slow transformers-4.30 ``LlamaTokenizer`` (`OriginalLlamaTokenizer`);
-    a folder without one (e.g. the tiny word-level tokenizer) loads as it is (`tokenizer_setting` says which)."""
+    a folder without one (e.g. the tiny word-level tokenizer) loads as it is (run records read the tokenizer's ``cmoe_setting``)."""
     from transformers import AutoTokenizer
 
     if not Path(path).is_dir():
@@ -67,9 +67,3 @@ def load_tokenizer(path: str | os.PathLike, original: bool = False):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer
-
-
-def tokenizer_setting(tokenizer) -> str:
-    """What a run's tokenizer is, for its records: ``original`` (the slow SentencePiece LLaMA tokenizer) or
-    ``as_loaded``."""
-    return getattr(tokenizer, "cmoe_setting", "as_loaded")
