@@ -3,7 +3,7 @@
 Which module is "the connector" differs per model family; attachers registered by plugins
 (`cmoe_register_attachers`) know each family. ``attach`` asks every registered attacher whether it
 ``matches`` the model (attachers marked ``fallback = True`` last) and lets the first that does replace the
-connector. Task ids are given per example or per image (see `cmoe.plugins.attach_calls`).
+connector. Task ids are given per example or per image (see `cmoe.plugins.attached_model`).
 
 Saving: `attach` records what it did (the attacher, the connector's config) in ``model.config.cmoe_attach``, so
 a folder written by the model's own ``save_pretrained`` (or HF Trainer's ``save_model``) holds everything needed;

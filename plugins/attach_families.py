@@ -8,7 +8,7 @@ Each entry maps a ``config.model_type`` to:
   Linear whose output has the text width, with the Linear and activation right before it when they form
   Linear-act-Linear") would pick the wrong one;
 - ``rows`` (optional): how the rows the projection sees map to images, for task ids (see
-  `cmoe.plugins.attach_calls.AttachState.row_task_ids`): ``"auto"`` (default: one row per image, an even
+  `cmoe.plugins.attached_model.Call.row_task_ids`): ``"auto"`` (default: one row per image, an even
   split, or split in proportion to ``image_grid_thw`` / ``image_sizes``), ``"per_call"`` (the projection
   runs once per image), ``"tokens"`` (all images' tokens side by side in one grid, the same number of slots
   each), ``"anyres"``

@@ -2,9 +2,10 @@
 
 `cmoe.attach` writes its record (attacher, connector config, model config fields it changed) into
 ``model.config.cmoe_attach``, and the model's own ``save_pretrained`` writes every tensor, the connector's
-included. `load_saved_attached` runs the base class's ``from_pretrained`` on a subclass whose constructor attaches
-a connector built from the record, so transformers loads every tensor by name (sharding, dtype, device maps and
-tied weights as usual) and any tensor left over or missing raises instead of being re-initialised.
+included. `load_saved_attached` runs ``from_pretrained`` of the attached class (the class `attach` gives the model,
+`cmoe.plugins.attached_model`), whose constructor attaches a connector built from the record, so transformers loads
+every tensor by name (sharding, dtype, device maps and tied weights as usual) and any tensor left over or missing
+raises instead of being re-initialised.
 """
 
 from __future__ import annotations
@@ -54,27 +55,18 @@ def load_saved_attached(path: str | os.PathLike, record: dict[str, Any], model_c
     require("hf", "cmoe.load_attached")
     from transformers import AutoConfig
 
-    from cmoe.attach import RECORD_FIELD, attach
+    from cmoe.attach import RECORD_FIELD
+    from cmoe.plugins.attached_model import attached_class
 
     config = options.pop("config", None) or AutoConfig.from_pretrained(path)
-    for name, value in (record.get("config_fields") or {}).items():
-        setattr(config, name, value)
-    if hasattr(config, RECORD_FIELD):
-        delattr(config, RECORD_FIELD)
-    connector = connector_config(record)
+    setattr(config, RECORD_FIELD, record)
+    connector_config(record)  # a bad record fails here, before any weight is read
     base = _base_class(config, model_class)
-    attacher = record["attacher"]
-
-    def __init__(self: nn.Module, config: Any, *args: Any, **kwargs: Any) -> None:
-        base.__init__(self, config, *args, **kwargs)
-        attach(self, connector, attacher=attacher, init="random")
-
-    loading = type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__})
     mismatch = (f"{path}: the saved tensors do not match a {base.__name__} with the recorded connector "
                 "({}); the folder was saved from another base model or with another connector: load it with the "
                 "model class and connector that saved it")
     try:
-        model, info = loading.from_pretrained(path, config=config, output_loading_info=True, **options)
+        model, info = attached_class(base).from_pretrained(path, config=config, output_loading_info=True, **options)
     except RuntimeError as error:
         if "mismatch" not in str(error):
             raise
@@ -84,5 +76,4 @@ def load_saved_attached(path: str | os.PathLike, record: dict[str, Any], model_c
         shown = "; ".join(f"{kind.replace('_', ' ')}: {keys[:4]}{' ...' if len(keys) > 4 else ''}"
                           for kind, keys in problems.items() if keys)
         raise CMoEError(mismatch.format(shown))
-    model.__class__ = base
     return model

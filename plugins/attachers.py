@@ -6,9 +6,8 @@
 merge, perceiver) and replace only the projection the connector ends with: the last ``nn.Linear`` mapping to
 the text width, together with the Linear and activation right before it when they form Linear-act-Linear.
 
-The projection is found by `cmoe.plugins.attach_projection`; what happens in one call of the attached model
-(task ids per image mapped to the rows the projection sees, the aux loss added to the output) lives in
-`cmoe.plugins.attach_calls`. `find_connector_by_dry_run` finds the connector of a model the table does not
+The projection is found by `cmoe.plugins.attach_projection`; the attached model's class, and how one of its calls
+gets its task ids and adds the aux loss, is `cmoe.plugins.attached_model`. `find_connector_by_dry_run` finds the connector of a model the table does not
 know, from one forward. Everything imports transformers lazily: loading the plugin costs nothing.
 """
 
@@ -22,11 +21,9 @@ from torch import nn
 from cmoe.config import CMoEConfig
 from cmoe.connector import PretrainedConnector
 from cmoe.errors import CMoEError, expect
-from cmoe.plugins.attach_calls import STATE_KEY, AttachedProjection, AttachState, install_model_hooks
 from cmoe.plugins.attach_families import CONNECTOR_NAMES, FAMILIES
 from cmoe.plugins.attach_projection import Layers, Projection, find_projection, resolve, text_width
-
-STATE = STATE_KEY
+from cmoe.plugins.attached_model import ATTACHMENT, AttachedProjection, Attachment, make_attached, make_detached
 
 
 class FamilyAttacher:
@@ -80,7 +77,7 @@ class FamilyAttacher:
         expect(config.out_features == found.out_features, "connector out_features",
                f"the LLM width {found.out_features}", f"{config.out_features}{fix}")
         spec = self._spec(model)
-        state = AttachState(self.family, rows=spec.get("rows", "auto"), projection=found.description)
+        state = Attachment(self.family, rows=spec.get("rows", "auto"), projection=found.description)
         aggregate = getattr(config, "aggregate_tokens", 1)
         if aggregate != 1:
             count_field = spec.get("image_count_field")
@@ -103,25 +100,24 @@ class FamilyAttacher:
         for i, name in enumerate(found.names):
             state.restore.append((found.parent, name, getattr(found.parent, name)))
             setattr(found.parent, name, installed if i == 0 else nn.Identity())
-        state.hooks = install_model_hooks(model, state)
-        model.__dict__[STATE] = state
+        make_attached(model, state)
 
     def attach_record(self, model: nn.Module) -> dict[str, Any]:
         """What a reload needs besides the connector's config: the model config fields attach changed, as they
         were before."""
-        return {"config_fields": dict(model.__dict__[STATE].config_fields)}
+        return {"config_fields": dict(model.__dict__[ATTACHMENT].config_fields)}
 
     def from_pretrained(self, path: Any, record: dict[str, Any], model_class: type | None = None,
                         **options: Any) -> nn.Module:
-        """The attached model saved in `path`: the base class's ``from_pretrained`` on a subclass that attaches a
-        connector built from `record` as it is constructed, so every saved tensor (connector included) loads by
-        name; a folder whose tensors do not match exactly raises."""
+        """The attached model saved in `path`: ``from_pretrained`` of the attached class, which attaches the
+        connector `record` describes as it is constructed, so every saved tensor (connector included) loads by name;
+        a folder whose tensors do not match exactly raises."""
         from cmoe.plugins.attach_saving import load_saved_attached
 
         return load_saved_attached(path, record, model_class, options)
 
     def detach(self, model: nn.Module) -> PretrainedConnector:
-        state: AttachState = model.__dict__[STATE]
+        state: Attachment = model.__dict__[ATTACHMENT]
         if any(p.is_meta for _, _, original in state.restore for p in original.parameters()):
             raise CMoEError("model: loaded with its connector (cmoe.load_attached), and the projection the connector "
                             "replaced is not saved with it, so detach has nothing to restore; load the base model "
@@ -133,9 +129,7 @@ class FamilyAttacher:
             raise CMoEError(f"model: its connector is wrapped by {type(connector).__name__} (peft's modules_to_save), "
                             "so detach would hand back the wrapper; call model.merge_and_unload() first and detach "
                             "the model it returns")
-        model.__dict__.pop(STATE)
-        for handle in state.hooks:
-            handle.remove()
+        make_detached(model)
         for parent, name, original in state.restore:
             setattr(parent, name, original)
         for name, value in state.config_fields.items():
@@ -143,7 +137,7 @@ class FamilyAttacher:
         return connector
 
     def set_task_ids(self, model: nn.Module, task_ids: torch.Tensor | None) -> None:
-        model.__dict__[STATE].sticky_task_ids = None if task_ids is None else task_ids.reshape(-1)
+        model.__dict__[ATTACHMENT].sticky_task_ids = None if task_ids is None else task_ids.reshape(-1)
 
 
 def _language_model_paths(model: nn.Module) -> set[str]:

@@ -1,7 +1,7 @@
 """HF Trainer integration: log the attached connector's aux loss next to the Trainer's own ``loss``.
 
 The aux loss is already part of ``output.loss`` (weighted the same at any gradient accumulation, see
-`cmoe.plugins.attach_calls`); this adds its mean over the training calls since the last log as
+`cmoe.plugins.attached_model`); this adds its mean over the training calls since the last log as
 ``cmoe_aux_loss`` to every training log (progress bar, ``trainer.state.log_history`` and the reporting
 integrations: TensorBoard, W&B, ...).
 """
@@ -12,18 +12,10 @@ from typing import Any
 
 from torch import nn
 
-from cmoe.attach import STATE_ATTRIBUTE
 from cmoe.extras import require
-from cmoe.plugins.attach_calls import STATE_KEY
+from cmoe.plugins.attached_model import attachments
 
 LOG_KEY = "cmoe_aux_loss"
-
-
-def _attach_states(model: nn.Module | None) -> list[Any]:
-    if model is None:
-        return []
-    return [module.__dict__[STATE_KEY] for module in model.modules()
-            if STATE_ATTRIBUTE in module.__dict__ and STATE_KEY in module.__dict__]
 
 
 def aux_loss_callback() -> Any:
@@ -36,7 +28,7 @@ def aux_loss_callback() -> Any:
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, model: nn.Module | None = None,
                    **kwargs: Any) -> None:
-            values = [v for s in _attach_states(model) if (v := s.take_logged_aux()) is not None]
+            values = [v for s in ([] if model is None else attachments(model)) if (v := s.take_logged_aux()) is not None]
             if logs is None or not values:
                 return
             logs[LOG_KEY] = round(sum(values) / len(values), 6)

@@ -139,14 +139,14 @@ def test_anyres_task_ids_per_image_reach_every_crop() -> None:
 
 
 def test_task_ids_on_a_call_mixing_images_and_videos_are_refused_not_misrouted() -> None:
-    from cmoe.plugins.attach_calls import AttachState, install_model_hooks
+    from cmoe.plugins.attached_model import Attachment, make_attached
 
     class Model(nn.Module):
         def forward(self, pixel_values=None, pixel_values_videos=None):
             return {"logits": torch.zeros(1)}
 
-    model, state = Model(), AttachState("video_llava")
-    state.hooks = install_model_hooks(model, state)
+    model = Model()
+    make_attached(model, Attachment("video_llava"))
     images, videos = torch.zeros(2, 3, 8, 8), torch.zeros(1, 4, 3, 8, 8)
     with pytest.raises(CMoEError, match="images and videos together.*separate calls"):
         model(pixel_values=images, pixel_values_videos=videos, task_ids=[0, 1])
