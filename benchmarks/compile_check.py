@@ -21,6 +21,7 @@ import os
 import re
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 INSTRUCTIONS = {"wgmma": r"\bwgmma\.mma_async", "mma_sync": r"\bmma\.sync", "cp_async": r"\bcp\.async\.c[ag]\b",

@@ -19,6 +19,7 @@ from cmoe.auto import configure_auto
 from cmoe.benchmarks.cases import Case, default_cases, quick_cases
 from cmoe.benchmarks.tables import case_table, header, summary, tuned_configs
 from cmoe.benchmarks.timing import measure_case
+from cmoe.checkpointing import atomic_write
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -62,7 +63,7 @@ def select_cases(args: argparse.Namespace, device: torch.device) -> list[Case]:
 
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from cmoe.cli import add_clean_arguments, clean_folder
 from cmoe.errors import CMoEError
 from cmoe.reference_models.unimed.config import BUILTIN_CONFIGS
+from cmoe.checkpointing import atomic_write
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -155,7 +156,8 @@ DEMO_MARK = ".cmoe-demo.json"
 
 
 def mark_demo_folder(folder: str | Path, checkpoint: Path) -> None:
-    (Path(folder) / DEMO_MARK).write_text(json.dumps({"checkpoint": checkpoint.name}) + "\n", encoding="utf-8")
+    text = json.dumps({"checkpoint": checkpoint.name}) + "\n"
+    atomic_write(Path(folder) / DEMO_MARK, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def demo_only_folder(folder: str | Path) -> None:

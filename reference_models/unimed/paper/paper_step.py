@@ -29,6 +29,7 @@ from cmoe.reference_models.unimed.data.sample import Sample
 from cmoe.reference_models.unimed.model.collate import IMAGE_TASKS, Batch, EncodedText, task_id
 from cmoe.reference_models.unimed.model.memory import GiB, build_on_meta, estimate_memory
 from cmoe.reference_models.unimed.paper.scale import materialize, parameter_counts, random_weight_config
+from cmoe.checkpointing import atomic_write
 
 DRY_RUN: dict[str, Any] = {
     "model": {"vision_encoder": {"options": {"config": {"img_size": 56, "embed_dim": 32, "depth": 2,
@@ -145,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        text = json.dumps(result, indent=1)
+        atomic_write(args.out, lambda tmp: Path(tmp).write_text(text))
     return 0
 
 

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cmoe.checkpointing import atomic_write
 from cmoe.reference_models.unimed.config import PRETRAINED_DIR
 from cmoe.reference_models.unimed.training.pretrain.config import (
     ENCODER_CONFIG,
@@ -84,5 +85,6 @@ def pretrain(out: str | Path | None = None, config: PretrainConfig | None = None
         record["probes"] = probe_table(encoder, config)
         record["seconds"]["probes"] = time.perf_counter() - started
         log(format_probe_table(record["probes"]))
-    (out / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
+    text = json.dumps(record, indent=2) + "\n"
+    atomic_write(out / "pretrain.json", lambda tmp: Path(tmp).write_text(text))  # written last: the run's end mark
     return record
