@@ -26,6 +26,7 @@ def _seen_task_ids(connector: nn.Module) -> list[torch.Tensor]:
     return seen
 
 
+@pytest.mark.smoke
 def test_attach_swaps_in_a_subclass_of_the_models_class_and_detach_swaps_it_back() -> None:
     from transformers import LlavaForConditionalGeneration
 
@@ -81,6 +82,7 @@ def test_load_attached_builds_the_class_attach_gives(tmp_path) -> None:
         assert torch.equal(loaded(**batch, task_ids=[2, 0]).logits, model(**batch, task_ids=[2, 0]).logits)
 
 
+@pytest.mark.smoke
 def test_two_threads_calling_one_model_route_by_their_own_ids() -> None:
     """Both calls have begun before either reaches the connector (a barrier before the vision tower): each routes
     by its own ids. (With the ids kept on the model, the second call's overwrote the first's.)"""
