@@ -7,8 +7,9 @@ merge, perceiver) and replace only the projection the connector ends with: the l
 the text width, together with the Linear and activation right before it when they form Linear-act-Linear.
 
 The projection is found by `cmoe.plugins.attach_projection`; the attached model's class, and how one of its calls
-gets its task ids and adds the aux loss, is `cmoe.plugins.attached_model`. `find_connector_by_dry_run` finds the connector of a model the table does not
-know, from one forward. Everything imports transformers lazily: loading the plugin costs nothing.
+gets its task ids and adds the aux loss, is `cmoe.plugins.attached_model`. `find_connector_by_dry_run` finds the
+connector of a model the table does not know, from one forward. Everything imports transformers lazily: loading
+the plugin costs nothing.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class FamilyAttacher:
         expect(config.out_features == found.out_features, "connector out_features",
                f"the LLM width {found.out_features}", f"{config.out_features}{fix}")
         spec = self._spec(model)
-        state = Attachment(self.family, rows=spec.get("rows", "auto"), projection=found.description)
+        attachment = Attachment(self.family, rows=spec.get("rows", "auto"), projection=found.description)
         aggregate = getattr(config, "aggregate_tokens", 1)
         if aggregate != 1:
             count_field = spec.get("image_count_field")
@@ -88,19 +89,19 @@ class FamilyAttacher:
             per_image = getattr(model.config, count_field, None)
             expect(isinstance(per_image, int) and per_image % aggregate == 0, "aggregate_tokens",
                    f"a divisor of the {per_image} visual tokens per image", aggregate)
-            state.config_fields[count_field] = per_image
+            attachment.config_fields[count_field] = per_image
             setattr(model.config, count_field, per_image // aggregate)
 
-        wrapper = AttachedProjection(connector, state)
+        wrapper = AttachedProjection(connector, attachment)
         installed: nn.Module = wrapper
         if found.adapter is not None:
             from cmoe.plugins.attach_adapters import ADAPTERS
 
             installed = ADAPTERS[found.adapter].wrap(getattr(found.parent, found.names[0]), wrapper)
         for i, name in enumerate(found.names):
-            state.restore.append((found.parent, name, getattr(found.parent, name)))
+            attachment.restore.append((found.parent, name, getattr(found.parent, name)))
             setattr(found.parent, name, installed if i == 0 else nn.Identity())
-        make_attached(model, state)
+        make_attached(model, attachment)
 
     def attach_record(self, model: nn.Module) -> dict[str, Any]:
         """What a reload needs besides the connector's config: the model config fields attach changed, as they
@@ -117,12 +118,12 @@ class FamilyAttacher:
         return load_saved_attached(path, record, model_class, options)
 
     def detach(self, model: nn.Module) -> PretrainedConnector:
-        state: Attachment = model.__dict__[ATTACHMENT]
-        if any(p.is_meta for _, _, original in state.restore for p in original.parameters()):
+        attachment: Attachment = model.__dict__[ATTACHMENT]
+        if any(p.is_meta for _, _, original in attachment.restore for p in original.parameters()):
             raise CMoEError("model: loaded with its connector (cmoe.load_attached), and the projection the connector "
                             "replaced is not saved with it, so detach has nothing to restore; load the base model "
                             "(without cmoe.load_attached) for the original projection")
-        parent, name, _ = state.restore[0]
+        parent, name, _ = attachment.restore[0]
         installed = getattr(parent, name)
         connector = installed.connector if isinstance(installed, AttachedProjection) else installed.projection.connector
         if not isinstance(connector, PretrainedConnector):
@@ -130,9 +131,9 @@ class FamilyAttacher:
                             "so detach would hand back the wrapper; call model.merge_and_unload() first and detach "
                             "the model it returns")
         make_detached(model)
-        for parent, name, original in state.restore:
+        for parent, name, original in attachment.restore:
             setattr(parent, name, original)
-        for name, value in state.config_fields.items():
+        for name, value in attachment.config_fields.items():
             setattr(model.config, name, value)
         return connector
 

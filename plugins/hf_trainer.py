@@ -28,7 +28,8 @@ def aux_loss_callback() -> Any:
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, model: nn.Module | None = None,
                    **kwargs: Any) -> None:
-            values = [v for s in ([] if model is None else attachments(model)) if (v := s.take_logged_aux()) is not None]
+            found = [] if model is None else attachments(model)
+            values = [v for attachment in found if (v := attachment.take_logged_aux()) is not None]
             if logs is None or not values:
                 return
             logs[LOG_KEY] = round(sum(values) / len(values), 6)
