@@ -4,6 +4,9 @@ The aux loss is already part of ``output.loss`` (weighted the same at any gradie
 `cmoe.plugins.attached_model`); this adds its mean over the training calls since the last log as
 ``cmoe_aux_loss`` to every training log (progress bar, ``trainer.state.log_history`` and the reporting
 integrations: TensorBoard, W&B, ...).
+
+TRL's ``SFTTrainer`` computes its training loss itself (from its fused LM head) and never reads ``output.loss``: there
+the aux loss is logged but not trained unless the trainer's ``compute_loss`` is HF Trainer's (docs/finetune.md).
 """
 
 from __future__ import annotations

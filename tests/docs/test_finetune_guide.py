@@ -14,8 +14,8 @@ GUIDE = Path(__file__).resolve().parents[2] / "docs" / "finetune.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), flags=re.S)
 
 
-def test_the_guide_has_its_four_steps() -> None:
-    assert len(BLOCKS) == 4
+def test_the_guide_has_its_four_steps_and_the_trl_subclass() -> None:
+    assert len(BLOCKS) == 5 and "class SFTTrainerWithAux(trl.SFTTrainer)" in BLOCKS[3]
 
 
 @pytest.mark.slow

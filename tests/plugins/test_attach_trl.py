@@ -39,7 +39,7 @@ def _collate(examples: list[dict]) -> dict:
             "cmoe_task_ids": torch.tensor([e["cmoe_task_ids"] for e in examples])}
 
 
-def _trainer(tmp_path: Path, keep_columns: bool):
+def _trainer(tmp_path: Path, keep_columns: bool, **options):
     from cmoe.plugins.hf_trainer import log_aux_loss
 
     torch.manual_seed(0)
@@ -55,7 +55,7 @@ def _trainer(tmp_path: Path, keep_columns: bool):
     lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
                            modules_to_save=["connector"])
     trainer = trl.SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows),
-                             processing_class=_tokenizer(), data_collator=_collate, peft_config=lora)
+                             processing_class=_tokenizer(), data_collator=_collate, peft_config=lora, **options)
     log_aux_loss(trainer)
     return trainer
 
@@ -83,3 +83,32 @@ def test_a_collator_dropping_the_task_ids_gets_the_error_that_names_the_fix(tmp_
     trainer.data_collator = lambda examples: {k: v for k, v in _collate(examples).items() if k != "cmoe_task_ids"}
     with pytest.raises(CMoEError, match="remove_unused_columns=False"):
         trainer.train()
+
+
+@pytest.mark.slow
+def test_sft_trainer_trains_the_aux_loss_only_with_the_trainers_own_compute_loss(tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    """TRL computes its loss from its fused LM head and never reads ``output.loss``: its loss is the LM loss alone.
+    A subclass whose ``compute_loss`` is HF Trainer's (docs/finetune.md) trains ``output.loss``: LM plus aux."""
+    from transformers import Trainer
+
+    class SFTTrainerWithAux(trl.SFTTrainer):
+        compute_loss = Trainer.compute_loss
+
+    plain = _trainer(tmp_path / "a", keep_columns=True)
+    monkeypatch.setattr(trl, "SFTTrainer", SFTTrainerWithAux)
+    with_aux = _trainer(tmp_path / "b", keep_columns=True)
+    batch = next(iter(plain.get_train_dataloader()))
+    for trainer in (plain, with_aux):
+        trainer.model.train()
+    with torch.no_grad():
+        reference = plain.model(**batch)
+        aux = reference.cmoe_aux_loss
+        assert aux > 0
+        lm_alone = plain.compute_loss(plain.model, dict(batch))
+        trained = with_aux.compute_loss(with_aux.model, dict(batch))
+    torch.testing.assert_close(lm_alone, reference.loss - aux, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(trained, reference.loss, rtol=1e-5, atol=1e-6)
+    with_aux.train()
+    logged = [entry["cmoe_aux_loss"] for entry in with_aux.state.log_history if "loss" in entry]
+    assert len(logged) == 2 and all(value > 0 for value in logged)
