@@ -96,11 +96,10 @@ def analyze_checkpoint(config: RecipeConfig, checkpoint: str | os.PathLike | Non
     draws from the same RNG stream as the frozen weights, so the whole model is built once more). Writes the
     JSON and plots to `out_dir` (default ``output_dir/tug_of_war_<step>``)."""
     from cmoe.reference_models.unimed.data.splits import load_split
-    from cmoe.reference_models.unimed.evaluation.evaluate import load_trained_model, resolve_checkpoint
+    from cmoe.reference_models.unimed.evaluation.evaluate import load_checkpoint_model
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    path = resolve_checkpoint(config, checkpoint)
-    model, step = load_trained_model(config, path, device)
+    path, model, step = load_checkpoint_model(config, checkpoint, device)
     initial_state = load_connector_init(path.parent)
     if initial_state is None:
         torch.manual_seed(config.seed)

@@ -20,7 +20,13 @@ from cmoe.reference_models.unimed.data.splits import by_task, load_split
 from cmoe.reference_models.unimed.evaluation.metrics import Metric, evaluate_task
 from cmoe.reference_models.unimed.evaluation.original_protocol import evaluate_dataset
 from cmoe.reference_models.unimed.model.assembly import UniMedModel, build_model
-from cmoe.reference_models.unimed.model.checkpoint import find_latest, latest_pointer, load_trainable, read_checkpoint
+from cmoe.reference_models.unimed.model.checkpoint import (
+    latest_checkpoint,
+    latest_pointer,
+    load_trainable,
+    read_checkpoint,
+    read_latest,
+)
 from cmoe.reference_models.unimed.model.collate import Collator
 from cmoe.reference_models.unimed.model.tokenizer import load_tokenizer
 from cmoe.reference_models.unimed.original import ORIGINAL_EVAL_DATASETS
@@ -44,20 +50,21 @@ def check_protocol(protocol: str) -> str:
     return protocol
 
 
-def resolve_checkpoint(config: RecipeConfig, checkpoint: str | os.PathLike | None) -> Path:
-    """`checkpoint`, or the run's ``latest`` when None."""
-    path = Path(checkpoint) if checkpoint is not None else find_latest(config.output_dir)
-    if path is None:
-        raise CMoEError(f"checkpoint: none given and no 'latest' in {config.output_dir}; train first "
-                        "(cmoe unimed train) or pass --checkpoint DIR")
-    return path
+def load_checkpoint_model(config: RecipeConfig, checkpoint: str | os.PathLike | None,
+                          device: torch.device | str = "cpu") -> tuple[Path, UniMedModel, int]:
+    """``(checkpoint, model, step)``: `load_trained_model` of `checkpoint`, or of the run's latest when None (read
+    from the new latest if the training run prunes it meanwhile, `read_latest`)."""
+    if checkpoint is not None:
+        return Path(checkpoint), *load_trained_model(config, checkpoint, device)
+    path, (model, step) = read_latest(config.output_dir, lambda found: load_trained_model(config, found, device))
+    return path, model, step
 
 
 def load_trained_model(config: RecipeConfig, checkpoint: str | os.PathLike | None,
                        device: torch.device | str = "cpu") -> tuple[UniMedModel, int]:
     """The model of `config` with a checkpoint's trainable weights (``None``: the run's ``latest``), and the
     step the checkpoint was written at."""
-    path = resolve_checkpoint(config, checkpoint)
+    path = Path(checkpoint) if checkpoint is not None else latest_checkpoint(config.output_dir)
     parts = read_checkpoint(path)
     tokenizer_dir = path / "tokenizer"
     original = config.prompts.resolved().tokenizer == "original"
@@ -238,8 +245,7 @@ def run_evaluation(config: RecipeConfig, checkpoint: str | os.PathLike | None = 
     `evaluation_dir`). The tables name the checkpoint, its step and, when ``latest`` named another one, why."""
     protocol = check_protocol(protocol or config.eval.protocol)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    path = resolve_checkpoint(config, checkpoint)
-    model, step = load_trained_model(config, path, device)
+    path, model, step = load_checkpoint_model(config, checkpoint, device)
     samples = load_split(config.data, config.data.eval_split, config.prompts.resolved().text_processor)
     if not samples:
         raise CMoEError(f"data: the {config.data.eval_split!r} split is empty; check the dataset roots")

@@ -24,8 +24,8 @@ from cmoe.reference_models.unimed.config import RecipeConfig, config_from_dict, 
 from cmoe.reference_models.unimed.data.images import to_pil
 from cmoe.reference_models.unimed.data.sample import Sample
 from cmoe.reference_models.unimed.data.synthetic import CLS_QUESTION, REPORT_QUESTION
-from cmoe.reference_models.unimed.evaluation.evaluate import load_trained_model, resolve_checkpoint
-from cmoe.reference_models.unimed.model.checkpoint import find_latest, read_checkpoint
+from cmoe.reference_models.unimed.evaluation.evaluate import load_checkpoint_model
+from cmoe.reference_models.unimed.model.checkpoint import read_checkpoint, read_latest
 from cmoe.reference_models.unimed.model.collate import Collator, sample_prompt
 from cmoe.reference_models.unimed.tasks import TASKS
 
@@ -117,15 +117,14 @@ class UniMedPredictor:
                  device: str | None = None) -> UniMedPredictor:
         """The latest checkpoint of a run folder written by ``cmoe unimed train`` (or `checkpoint` in it), built
         from the config the checkpoint recorded: nothing else is needed."""
-        path = Path(checkpoint) if checkpoint is not None else find_latest(run_dir)
-        if path is None:
-            raise CMoEError(f"{run_dir}: no checkpoint in this folder; train first (cmoe unimed train) or pass the "
-                            "run folder `cmoe unimed train` wrote")
-        state = read_checkpoint(path)["state"]
-        if "config" not in state:
-            raise CMoEError(f"checkpoint {path}: it records no config (a converted original checkpoint?); use "
-                            "UniMedPredictor.from_checkpoint(path, config, overrides) with the converter's flags")
-        return cls.from_checkpoint(path, config_from_dict(state["config"]), device=device)
+        def build(path: Path) -> UniMedPredictor:
+            state = read_checkpoint(path)["state"]
+            if "config" not in state:
+                raise CMoEError(f"checkpoint {path}: it records no config (a converted original checkpoint?); use "
+                                "UniMedPredictor.from_checkpoint(path, config, overrides) with the converter's flags")
+            return cls.from_checkpoint(path, config_from_dict(state["config"]), device=device)
+
+        return build(Path(checkpoint)) if checkpoint is not None else read_latest(run_dir, build)[1]
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | os.PathLike | None, config: RecipeConfig | str | os.PathLike,
@@ -135,8 +134,7 @@ class UniMedPredictor:
         if not isinstance(config, RecipeConfig):
             config = load_config(config, overrides)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        path = resolve_checkpoint(config, checkpoint)
-        model, step = load_trained_model(config, path, device)
+        path, model, step = load_checkpoint_model(config, checkpoint, device)
         return cls(model, config, path, step, device)
 
     def default_text(self, task: str) -> str | None:

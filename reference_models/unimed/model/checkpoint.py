@@ -23,7 +23,7 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ from cmoe.errors import CMoEError
 from cmoe.io import atomic_write, load_tensors, save_tensors
 
 logger = logging.getLogger("cmoe.unimed.checkpoint")
+T = TypeVar("T")
 
 LATEST = "latest"
 PREFIX = "step_"
@@ -235,6 +236,36 @@ def find_latest(output_dir: str | os.PathLike, verify: bool = True) -> Path | No
         raise CheckpointError(f"{output_dir}: none of its {len(problems)} checkpoint(s) is usable: {problems[0]}; "
                               "restore one from a backup, or start a new run in another --output-dir")
     return None
+
+
+def read_latest(output_dir: str | os.PathLike, read: Callable[[Path], T], attempts: int = 3) -> tuple[Path, T]:
+    """``(checkpoint, read(checkpoint))`` for the run's latest checkpoint (`find_latest`). The training run may
+    prune that checkpoint while another process reads it (it keeps ``train.keep_checkpoints``): when reading fails
+    and ``latest`` has moved on meanwhile, the new latest is read, with a log line. A `CMoEError` when the folder
+    holds no checkpoint."""
+    output_dir = Path(output_dir)
+    for _ in range(attempts - 1):
+        path = latest_checkpoint(output_dir)
+        try:
+            return path, read(path)
+        except (OSError, CMoEError) as error:
+            moved_on = find_latest(output_dir, verify=False)
+            if moved_on is None or moved_on == path:
+                raise
+            logger.warning("%s went away while it was read (%s: the training run keeps only its newest "
+                           "checkpoints); reading %s, the new latest", path.name, type(error).__name__, moved_on.name)
+    path = latest_checkpoint(output_dir)
+    return path, read(path)
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path:
+    """`find_latest`, or a `CMoEError` saying what to do when the folder holds no checkpoint."""
+    output_dir = Path(output_dir)
+    path = find_latest(output_dir)
+    if path is None:
+        raise CMoEError(f"{output_dir}: no checkpoint in this folder; train first (cmoe unimed train) or pass "
+                        "--checkpoint DIR")
+    return path
 
 
 def checkpoint_step(path: str | os.PathLike) -> int | None:
