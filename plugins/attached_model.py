@@ -3,7 +3,9 @@
 `FamilyAttacher.attach` puts an `AttachedProjection` where the family's projection was and swaps the model's
 class for ``attached_class(type(model))``: a subclass made once per class (as `torch.nn.utils.parametrize` does for
 a parametrized module), named like it, so ``isinstance``, ``save_pretrained``'s ``architectures`` and HF's Trainer
-see the class they know. `detach` puts the class back. The subclass changes three entry points and nothing else:
+see the class they know. `detach` puts the class back. The subclass changes three entry points; besides, built from
+a config that records an attachment it attaches the connector (how `cmoe.load_attached` loads a saved one through
+its ``from_pretrained``), and it pickles as itself:
 
 - ``forward`` has the class's own parameters plus keyword-only ``task_ids`` and ``cmoe_task_ids``: a real function
   built from the class's signature, as `dataclasses` builds ``__init__``, so Python's argument binding,
