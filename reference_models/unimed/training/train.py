@@ -57,7 +57,13 @@ from cmoe.reference_models.unimed.training import distributed, run_folder
 from cmoe.reference_models.unimed.training.curves import CURVES_DIR, TensorBoardLog, plot_curves
 
 METRICS_FILE = "metrics.jsonl"
-AUTO_CHOICES_FILE = "auto_backends.json"  # cmoe.auto's measured backend choices for this run
+AUTO_CHOICES_FILE = "auto_backends.json"  # cmoe.auto's measured backend choices for this run (rank 0's)
+
+
+def auto_choices_file(rank: int) -> str:
+    """Where rank `rank` records the backends ``auto`` measured for it: every rank times and chooses for itself,
+    and a resumed rank must compute with exactly what it chose (one shared file would keep the last writer's)."""
+    return AUTO_CHOICES_FILE if rank == 0 else f"auto_backends.rank{rank}.json"
 
 
 def learning_rate(step: int, train: TrainSection) -> float:
@@ -426,8 +432,9 @@ class Trainer:
             write_json(self.output_dir / "config.json", config.to_dict())
             if self.step == 0:
                 save_connector_init(self.output_dir, self.model.connector)
-        # auto's backend choices live in the run folder, so a resumed run computes with the same backends.
-        with choices_recorded_in(self.output_dir / AUTO_CHOICES_FILE, mode=train.backend_choice):
+        # auto's backend choices live in the run folder, one file per rank, so a resumed run computes with the same
+        # backends.
+        with choices_recorded_in(self.output_dir / auto_choices_file(ctx.rank), mode=train.backend_choice):
             batches = self._batches()
             history: list[dict[str, Any]] = []
             checkpoint = None

@@ -64,3 +64,29 @@ def test_the_table_choice_times_nothing_so_separate_runs_compute_alike(tmp_path:
 def test_backend_choice_must_be_measure_or_table(tmp_path: Path) -> None:
     with pytest.raises(CMoEError, match=r"train.backend_choice.*measure .*table"):
         tiny_config(tmp_path, train__backend_choice="fastest")
+
+
+@pytest.mark.slow
+def test_each_rank_resumes_with_the_backends_it_chose(tmp_path: Path) -> None:
+    """Two ranks whose timers prefer different backends: each records its own choices, and a resumed run (whose
+    timers now prefer the other backend) computes bit for bit as the straight run. One shared file kept the last
+    writer's choices, so one rank resumed with the other's backend."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    worker = Path(__file__).resolve().parents[2] / "support" / "unimed_auto_rank_worker.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CMOE_DISABLE_PLUGINS": os.environ.get("CMOE_DISABLE_PLUGINS", "")}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(worker), str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for folder in ("straight", "resumed"):
+        chosen = [{entry["backend"] for entry in json.loads((tmp_path / folder / name).read_text())["entries"].values()}
+                  for name in (AUTO_CHOICES_FILE, "auto_backends.rank1.json")]
+        assert chosen == [{"grouped_mm"}, {"sorted"}]
+    for rank in (0, 1):
+        straight, resumed = (load_file(str(tmp_path / f"{run}_rank{rank}.safetensors")) for run in ("straight", "resumed"))
+        assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
