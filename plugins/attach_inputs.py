@@ -19,6 +19,9 @@ import torch
 
 from cmoe.errors import CMoEError
 
+_IMAGE_INPUTS = ("pixel_values", "pixel_values_images")
+_VIDEO_INPUTS = ("pixel_values_videos",)
+
 
 def images_in_call(kwargs: dict[str, Any]) -> tuple[int | None, torch.Tensor | None]:
     """How many images this call carries, and a relative size per image, where the inputs say so."""
@@ -125,10 +128,6 @@ def per_image_task_ids(ids: torch.Tensor, kwargs: dict[str, Any], config: Any, i
     else:
         expected = f"one task id per example, shape [{examples}], or per image, shape [{images}]"
     raise CMoEError(f"task_ids: expected {expected}, got shape {list(ids.shape)}")
-
-
-_IMAGE_INPUTS = ("pixel_values", "pixel_values_images")
-_VIDEO_INPUTS = ("pixel_values_videos",)
 
 
 def check_not_mixed(kwargs: dict[str, Any]) -> None:
