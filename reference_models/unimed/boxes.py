@@ -64,3 +64,15 @@ def box_iou(a: Box | None, b: Box | None) -> float:
     inter = iw * ih
     union = (a.x2 - a.x1) * (a.y2 - a.y1) + (b.x2 - b.x1) * (b.y2 - b.y1) - inter
     return inter / union if union > 0 else 0.0
+
+
+_PIXEL_BOX = re.compile(r"^\s*\(?\s*([-+]?\d+(?:\.\d*)?)(?:\s*[,\s]\s*([-+]?\d+(?:\.\d*)?)){3}\s*\)?\s*$")
+
+
+def parse_pixel_box(text: str) -> list[float] | None:
+    """``[x1, y1, x2, y2]`` from four numbers a person types for a box in pixels (``10,20,30,40``, ``10 20 30 40``,
+    ``(10, 20, 30, 40)``); None when the text is not four numbers. Whether they fit the image is checked where the
+    image is known (`grid_box`)."""
+    if not _PIXEL_BOX.match(text):
+        return None
+    return [float(v) for v in re.findall(r"[-+]?\d+(?:\.\d*)?", text)]

@@ -16,6 +16,7 @@ from typing import Any
 
 from cmoe.checkpointing import atomic_write
 from cmoe.errors import CMoEError
+from cmoe.reference_models.unimed.boxes import parse_pixel_box
 from cmoe.reference_models.unimed.inference.predictor import Answer, Request, UniMedPredictor
 
 
@@ -48,11 +49,8 @@ def load_predictor(args: argparse.Namespace, config_loader) -> UniMedPredictor:
 def _box(text: str | None) -> list[float] | None:
     if text is None:
         return None
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if len(values) != 4:
+    values = parse_pixel_box(text)
+    if values is None:
         raise CMoEError(f"--box: expected x1,y1,x2,y2 (four numbers in pixels), got {text!r}")
     return values
 

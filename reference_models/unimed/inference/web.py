@@ -10,7 +10,6 @@ traceback. The same functions are the app's HTTP API (``/ask``, ``/pick_example`
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import sys
@@ -21,7 +20,7 @@ import numpy as np
 
 from cmoe.errors import CMoEError
 from cmoe.extras import require
-from cmoe.reference_models.unimed.boxes import parse_box
+from cmoe.reference_models.unimed.boxes import parse_box, parse_pixel_box
 from cmoe.reference_models.unimed.inference.examples import examples
 from cmoe.reference_models.unimed.inference.predictor import Answer, Request, UniMedPredictor
 from cmoe.reference_models.unimed.tasks import TASKS
@@ -46,7 +45,6 @@ CSS = ("#image img, #drawn img { width: 100%; height: 100%; object-fit: contain;
        "#drawn img { padding-top: 32px; box-sizing: border-box; }")
 """Small scans fill the image boxes, their pixels kept sharp (what the model sees is a few dozen pixels wide); the
 drawn image starts below its label, which would hide a box along the top edge."""
-_NUMBERS = re.compile(r"^\s*\(?\s*([-+]?\d+(?:\.\d*)?)(?:\s*[,\s]\s*([-+]?\d+(?:\.\d*)?)){3}\s*\)?\s*$")
 
 
 def page_request(image: np.ndarray | None, task: str, text: str | None) -> Request:
@@ -62,9 +60,9 @@ def page_request(image: np.ndarray | None, task: str, text: str | None) -> Reque
         raise CMoEError(f"{task}: the text box is empty; type {TEXT_HINT[task]}")
     box = None
     if task == "reg" and parse_box(text) is None:
-        if not _NUMBERS.match(text):
+        box = parse_pixel_box(text)
+        if box is None:
             raise CMoEError(f"reg: {text!r} is not a box; type {TEXT_HINT['reg']}")
-        box = [float(v) for v in re.findall(r"[-+]?\d+(?:\.\d*)?", text)]
         text = ""
     image = None if not TASKS[task].has_image else np.asarray(image)
     return Request(task, image, text or None, box)

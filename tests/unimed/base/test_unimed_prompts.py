@@ -83,6 +83,20 @@ def test_parse_box_is_tolerant(text: str, expected: Box | None) -> None:
     assert parse_box(text) == expected
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("10,20,30,40", [10.0, 20.0, 30.0, 40.0]),
+    (" (1.5, 2 3 ,4) ", [1.5, 2.0, 3.0, 4.0]),
+    ("1,2,3", None),
+    ("1,2,3,4,5", None),
+    ("the liver", None),
+    ("{<1><2><3><4>}", None),
+])
+def test_parse_pixel_box_reads_four_typed_numbers(text: str, expected: list[float] | None) -> None:
+    from cmoe.reference_models.unimed.boxes import parse_pixel_box
+
+    assert parse_pixel_box(text) == expected
+
+
 def test_box_iou_known_values() -> None:
     a = Box(0, 0, 10, 10)
     assert box_iou(a, a) == 1.0
