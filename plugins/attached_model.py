@@ -200,10 +200,22 @@ class AttachedProjection(nn.Module):
         return hidden.reshape(*x.shape[:-1], hidden.shape[-1])
 
 
+def _attachment_or_none(model: nn.Module, ids: torch.Tensor | None) -> Attachment | None:
+    """The model's attachment; None for a model detached since, whose built ``forward`` a wrapper kept on the
+    instance (accelerate's mixed-precision wrapper does): that call runs the class's own method."""
+    attachment = model.__dict__.get(ATTACHMENT)
+    if attachment is None and ids is not None:
+        raise CMoEError("task_ids: the model's cmoe connector was detached (cmoe.detach), so nothing routes by task "
+                        "ids; drop task_ids, or cmoe.attach the model again")
+    return attachment
+
+
 def _run_forward(model: nn.Module, invoke: Callable[[], Any], inputs: dict[str, Any],
                  ids: torch.Tensor | None) -> Any:
     """One ``forward`` / ``__call__`` of an attached model, between `Call.open` and `Call.close`."""
-    attachment: Attachment = model.__dict__[ATTACHMENT]
+    attachment = _attachment_or_none(model, ids)
+    if attachment is None:
+        return invoke()
     enclosing = running_call(attachment)
     if ids is None and enclosing is not None and not enclosing.generating:
         return invoke()  # part of the running call
@@ -219,7 +231,9 @@ def _run_generate(model: nn.Module, invoke: Callable[[], Any], inputs: dict[str,
                   ids: torch.Tensor | None) -> Any:
     """One ``generate``: HF's generate may project the images before its first forward, outside any forward, so the
     ids per image are worked out from generate's own inputs; each forward it makes gets the ids as given."""
-    attachment: Attachment = model.__dict__[ATTACHMENT]
+    attachment = _attachment_or_none(model, ids)
+    if attachment is None:
+        return invoke()
     ids = ids if ids is not None else attachment.sticky_task_ids
     if ids is None:
         return invoke()

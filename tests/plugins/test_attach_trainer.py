@@ -135,3 +135,29 @@ def test_gradient_checkpointing_trains_the_connector_with_the_same_gradients(fam
     for name, value in plain.items():
         torch.testing.assert_close(checkpointed[name], value, rtol=1e-4, atol=1e-6, msg=name)
     assert "cmoe_aux_loss" in log[0]
+
+
+@pytest.mark.slow
+def test_a_model_trained_in_bf16_still_runs_after_detach(tmp_path: Path) -> None:
+    """accelerate's mixed precision leaves its wrapper of the attached forward on the instance after training;
+    after detach that wrapper runs the model's own forward, and task ids are refused with the reason."""
+    from transformers import Trainer, TrainingArguments
+
+    from cmoe import CMoEError
+
+    torch.manual_seed(0)
+    model = tiny_llava()
+    batch = llava_inputs(model, batch=2)
+    cmoe.attach(model, num_experts=4, top_k=2, router="task_token", num_tasks=2)
+    arguments = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4,
+                                  report_to=[], save_strategy="no", use_cpu=True, bf16=True)
+    Trainer(model=model, args=arguments, train_dataset=Examples(model)).train()
+    assert "forward" in model.__dict__  # accelerate's wrapper
+    projector = model.model.multi_modal_projector
+    cmoe.detach(model)
+    with torch.no_grad():
+        after = model(**batch).logits
+    assert isinstance(projector.linear_1, torch.nn.Linear)
+    assert after.shape[:2] == batch["input_ids"].shape and bool(torch.isfinite(after).all())
+    with pytest.raises(CMoEError, match="was detached"):
+        model(**batch, task_ids=[0, 1])

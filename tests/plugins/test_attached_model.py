@@ -135,3 +135,4 @@ def test_an_attached_model_pickles_as_an_attached_model() -> None:
     assert [ids.tolist() for ids in seen] == [[1, 2]]
     cmoe.detach(copy)
     assert type(copy) is type(model).__bases__[-1]
+
