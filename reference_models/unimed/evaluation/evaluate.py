@@ -21,7 +21,6 @@ from cmoe.reference_models.unimed.evaluation.metrics import Metric, evaluate_tas
 from cmoe.reference_models.unimed.evaluation.original_protocol import evaluate_dataset
 from cmoe.reference_models.unimed.model.assembly import UniMedModel, build_model
 from cmoe.reference_models.unimed.model.checkpoint import (
-    latest_checkpoint,
     latest_pointer,
     load_trainable,
     read_checkpoint,
@@ -62,9 +61,11 @@ def load_checkpoint_model(config: RecipeConfig, checkpoint: str | os.PathLike | 
 
 def load_trained_model(config: RecipeConfig, checkpoint: str | os.PathLike | None,
                        device: torch.device | str = "cpu") -> tuple[UniMedModel, int]:
-    """The model of `config` with a checkpoint's trainable weights (``None``: the run's ``latest``), and the
-    step the checkpoint was written at."""
-    path = Path(checkpoint) if checkpoint is not None else latest_checkpoint(config.output_dir)
+    """The model of `config` with a checkpoint's trainable weights (``None``: the run's ``latest``, as
+    `load_checkpoint_model` reads it), and the step the checkpoint was written at."""
+    if checkpoint is None:
+        return load_checkpoint_model(config, None, device)[1:]
+    path = Path(checkpoint)
     parts = read_checkpoint(path)
     tokenizer_dir = path / "tokenizer"
     original = config.prompts.resolved().tokenizer == "original"

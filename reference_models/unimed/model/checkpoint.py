@@ -245,7 +245,7 @@ def read_latest(output_dir: str | os.PathLike, read: Callable[[Path], T], attemp
     holds no checkpoint."""
     output_dir = Path(output_dir)
     for _ in range(attempts - 1):
-        path = latest_checkpoint(output_dir)
+        path = _latest_checkpoint(output_dir)
         try:
             return path, read(path)
         except (OSError, CMoEError) as error:
@@ -254,11 +254,11 @@ def read_latest(output_dir: str | os.PathLike, read: Callable[[Path], T], attemp
                 raise
             logger.warning("%s went away while it was read (%s: the training run keeps only its newest "
                            "checkpoints); reading %s, the new latest", path.name, type(error).__name__, moved_on.name)
-    path = latest_checkpoint(output_dir)
+    path = _latest_checkpoint(output_dir)
     return path, read(path)
 
 
-def latest_checkpoint(output_dir: str | os.PathLike) -> Path:
+def _latest_checkpoint(output_dir: str | os.PathLike) -> Path:
     """`find_latest`, or a `CMoEError` saying what to do when the folder holds no checkpoint."""
     output_dir = Path(output_dir)
     path = find_latest(output_dir)
