@@ -128,8 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     results = variants(args.arch)
     print(table(results, args.arch))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump([asdict(r) for r in results], handle, indent=1)
+        from cmoe.checkpointing import atomic_write
+
+        text = json.dumps([asdict(r) for r in results], indent=1)
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return 0
 
 
