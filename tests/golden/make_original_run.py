@@ -783,8 +783,6 @@ def eval_record(eval_set: str, capture: Capture, namespace: dict, tensors: dict)
 
 def text_only_record(name: str, model, dataset, capture: Capture, conv_temp) -> dict:
     """Harness-built prompts through the original UniMedBase.generate's text branch (images=None)."""
-    import torch  # noqa: F401
-
     pool = dataset.instruction_pool
     test_rows = []
     if name == "medqa_en":
@@ -935,7 +933,6 @@ def main(checkout: Path, out_dir: Path) -> None:
         capture.remove()
 
         # ---- eval scripts
-        eval_records: dict = {}
         eval_model_records: dict = {}
         eval_models = []
         scripts: dict = {}
